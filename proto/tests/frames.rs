@@ -104,7 +104,8 @@ fn arb_from_runner() -> impl Strategy<Value = FromRunner> {
         arb_handshake().prop_map(FromRunner::Handshake),
         any::<u64>().prop_map(|seq| FromRunner::Heartbeat { seq }),
         arb_status().prop_map(FromRunner::Status),
-        (any::<u32>(), any::<u32>()).prop_map(|(done, total)| FromRunner::LoadProgress { done, total }),
+        (any::<u32>(), any::<u32>())
+            .prop_map(|(done, total)| FromRunner::LoadProgress { done, total }),
         any::<String>().prop_map(|error| FromRunner::LoadFailed { error }),
         any::<u64>().prop_map(|task_id| FromRunner::Ack { task_id }),
         any::<u64>().prop_map(|task_id| FromRunner::Started { task_id }),
@@ -208,7 +209,11 @@ fn truncated_frame_is_a_typed_error() {
         let err = codec.decode_eof(&mut buf).unwrap_err();
         assert!(matches!(err, ProtoError::Truncated { .. }), "{err:?}");
     }
-    assert!(read_frame::<ToRunner, _>(&mut &[][..], MAX_FRAME_LEN).unwrap().is_none());
+    assert!(
+        read_frame::<ToRunner, _>(&mut &[][..], MAX_FRAME_LEN)
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[test]
@@ -225,7 +230,10 @@ fn oversized_frame_is_refused_before_reading_its_body() {
         layer_end: None,
         threads: None,
     });
-    assert!(matches!(encode_frame(&big, 1024), Err(ProtoError::FrameTooLarge { .. })));
+    assert!(matches!(
+        encode_frame(&big, 1024),
+        Err(ProtoError::FrameTooLarge { .. })
+    ));
 }
 
 #[test]
@@ -233,7 +241,9 @@ fn handshake_checks_magic_and_version() {
     assert!(Handshake::ours().check().is_ok());
     let mut h = Handshake::ours();
     h.version = PROTOCOL_VERSION + 1;
-    assert!(matches!(h.check(), Err(ProtoError::VersionMismatch { theirs, .. }) if theirs == PROTOCOL_VERSION + 1));
+    assert!(
+        matches!(h.check(), Err(ProtoError::VersionMismatch { theirs, .. }) if theirs == PROTOCOL_VERSION + 1)
+    );
     let mut h = Handshake::ours();
     h.magic = "redis".into();
     assert!(matches!(h.check(), Err(ProtoError::BadHandshake(_))));

@@ -160,7 +160,11 @@ impl std::fmt::Display for FailureReason {
             }
             FailureReason::UnexpectedExit => write!(f, "exited with code 0 without being asked"),
             FailureReason::HeartbeatMissed { last_seen } => {
-                write!(f, "missed heartbeats (last seen {} ms ago)", last_seen.as_millis())
+                write!(
+                    f,
+                    "missed heartbeats (last seen {} ms ago)",
+                    last_seen.as_millis()
+                )
             }
             FailureReason::Stalled { phase } => write!(f, "stalled in phase {phase}"),
             FailureReason::Killed { why } => write!(f, "killed: {why}"),
@@ -540,7 +544,10 @@ impl Actor for ProcessActor {
                 if state.shutdown == Some(id) && !state.exited {
                     match step {
                         EscalationStep::Term => {
-                            tracing::info!(pid = state.pid, "child did not exit when asked; SIGTERM");
+                            tracing::info!(
+                                pid = state.pid,
+                                "child did not exit when asked; SIGTERM"
+                            );
                             state.signal(Signal::SIGTERM);
                             let grace = state.spec.term_grace;
                             myself.send_after(grace, move || {
@@ -614,7 +621,8 @@ impl ProcessActor {
         }
         if state.shutdown.is_some() {
             // Asked to stop: a clean exit, or our own SIGTERM/SIGKILL escalation, is normal.
-            let ours = matches!(status.signal(), Some(s) if s == libc::SIGTERM || s == libc::SIGKILL);
+            let ours =
+                matches!(status.signal(), Some(s) if s == libc::SIGTERM || s == libc::SIGKILL);
             if status.success() || ours {
                 tracing::info!(pid, %status, "child process shut down");
                 myself.stop(Some("shutdown".to_string()));

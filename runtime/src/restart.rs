@@ -202,7 +202,10 @@ mod tests {
         s.started(t);
         assert_eq!(s.next_delay(t), Duration::from_millis(350));
         s.started(t);
-        assert_eq!(s.next_delay(t + Duration::from_secs(6)), Duration::from_millis(100));
+        assert_eq!(
+            s.next_delay(t + Duration::from_secs(6)),
+            Duration::from_millis(100)
+        );
     }
 
     #[test]
@@ -213,7 +216,10 @@ mod tests {
         };
         for _ in 0..200 {
             let d = b.delay(0);
-            assert!(d >= Duration::from_millis(50) && d <= Duration::from_millis(150), "{d:?}");
+            assert!(
+                d >= Duration::from_millis(50) && d <= Duration::from_millis(150),
+                "{d:?}"
+            );
         }
     }
 }

@@ -126,7 +126,10 @@ async fn detects_non_zero_exit_with_stderr_tail() {
     assert_eq!(failed.pid, io.pid);
     assert_eq!(
         failed.stderr_tail,
-        vec!["first line".to_string(), "out of memory, giving up".to_string()]
+        vec![
+            "first line".to_string(),
+            "out of memory, giving up".to_string()
+        ]
     );
 }
 
@@ -215,7 +218,10 @@ async fn heartbeat_timeout_detects_a_sigstopped_child() {
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(h.seen.try_recv().is_err(), "a beating child must not be declared dead");
+    assert!(
+        h.seen.try_recv().is_err(),
+        "a beating child must not be declared dead"
+    );
     let stopped_at = std::time::Instant::now();
     kill(Pid::from_raw(io.pid as i32), Signal::SIGSTOP).expect("stop");
     let failed = h.failure().await;

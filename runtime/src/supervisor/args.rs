@@ -1,0 +1,51 @@
+//! The configuration a supervisor is started with: strategy, restart intensity, restart
+//! backoff and the initial children (Erlang's `sup_flags()` plus the child list).
+
+use super::spec::ChildSpec;
+use super::strategy::Strategy;
+use crate::restart::{Backoff, Intensity};
+
+/// Start arguments of a [`Supervisor`](super::Supervisor).
+///
+/// Defaults: [`Strategy::OneForOne`], [`Intensity::default`] (3 restarts in 60 s),
+/// [`Backoff::default`] (100 ms doubling to 10 s, 20 % jitter, reset after 30 s up), no
+/// children.
+#[derive(Debug, Clone, Default)]
+pub struct SupervisorArgs {
+    /// Which children are restarted together.
+    pub strategy: Strategy,
+    /// How many restarts are tolerated in how long before the supervisor gives up.
+    pub intensity: Intensity,
+    /// The restart delay of children whose spec has no backoff of its own.
+    pub backoff: Backoff,
+    /// The initial children, started in this order and stopped in the reverse order.
+    pub children: Vec<ChildSpec>,
+}
+
+impl SupervisorArgs {
+    /// Defaults with the given strategy.
+    pub fn new(strategy: Strategy) -> Self {
+        Self {
+            strategy,
+            ..Self::default()
+        }
+    }
+
+    /// Sets the restart intensity.
+    pub fn with_intensity(mut self, intensity: Intensity) -> Self {
+        self.intensity = intensity;
+        self
+    }
+
+    /// Sets the default restart delay.
+    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Appends a child (started after the ones already added).
+    pub fn with_child(mut self, child: ChildSpec) -> Self {
+        self.children.push(child);
+        self
+    }
+}
