@@ -179,12 +179,7 @@ proptest! {
         let _ = decode_body::<FromRunner>(&bytes);
         let mut codec = FrameCodec::<ToRunner, ToRunner>::with_max(1024);
         let mut buf = BytesMut::from(&bytes[..]);
-        loop {
-            match codec.decode_eof(&mut buf) {
-                Ok(Some(_)) => continue,
-                Ok(None) | Err(_) => break,
-            }
-        }
+        while let Ok(Some(_)) = codec.decode_eof(&mut buf) {}
     }
 
     #[test]

@@ -1,0 +1,132 @@
+//! How a runner is started, watched and restarted.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use canopy_proto::LoadSpec;
+use canopy_runtime::process::HeartbeatPolicy;
+use canopy_runtime::restart::{Backoff, Intensity};
+
+/// The command line that starts a runner process.
+#[derive(Debug, Clone)]
+pub struct RunnerCommand {
+    /// The `canopy` executable (normally `std::env::current_exe()`).
+    pub program: PathBuf,
+    /// Its arguments (normally `runner` followed by runner flags).
+    pub args: Vec<OsString>,
+    /// Extra environment variables.
+    pub env: Vec<(OsString, OsString)>,
+}
+
+impl RunnerCommand {
+    /// `program runner` with no extra flags.
+    pub fn canopy(program: impl Into<PathBuf>) -> Self {
+        Self {
+            program: program.into(),
+            args: vec!["runner".into()],
+            env: Vec::new(),
+        }
+    }
+
+    /// `canopy runner` using the executable of the current process.
+    pub fn current_exe() -> std::io::Result<Self> {
+        Ok(Self::canopy(std::env::current_exe()?))
+    }
+
+    /// Adds arguments.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Adds an environment variable.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+}
+
+/// How long a runner may go without progress in each phase before it is killed as stalled.
+///
+/// These catch a runner whose heartbeat thread is alive but whose work loop is wedged; the
+/// heartbeat catches the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StallTimeouts {
+    /// From spawn to the runner's handshake, and from a task's submission to its ack.
+    pub handshake: Duration,
+    /// Between two loading progress reports (one per layer).
+    pub loading: Duration,
+    /// From a task's start to its first token.
+    pub prefill: Duration,
+    /// Between two tokens.
+    pub decode: Duration,
+    /// How often the timers are checked.
+    pub check_every: Duration,
+}
+
+impl Default for StallTimeouts {
+    fn default() -> Self {
+        Self {
+            handshake: Duration::from_secs(30),
+            loading: Duration::from_secs(300),
+            prefill: Duration::from_secs(300),
+            decode: Duration::from_secs(60),
+            check_every: Duration::from_millis(100),
+        }
+    }
+}
+
+/// When a dead runner is restarted (default: more than 3 restarts in 60 s gives up; delays
+/// start at 100 ms and double up to 10 s).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RestartPolicy {
+    /// More restarts than this within the window: the supervisor gives up and fails.
+    pub intensity: Intensity,
+    /// Delay before each restart.
+    pub backoff: Backoff,
+}
+
+/// Everything a [`super::RunnerSupervisor`] needs to run one instance.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// The instance's name (shows in logs, events and introspection).
+    pub instance: String,
+    /// How to start the runner.
+    pub command: RunnerCommand,
+    /// What the runner loads.
+    pub load: LoadSpec,
+    /// The heartbeat watchdog.
+    pub heartbeat: HeartbeatPolicy,
+    /// Per-phase stall timeouts.
+    pub stall: StallTimeouts,
+    /// Restart policy.
+    pub restart: RestartPolicy,
+    /// How long a runner may take to exit after being asked, before SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Most tasks queued or running at once; more are refused with `QueueFull`.
+    pub max_tasks: usize,
+    /// Lines of the runner's stderr kept for failure reports.
+    pub stderr_tail_lines: usize,
+}
+
+impl RunnerConfig {
+    /// A config with default timeouts and policy.
+    pub fn new(instance: impl Into<String>, command: RunnerCommand, load: LoadSpec) -> Self {
+        Self {
+            instance: instance.into(),
+            command,
+            load,
+            heartbeat: HeartbeatPolicy::default(),
+            stall: StallTimeouts::default(),
+            restart: RestartPolicy::default(),
+            shutdown_grace: Duration::from_secs(5),
+            max_tasks: 64,
+            stderr_tail_lines: 40,
+        }
+    }
+}

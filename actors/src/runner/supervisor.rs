@@ -1,0 +1,502 @@
+//! The `RunnerSupervisor` actor: one runner process, its tasks, its restarts.
+//! See the module docs of `runner` for the behaviour.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use canopy_proto::{FromRunner, RunnerStatus, TaskId, ToRunner};
+use canopy_runtime::process::{
+    FailureReason, ProcessFailed, ProcessMsg, ProcessSpec, spawn_process,
+};
+use canopy_runtime::restart::{BackoffState, RestartWindow};
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+
+use super::config::RunnerConfig;
+use super::io::{spawn_reader, spawn_writer};
+use super::messages::{
+    RunnerError, RunnerEvent, RunnerMsg, RunnerSnapshot, RunnerSupervisorError, TaskEvent,
+};
+use super::tasks::{Follow, TaskState, TaskTable};
+
+/// The actor; spawn it with [`RunnerSupervisorArgs`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunnerSupervisor;
+
+/// Start-up arguments of a [`RunnerSupervisor`].
+pub struct RunnerSupervisorArgs {
+    /// The instance to run.
+    pub config: RunnerConfig,
+    /// Where [`RunnerEvent`]s are broadcast.
+    pub events: broadcast::Sender<RunnerEvent>,
+}
+
+/// The live runner process of one generation.
+struct Runner {
+    process: ActorRef<ProcessMsg>,
+    pid: u32,
+    to_runner: mpsc::UnboundedSender<ToRunner>,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+    started_at: Instant,
+    last_beat: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Runner {
+    fn send(&self, msg: ToRunner) {
+        // A closed channel means the runner is dying; its death is reported separately.
+        let _ = self.to_runner.send(msg);
+    }
+
+    fn kill(&self, reason: FailureReason) {
+        let _ = self.process.send_message(ProcessMsg::Kill { reason });
+    }
+}
+
+/// State of a [`RunnerSupervisor`].
+pub struct RunnerSupervisorState {
+    config: RunnerConfig,
+    events: broadcast::Sender<RunnerEvent>,
+    status: RunnerStatus,
+    generation: u64,
+    runner: Option<Runner>,
+    tasks: TaskTable,
+    next_task: TaskId,
+    restarts: u32,
+    window: RestartWindow,
+    backoff: BackoffState,
+    /// When the runner last made progress outside tasks (spawn, handshake, load progress).
+    progress_at: Instant,
+    stall_timer: Option<JoinHandle<()>>,
+}
+
+impl RunnerSupervisorState {
+    fn set_status(&mut self, status: RunnerStatus) {
+        if self.status != status {
+            tracing::info!(instance = %self.config.instance, from = %self.status, to = %status, "runner status");
+            self.status = status;
+            let _ = self.events.send(RunnerEvent::StatusChanged {
+                instance: self.config.instance.clone(),
+                status,
+            });
+        }
+    }
+
+    fn snapshot(&self) -> RunnerSnapshot {
+        let runner = self.runner.as_ref();
+        RunnerSnapshot {
+            instance: self.config.instance.clone(),
+            status: self.status,
+            pid: runner.map(|r| r.pid),
+            restarts: self.restarts,
+            awaiting_ack: self.tasks.count(TaskState::AwaitingAck),
+            pending: self.tasks.count(TaskState::Pending),
+            in_flight: self.tasks.count(TaskState::Running),
+            current_task: self.tasks.running(),
+            last_heartbeat_age: runner
+                .and_then(|r| r.last_beat.lock().ok().and_then(|b| *b))
+                .map(|b| b.elapsed()),
+            uptime: runner.map(|r| r.started_at.elapsed()),
+        }
+    }
+
+    fn process_spec(&self) -> ProcessSpec {
+        let cmd = &self.config.command;
+        let mut spec = ProcessSpec::new(cmd.program.clone())
+            .args(cmd.args.iter().cloned())
+            .heartbeat(self.config.heartbeat);
+        spec.env = cmd.env.clone();
+        spec.stderr_tail_lines = self.config.stderr_tail_lines;
+        spec
+    }
+}
+
+impl RunnerSupervisor {
+    /// Spawns a new runner process (the next generation) and opens the protocol.
+    async fn start_runner(
+        myself: &ActorRef<RunnerMsg>,
+        state: &mut RunnerSupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.generation += 1;
+        let generation = state.generation;
+        let (process, io, _) = spawn_process(None, state.process_spec(), myself.get_cell()).await?;
+        let last_beat = Arc::new(Mutex::new(None));
+        let reader = spawn_reader(
+            io.stdout,
+            generation,
+            process.clone(),
+            myself.clone(),
+            last_beat.clone(),
+        );
+        let (to_runner, writer) = spawn_writer(io.stdin, generation, myself.clone());
+        let runner = Runner {
+            process,
+            pid: io.pid,
+            to_runner,
+            reader,
+            writer,
+            started_at: Instant::now(),
+            last_beat,
+        };
+        runner.send(ToRunner::Handshake(canopy_proto::Handshake::ours()));
+        tracing::info!(instance = %state.config.instance, pid = io.pid, generation, "runner started");
+        let _ = state.events.send(RunnerEvent::Started {
+            instance: state.config.instance.clone(),
+            pid: io.pid,
+            restarts: state.restarts,
+        });
+        state.runner = Some(runner);
+        state.progress_at = Instant::now();
+        state.backoff.started(Instant::now());
+        state.set_status(RunnerStatus::Idle);
+        Ok(())
+    }
+
+    /// The runner of the current generation died: release every waiter, report, and
+    /// restart or give up.
+    fn on_runner_death(
+        myself: &ActorRef<RunnerMsg>,
+        state: &mut RunnerSupervisorState,
+        reason: FailureReason,
+        stderr_tail: Vec<String>,
+    ) -> Result<(), ActorProcessingErr> {
+        let pid = match state.runner.take() {
+            Some(runner) => {
+                runner.reader.abort();
+                runner.writer.abort();
+                runner.pid
+            }
+            None => 0,
+        };
+        let instance = state.config.instance.clone();
+        let failed_tasks = state.tasks.fail_all(|started| RunnerError::RunnerFailed {
+            instance: instance.clone(),
+            reason: reason.clone(),
+            stderr_tail: stderr_tail.clone(),
+            started,
+        });
+        state.set_status(RunnerStatus::Failed);
+        let now = Instant::now();
+        let will_restart = state.window.record(now);
+        tracing::error!(
+            %instance, pid, %reason, failed_tasks, will_restart,
+            stderr_tail = %stderr_tail.join("\n"),
+            "runner failed"
+        );
+        let _ = state.events.send(RunnerEvent::RunnerFailed {
+            instance: instance.clone(),
+            reason: reason.clone(),
+            pid,
+            stderr_tail,
+            failed_tasks,
+            will_restart,
+        });
+        if !will_restart {
+            return Err(Box::new(RunnerSupervisorError::GaveUp {
+                instance,
+                restarts: state.restarts,
+                last: reason,
+            }));
+        }
+        state.restarts += 1;
+        let delay = state.backoff.next_delay(now);
+        let generation = state.generation;
+        tracing::info!(%instance, delay_ms = delay.as_millis() as u64, "restarting runner");
+        myself.send_after(delay, move || RunnerMsg::Restart(generation));
+        Ok(())
+    }
+
+    fn on_frame(
+        myself: &ActorRef<RunnerMsg>,
+        state: &mut RunnerSupervisorState,
+        event: FromRunner,
+    ) -> Result<(), ActorProcessingErr> {
+        let follow = match event {
+            FromRunner::Handshake(theirs) => {
+                if let Some(runner) = &state.runner {
+                    match theirs.check() {
+                        Ok(()) => {
+                            state.progress_at = Instant::now();
+                            runner.send(ToRunner::Load(state.config.load.clone()));
+                        }
+                        Err(err) => runner.kill(FailureReason::Killed {
+                            why: format!("bad handshake: {err}"),
+                        }),
+                    }
+                }
+                Follow::Nothing
+            }
+            FromRunner::Heartbeat { .. } => Follow::Nothing,
+            FromRunner::Status(status) => {
+                state.progress_at = Instant::now();
+                state.set_status(status);
+                Follow::Nothing
+            }
+            FromRunner::LoadProgress { done, total } => {
+                tracing::debug!(instance = %state.config.instance, done, total, "loading");
+                state.progress_at = Instant::now();
+                Follow::Nothing
+            }
+            FromRunner::LoadFailed { error } => {
+                let instance = state.config.instance.clone();
+                tracing::error!(%instance, %error, "runner could not load its model");
+                state.tasks.fail_all(|_| RunnerError::NotReady {
+                    instance: instance.clone(),
+                    status: RunnerStatus::Failed,
+                });
+                state.set_status(RunnerStatus::Failed);
+                // Our failure kills the linked process actor, which kills the runner.
+                let _ = myself;
+                return Err(Box::new(RunnerSupervisorError::LoadFailed {
+                    instance,
+                    error,
+                }));
+            }
+            FromRunner::Ack { task_id } => state.tasks.acked(task_id),
+            FromRunner::Started { task_id } => {
+                state.tasks.started(task_id);
+                Follow::Nothing
+            }
+            FromRunner::Progress { task_id, phase } => {
+                state.tasks.progress(task_id, phase);
+                Follow::Nothing
+            }
+            FromRunner::Chunk { task_id, chunk } => state.tasks.chunk(task_id, chunk),
+            FromRunner::Done {
+                task_id,
+                finish_reason,
+                usage,
+            } => {
+                state.tasks.finish(
+                    task_id,
+                    TaskEvent::Done {
+                        finish_reason,
+                        usage,
+                    },
+                );
+                Follow::Nothing
+            }
+            FromRunner::TaskError { task_id, error } => {
+                let err = RunnerError::TaskFailed {
+                    instance: state.config.instance.clone(),
+                    message: error,
+                };
+                state.tasks.finish(task_id, TaskEvent::Failed(err));
+                Follow::Nothing
+            }
+        };
+        if let (Follow::Cancel(task_id), Some(runner)) = (follow, &state.runner) {
+            tracing::debug!(task_id, "consumer gone; cancelling task");
+            runner.send(ToRunner::Cancel { task_id });
+        }
+        Ok(())
+    }
+
+    fn check_stalls(state: &RunnerSupervisorState) {
+        let Some(runner) = &state.runner else {
+            return;
+        };
+        let limits = state.config.stall;
+        let age = state.progress_at.elapsed();
+        let phase = match state.status {
+            RunnerStatus::Idle if age > limits.handshake => Some("handshake".to_string()),
+            RunnerStatus::Loading | RunnerStatus::Loaded if age > limits.loading => {
+                Some("loading".to_string())
+            }
+            _ => None,
+        };
+        let phase = phase.or_else(|| {
+            state
+                .tasks
+                .stalled(Instant::now(), &limits)
+                .map(|(task_id, phase, age)| {
+                    tracing::warn!(task_id, %phase, age_ms = age.as_millis() as u64, "task stalled");
+                    phase
+                })
+        });
+        if let Some(phase) = phase {
+            runner.kill(FailureReason::Stalled { phase });
+        }
+    }
+}
+
+impl Actor for RunnerSupervisor {
+    type Msg = RunnerMsg;
+    type State = RunnerSupervisorState;
+    type Arguments = RunnerSupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RunnerMsg>,
+        args: RunnerSupervisorArgs,
+    ) -> Result<RunnerSupervisorState, ActorProcessingErr> {
+        let RunnerSupervisorArgs { config, events } = args;
+        let stall_timer =
+            Some(myself.send_interval(config.stall.check_every, || RunnerMsg::CheckStalls));
+        let mut state = RunnerSupervisorState {
+            window: RestartWindow::new(config.restart.intensity),
+            backoff: BackoffState::new(config.restart.backoff),
+            config,
+            events,
+            status: RunnerStatus::Idle,
+            generation: 0,
+            runner: None,
+            tasks: TaskTable::default(),
+            next_task: 1,
+            restarts: 0,
+            progress_at: Instant::now(),
+            stall_timer,
+        };
+        Self::start_runner(&myself, &mut state).await?;
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<RunnerMsg>,
+        msg: RunnerMsg,
+        state: &mut RunnerSupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RunnerMsg::Submit { request, reply } => {
+                let instance = state.config.instance.clone();
+                let refusal = match (&state.runner, state.status) {
+                    (Some(_), RunnerStatus::Ready | RunnerStatus::Running)
+                        if state.tasks.len() >= state.config.max_tasks =>
+                    {
+                        Some(RunnerError::QueueFull {
+                            instance,
+                            max: state.config.max_tasks,
+                        })
+                    }
+                    (Some(_), RunnerStatus::Ready | RunnerStatus::Running) => None,
+                    (_, status) => Some(RunnerError::NotReady { instance, status }),
+                };
+                match (refusal, &state.runner) {
+                    (None, Some(runner)) => {
+                        let task_id = state.next_task;
+                        state.next_task += 1;
+                        state.tasks.submit(task_id, reply);
+                        runner.send(ToRunner::Generate { task_id, request });
+                    }
+                    (Some(err), _) => {
+                        let _ = reply.send(Err(err));
+                    }
+                    (None, None) => unreachable!("a refusal is computed whenever no runner runs"),
+                }
+            }
+            RunnerMsg::Cancel { task_id } => {
+                if state.tasks.cancel(task_id)
+                    && let Some(runner) = &state.runner
+                {
+                    runner.send(ToRunner::Cancel { task_id });
+                }
+            }
+            RunnerMsg::Snapshot(reply) => {
+                let _ = reply.send(state.snapshot());
+            }
+            RunnerMsg::FromRunner(generation, event) => {
+                if generation == state.generation && state.runner.is_some() {
+                    Self::on_frame(&myself, state, event)?;
+                }
+            }
+            RunnerMsg::ProtocolError(generation, error) => {
+                if generation == state.generation
+                    && let Some(runner) = &state.runner
+                {
+                    tracing::error!(instance = %state.config.instance, %error, "runner broke the protocol");
+                    runner.kill(FailureReason::Killed {
+                        why: format!("protocol error: {error}"),
+                    });
+                }
+            }
+            RunnerMsg::Restart(generation) => {
+                if generation == state.generation && state.runner.is_none() {
+                    if let Err(err) = Self::start_runner(&myself, state).await {
+                        // A runner that cannot even be spawned counts as another failure.
+                        Self::on_runner_death(
+                            &myself,
+                            state,
+                            FailureReason::Killed {
+                                why: format!("cannot start runner: {err}"),
+                            },
+                            Vec::new(),
+                        )?;
+                    }
+                }
+            }
+            RunnerMsg::CheckStalls => Self::check_stalls(state),
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<RunnerMsg>,
+        event: SupervisionEvent,
+        state: &mut RunnerSupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let current = state.runner.as_ref().map(|r| r.process.get_id());
+        match event {
+            SupervisionEvent::ActorFailed(cell, err) if Some(cell.get_id()) == current => {
+                let (reason, tail) = match err.downcast_ref::<ProcessFailed>() {
+                    Some(failed) => (failed.reason.clone(), failed.stderr_tail.clone()),
+                    None => (
+                        FailureReason::Killed {
+                            why: err.to_string(),
+                        },
+                        Vec::new(),
+                    ),
+                };
+                Self::on_runner_death(&myself, state, reason, tail)
+            }
+            SupervisionEvent::ActorTerminated(cell, _, why) if Some(cell.get_id()) == current => {
+                // Only we ask a runner to stop, and then we are stopping too; anything else
+                // is a failure.
+                Self::on_runner_death(
+                    &myself,
+                    state,
+                    FailureReason::Killed {
+                        why: format!(
+                            "runner process actor stopped: {}",
+                            why.unwrap_or_else(|| "no reason".into())
+                        ),
+                    },
+                    Vec::new(),
+                )
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<RunnerMsg>,
+        state: &mut RunnerSupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(timer) = state.stall_timer.take() {
+            timer.abort();
+        }
+        let instance = state.config.instance.clone();
+        state.set_status(RunnerStatus::ShuttingDown);
+        state.tasks.fail_all(|_| RunnerError::ShuttingDown {
+            instance: instance.clone(),
+        });
+        if let Some(runner) = state.runner.take() {
+            runner.send(ToRunner::Shutdown);
+            let _ = runner.process.send_message(ProcessMsg::Shutdown {
+                grace: state.config.shutdown_grace,
+            });
+            let limit = state.config.shutdown_grace + std::time::Duration::from_secs(3);
+            if runner.process.get_cell().wait(Some(limit)).await.is_err() {
+                tracing::warn!(%instance, "runner did not stop in time; killing it");
+                runner.process.kill();
+            }
+            runner.reader.abort();
+            runner.writer.abort();
+        }
+        state.set_status(RunnerStatus::Shutdown);
+        Ok(())
+    }
+}

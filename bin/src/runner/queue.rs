@@ -1,0 +1,229 @@
+//! [`JobQueue`]: the work waiting for (or being done by) the worker thread.
+//!
+//! The stdin reader pushes jobs and cancels tasks; the worker pops jobs one at a time. The
+//! queue knows which generate task is running and holds each task's cancellation flag, so a
+//! `Cancel` either flags the running task (the engine sees it between tokens) or takes a
+//! queued task out before it ever runs (the reader answers it `Done { Cancelled }` at once).
+//! Closing the queue (shutdown, or the supervisor gone) flags the running task, hands back the
+//! queued ones, and makes the worker's next [`next`](JobQueue::next) return `None`.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+use canopy_proto::{GenerateRequest, LoadSpec, TaskId};
+
+/// One unit of work for the worker.
+#[derive(Debug)]
+pub enum Job {
+    /// Load (or replace) the model.
+    Load(LoadSpec),
+    /// Run a generate task.
+    Generate(Task),
+}
+
+/// A generate task and its cancellation flag.
+#[derive(Debug)]
+pub struct Task {
+    /// The supervisor's id for the task.
+    pub id: TaskId,
+    /// What to generate.
+    pub request: GenerateRequest,
+    /// Set when the task is cancelled; the worker's sink reports it to the engine.
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl Task {
+    /// A task that is not cancelled yet.
+    pub fn new(id: TaskId, request: GenerateRequest) -> Self {
+        Self {
+            id,
+            request,
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// What [`JobQueue::cancel`] found.
+#[derive(Debug)]
+pub enum Cancelled {
+    /// The task is running; its flag is now set and it will end with `Done { Cancelled }`.
+    Running,
+    /// The task was still queued and has been taken out; the caller must answer it.
+    Dequeued(Task),
+    /// No such task (it already ended, or never existed).
+    Unknown,
+}
+
+/// The shared work queue between the stdin reader and the worker.
+#[derive(Default)]
+pub struct JobQueue {
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: VecDeque<Job>,
+    running: Option<(TaskId, Arc<AtomicBool>)>,
+    closed: bool,
+}
+
+impl JobQueue {
+    /// An empty, open queue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Queues a job; gives it back if the queue is closed.
+    pub fn push(&self, job: Job) -> Result<(), Job> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(job);
+        }
+        state.jobs.push_back(job);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Blocks until a job is available and takes it (a generate task becomes the running
+    /// task); `None` once the queue is closed.
+    pub fn next(&self) -> Option<Job> {
+        let mut state = self.lock();
+        loop {
+            if state.closed {
+                return None;
+            }
+            if let Some(job) = state.jobs.pop_front() {
+                if let Job::Generate(task) = &job {
+                    state.running = Some((task.id, Arc::clone(&task.cancel)));
+                }
+                return Some(job);
+            }
+            state = self
+                .wake
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Marks the current job finished; returns true when nothing else is queued and the
+    /// queue is still open (the runner is idle).
+    pub fn finish_current(&self) -> bool {
+        let mut state = self.lock();
+        state.running = None;
+        state.jobs.is_empty() && !state.closed
+    }
+
+    /// Cancels a task wherever it is.
+    pub fn cancel(&self, id: TaskId) -> Cancelled {
+        let mut state = self.lock();
+        if let Some((_, flag)) = state.running.as_ref().filter(|(running, _)| *running == id) {
+            flag.store(true, Ordering::SeqCst);
+            return Cancelled::Running;
+        }
+        let position = state
+            .jobs
+            .iter()
+            .position(|job| matches!(job, Job::Generate(task) if task.id == id));
+        match position.and_then(|at| state.jobs.remove(at)) {
+            Some(Job::Generate(task)) => Cancelled::Dequeued(task),
+            _ => Cancelled::Unknown,
+        }
+    }
+
+    /// Closes the queue: flags the running task, drops queued loads, and returns the queued
+    /// tasks for the caller to answer.
+    pub fn close(&self) -> Vec<Task> {
+        let mut state = self.lock();
+        state.closed = true;
+        if let Some((_, flag)) = &state.running {
+            flag.store(true, Ordering::SeqCst);
+        }
+        let tasks = state
+            .jobs
+            .drain(..)
+            .filter_map(|job| match job {
+                Job::Generate(task) => Some(task),
+                Job::Load(_) => None,
+            })
+            .collect();
+        self.wake.notify_all();
+        tasks
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use canopy_proto::{GenerateParams, Prompt};
+
+    use super::*;
+
+    fn task(id: TaskId) -> Job {
+        Job::Generate(Task::new(
+            id,
+            GenerateRequest {
+                prompt: Prompt::Text(String::new()),
+                params: GenerateParams::default(),
+            },
+        ))
+    }
+
+    fn load() -> Job {
+        Job::Load(LoadSpec {
+            model: "scripted".to_string(),
+            layer_start: None,
+            layer_end: None,
+            threads: None,
+        })
+    }
+
+    #[test]
+    fn cancel_flags_the_running_task_and_dequeues_waiting_ones() {
+        let queue = JobQueue::new();
+        assert!(queue.push(task(1)).is_ok());
+        assert!(queue.push(task(2)).is_ok());
+        let Some(Job::Generate(running)) = queue.next() else {
+            panic!("expected task 1 to run");
+        };
+        assert!(matches!(queue.cancel(1), Cancelled::Running));
+        assert!(running.cancel.load(Ordering::SeqCst));
+        assert!(matches!(queue.cancel(2), Cancelled::Dequeued(t) if t.id == 2));
+        assert!(matches!(queue.cancel(2), Cancelled::Unknown));
+        assert!(queue.finish_current());
+        assert!(matches!(queue.cancel(1), Cancelled::Unknown));
+    }
+
+    #[test]
+    fn close_hands_back_tasks_and_stops_the_worker() {
+        let queue = JobQueue::new();
+        assert!(queue.push(task(1)).is_ok());
+        let Some(Job::Generate(running)) = queue.next() else {
+            panic!("expected task 1 to run");
+        };
+        assert!(queue.push(load()).is_ok());
+        assert!(queue.push(task(2)).is_ok());
+        let handed_back: Vec<_> = queue.close().into_iter().map(|t| t.id).collect();
+        assert_eq!(handed_back, vec![2]);
+        assert!(running.cancel.load(Ordering::SeqCst));
+        assert!(queue.next().is_none());
+        assert!(queue.push(task(3)).is_err());
+        assert!(!queue.finish_current());
+    }
+
+    #[test]
+    fn next_waits_for_a_push() {
+        let queue = Arc::new(JobQueue::new());
+        let worker = {
+            let queue = Arc::clone(&queue);
+            std::thread::spawn(move || matches!(queue.next(), Some(Job::Load(_))))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(queue.push(load()).is_ok());
+        assert!(worker.join().unwrap_or(false));
+    }
+}

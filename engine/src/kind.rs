@@ -1,0 +1,87 @@
+//! [`EngineKind`]: which engine a runner hosts, chosen by name on the command line.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::{Engine, EngineError, FaultHooks, ScriptedEngine};
+
+/// The engines this build offers.
+///
+/// Parsed from its name (`"scripted"`); an unknown name is an
+/// [`EngineError::UnknownEngine`] that lists the known ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EngineKind {
+    /// [`ScriptedEngine`]: the deterministic test engine (no model).
+    Scripted,
+}
+
+impl EngineKind {
+    /// Every engine this build offers, in the order they are listed to users.
+    pub const ALL: &'static [EngineKind] = &[EngineKind::Scripted];
+
+    /// The engine's name as accepted by [`FromStr`] (and shown by [`Display`](fmt::Display)).
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Scripted => "scripted",
+        }
+    }
+
+    /// Creates an engine of this kind, with no model loaded yet.
+    ///
+    /// `hooks` are the host's fault switches; only test engines use them.
+    pub fn create(self, hooks: FaultHooks) -> Box<dyn Engine> {
+        match self {
+            EngineKind::Scripted => Box::new(ScriptedEngine::with_hooks(hooks)),
+        }
+    }
+}
+
+impl fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for EngineKind {
+    type Err = EngineError;
+
+    fn from_str(name: &str) -> Result<Self, EngineError> {
+        EngineKind::ALL
+            .iter()
+            .copied()
+            .find(|kind| kind.name() == name)
+            .ok_or_else(|| EngineError::UnknownEngine {
+                name: name.to_string(),
+                known: EngineKind::ALL
+                    .iter()
+                    .map(|kind| kind.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_known_names() {
+        assert_eq!(
+            "scripted".parse::<EngineKind>().ok(),
+            Some(EngineKind::Scripted)
+        );
+        for kind in EngineKind::ALL {
+            assert_eq!(kind.to_string().parse::<EngineKind>().ok(), Some(*kind));
+        }
+    }
+
+    #[test]
+    fn unknown_name_lists_known_ones() {
+        let err = "llama".parse::<EngineKind>().err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("unknown engine \"llama\"; known engines: scripted")
+        );
+    }
+}
