@@ -265,7 +265,7 @@ pub struct ProcessState {
     spec: ProcessSpec,
     pid: u32,
     started_at: Instant,
-    last_beat: Option<Instant>,
+    last_beat: Arc<Mutex<Option<Instant>>>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
     signals: mpsc::UnboundedSender<Signal>,
     owner_task: Option<JoinHandle<()>>,
@@ -275,9 +275,21 @@ pub struct ProcessState {
     /// Set once a shutdown was requested; the number identifies escalation timers.
     shutdown: Option<u64>,
     exited: bool,
+    _registration: crate::introspect::Registration,
+}
+
+fn last_beat(shared: &Mutex<Option<Instant>>) -> Option<Instant> {
+    match shared.lock() {
+        Ok(beat) => *beat,
+        Err(poisoned) => *poisoned.into_inner(),
+    }
 }
 
 impl ProcessState {
+    fn last_beat(&self) -> Option<Instant> {
+        last_beat(&self.last_beat)
+    }
+
     fn tail(&self) -> Vec<String> {
         match self.stderr_tail.lock() {
             Ok(tail) => tail.iter().cloned().collect(),
@@ -480,11 +492,25 @@ impl Actor for ProcessActor {
         if io.send(ChildIo { pid, stdin, stdout }).is_err() {
             tracing::warn!(pid, "nobody took the child's pipes");
         }
+        let started_at = Instant::now();
+        let beat = Arc::new(Mutex::new(None));
+        let registration = crate::introspect::register(&myself.get_cell(), "process");
+        {
+            let beat = beat.clone();
+            let program = spec.program.display().to_string();
+            registration.set_details(Arc::new(move || {
+                serde_json::json!({
+                    "pid": pid,
+                    "program": program,
+                    "last_heartbeat_age_ms": last_beat(&beat).map(|b| b.elapsed().as_millis() as u64),
+                })
+            }));
+        }
         Ok(ProcessState {
             spec,
             pid,
-            started_at: Instant::now(),
-            last_beat: None,
+            started_at,
+            last_beat: beat,
             stderr_tail: tail,
             signals: sig_tx,
             owner_task: Some(owner_task),
@@ -492,6 +518,7 @@ impl Actor for ProcessActor {
             kill_reason: None,
             shutdown: None,
             exited: false,
+            _registration: registration,
         })
     }
 
@@ -502,14 +529,18 @@ impl Actor for ProcessActor {
         state: &mut ProcessState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ProcessMsg::Heartbeat => state.last_beat = Some(Instant::now()),
+            ProcessMsg::Heartbeat => {
+                if let Ok(mut beat) = state.last_beat.lock() {
+                    *beat = Some(Instant::now());
+                }
+            }
             ProcessMsg::CheckHeartbeat => {
                 let (Some(policy), None, None) =
                     (state.spec.heartbeat, &state.kill_reason, state.shutdown)
                 else {
                     return Ok(());
                 };
-                let (age, allowed) = match state.last_beat {
+                let (age, allowed) = match state.last_beat() {
                     Some(beat) => (beat.elapsed(), policy.timeout),
                     None => (state.started_at.elapsed(), policy.startup_grace),
                 };
@@ -565,7 +596,7 @@ impl Actor for ProcessActor {
                 let _ = reply.send(ProcessInfo {
                     pid: state.pid,
                     started_at: state.started_at,
-                    last_heartbeat_age: state.last_beat.map(|b| b.elapsed()),
+                    last_heartbeat_age: state.last_beat().map(|b| b.elapsed()),
                     stderr_tail: state.tail(),
                 });
             }

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use canopy_proto::{FromRunner, RunnerStatus, TaskId, ToRunner};
+use canopy_runtime::introspect::{self, Registration};
 use canopy_runtime::process::{
     FailureReason, ProcessFailed, ProcessMsg, ProcessSpec, spawn_process,
 };
@@ -69,9 +70,21 @@ pub struct RunnerSupervisorState {
     /// When the runner last made progress outside tasks (spawn, handshake, load progress).
     progress_at: Instant,
     stall_timer: Option<JoinHandle<()>>,
+    /// What introspection shows, refreshed after every message.
+    view: Arc<Mutex<View>>,
+    _registration: Registration,
 }
 
 impl RunnerSupervisorState {
+    /// Refreshes the introspection view.
+    fn publish(&self) {
+        if let Ok(mut view) = self.view.lock() {
+            view.snapshot = self.snapshot();
+            view.last_beat = self.runner.as_ref().map(|r| r.last_beat.clone());
+            view.runner_started = self.runner.as_ref().map(|r| r.started_at);
+        }
+    }
+
     fn set_status(&mut self, status: RunnerStatus) {
         if self.status != status {
             tracing::info!(instance = %self.config.instance, from = %self.status, to = %status, "runner status");
@@ -319,42 +332,10 @@ impl RunnerSupervisor {
             runner.kill(FailureReason::Stalled { phase });
         }
     }
-}
 
-impl Actor for RunnerSupervisor {
-    type Msg = RunnerMsg;
-    type State = RunnerSupervisorState;
-    type Arguments = RunnerSupervisorArgs;
-
-    async fn pre_start(
-        &self,
-        myself: ActorRef<RunnerMsg>,
-        args: RunnerSupervisorArgs,
-    ) -> Result<RunnerSupervisorState, ActorProcessingErr> {
-        let RunnerSupervisorArgs { config, events } = args;
-        let stall_timer =
-            Some(myself.send_interval(config.stall.check_every, || RunnerMsg::CheckStalls));
-        let mut state = RunnerSupervisorState {
-            window: RestartWindow::new(config.restart.intensity),
-            backoff: BackoffState::new(config.restart.backoff),
-            config,
-            events,
-            status: RunnerStatus::Idle,
-            generation: 0,
-            runner: None,
-            tasks: TaskTable::default(),
-            next_task: 1,
-            restarts: 0,
-            progress_at: Instant::now(),
-            stall_timer,
-        };
-        Self::start_runner(&myself, &mut state).await?;
-        Ok(state)
-    }
-
-    async fn handle(
-        &self,
-        myself: ActorRef<RunnerMsg>,
+    /// Handles one message.
+    async fn handle_msg(
+        myself: &ActorRef<RunnerMsg>,
         msg: RunnerMsg,
         state: &mut RunnerSupervisorState,
     ) -> Result<(), ActorProcessingErr> {
@@ -398,7 +379,7 @@ impl Actor for RunnerSupervisor {
             }
             RunnerMsg::FromRunner(generation, event) => {
                 if generation == state.generation && state.runner.is_some() {
-                    Self::on_frame(&myself, state, event)?;
+                    Self::on_frame(myself, state, event)?;
                 }
             }
             RunnerMsg::ProtocolError(generation, error) => {
@@ -413,10 +394,10 @@ impl Actor for RunnerSupervisor {
             }
             RunnerMsg::Restart(generation) => {
                 if generation == state.generation && state.runner.is_none() {
-                    if let Err(err) = Self::start_runner(&myself, state).await {
+                    if let Err(err) = Self::start_runner(myself, state).await {
                         // A runner that cannot even be spawned counts as another failure.
                         Self::on_runner_death(
-                            &myself,
+                            myself,
                             state,
                             FailureReason::Killed {
                                 why: format!("cannot start runner: {err}"),
@@ -431,9 +412,9 @@ impl Actor for RunnerSupervisor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(
-        &self,
-        myself: ActorRef<RunnerMsg>,
+    /// A death (or normal stop) of a linked actor.
+    fn supervision_event(
+        myself: &ActorRef<RunnerMsg>,
         event: SupervisionEvent,
         state: &mut RunnerSupervisorState,
     ) -> Result<(), ActorProcessingErr> {
@@ -449,13 +430,13 @@ impl Actor for RunnerSupervisor {
                         Vec::new(),
                     ),
                 };
-                Self::on_runner_death(&myself, state, reason, tail)
+                Self::on_runner_death(myself, state, reason, tail)
             }
             SupervisionEvent::ActorTerminated(cell, _, why) if Some(cell.get_id()) == current => {
                 // Only we ask a runner to stop, and then we are stopping too; anything else
                 // is a failure.
                 Self::on_runner_death(
-                    &myself,
+                    myself,
                     state,
                     FailureReason::Killed {
                         why: format!(
@@ -468,6 +449,87 @@ impl Actor for RunnerSupervisor {
             }
             _ => Ok(()),
         }
+    }
+}
+
+impl Actor for RunnerSupervisor {
+    type Msg = RunnerMsg;
+    type State = RunnerSupervisorState;
+    type Arguments = RunnerSupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RunnerMsg>,
+        args: RunnerSupervisorArgs,
+    ) -> Result<RunnerSupervisorState, ActorProcessingErr> {
+        let RunnerSupervisorArgs { config, events } = args;
+        let stall_timer =
+            Some(myself.send_interval(config.stall.check_every, || RunnerMsg::CheckStalls));
+        let registration = introspect::register(&myself.get_cell(), "runner-supervisor");
+        let view = Arc::new(Mutex::new(View {
+            snapshot: RunnerSnapshot {
+                instance: config.instance.clone(),
+                status: RunnerStatus::Idle,
+                pid: None,
+                restarts: 0,
+                awaiting_ack: 0,
+                pending: 0,
+                in_flight: 0,
+                current_task: None,
+                last_heartbeat_age: None,
+                uptime: None,
+            },
+            last_beat: None,
+            runner_started: None,
+        }));
+        {
+            let view = view.clone();
+            registration.set_details(Arc::new(move || match view.lock() {
+                Ok(v) => v.to_json(),
+                Err(_) => serde_json::Value::Null,
+            }));
+        }
+        let mut state = RunnerSupervisorState {
+            view,
+            _registration: registration,
+            window: RestartWindow::new(config.restart.intensity),
+            backoff: BackoffState::new(config.restart.backoff),
+            config,
+            events,
+            status: RunnerStatus::Idle,
+            generation: 0,
+            runner: None,
+            tasks: TaskTable::default(),
+            next_task: 1,
+            restarts: 0,
+            progress_at: Instant::now(),
+            stall_timer,
+        };
+        Self::start_runner(&myself, &mut state).await?;
+        state.publish();
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<RunnerMsg>,
+        msg: RunnerMsg,
+        state: &mut RunnerSupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let result = Self::handle_msg(&myself, msg, state).await;
+        state.publish();
+        result
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<RunnerMsg>,
+        event: SupervisionEvent,
+        state: &mut RunnerSupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let result = Self::supervision_event(&myself, event, state);
+        state.publish();
+        result
     }
 
     async fn post_stop(
@@ -498,5 +560,36 @@ impl Actor for RunnerSupervisor {
         }
         state.set_status(RunnerStatus::Shutdown);
         Ok(())
+    }
+}
+
+/// What introspection reads: the last published snapshot, plus the live clocks.
+struct View {
+    snapshot: RunnerSnapshot,
+    last_beat: Option<Arc<Mutex<Option<Instant>>>>,
+    runner_started: Option<Instant>,
+}
+
+impl View {
+    /// The introspection details of a runner supervisor, with live heartbeat age and uptime.
+    fn to_json(&self) -> serde_json::Value {
+        let s = &self.snapshot;
+        let beat_age = self
+            .last_beat
+            .as_ref()
+            .and_then(|b| b.lock().ok().and_then(|b| *b))
+            .map(|b| b.elapsed().as_millis() as u64);
+        serde_json::json!({
+        "instance": s.instance,
+        "status": s.status.to_string(),
+        "pid": s.pid,
+        "restarts": s.restarts,
+        "awaiting_ack": s.awaiting_ack,
+        "pending": s.pending,
+        "in_flight": s.in_flight,
+        "current_task": s.current_task,
+            "last_heartbeat_age_ms": beat_age,
+            "runner_uptime_ms": self.runner_started.map(|t| t.elapsed().as_millis() as u64),
+        })
     }
 }

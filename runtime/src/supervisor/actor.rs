@@ -28,6 +28,10 @@ impl Actor for Supervisor {
         args: SupervisorArgs,
     ) -> Result<SupervisorState, ActorProcessingErr> {
         let mut state = SupervisorState::new(&args);
+        state.registration = Some(crate::introspect::register(
+            &myself.get_cell(),
+            args.kind.as_deref().unwrap_or("supervisor"),
+        ));
         for spec in args.children {
             state.push(spec)?;
         }

@@ -20,6 +20,9 @@ pub struct SupervisorArgs {
     pub backoff: Backoff,
     /// The initial children, started in this order and stopped in the reverse order.
     pub children: Vec<ChildSpec>,
+    /// The kind this supervisor reports to introspection (`None`: `supervisor`), e.g.
+    /// `node` or `worker` for the supervisors that play those roles.
+    pub kind: Option<String>,
 }
 
 impl SupervisorArgs {
@@ -40,6 +43,12 @@ impl SupervisorArgs {
     /// Sets the default restart delay.
     pub fn with_backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
+        self
+    }
+
+    /// Sets the kind reported to introspection.
+    pub fn with_kind(mut self, kind: impl Into<String>) -> Self {
+        self.kind = Some(kind.into());
         self
     }
 

@@ -34,6 +34,8 @@ pub struct SupervisorState {
     next_generation: u64,
     /// Timers of scheduled restarts, aborted when the supervisor shuts down.
     timers: Vec<JoinHandle<Result<(), MessagingErr<SupervisorMsg>>>>,
+    /// This supervisor's introspection entry (removed when the state is dropped).
+    pub(crate) registration: Option<crate::introspect::Registration>,
 }
 
 impl SupervisorState {
@@ -48,6 +50,7 @@ impl SupervisorState {
             restarts: 0,
             next_generation: 0,
             timers: Vec::new(),
+            registration: None,
         }
     }
 
@@ -151,6 +154,7 @@ impl SupervisorState {
         child.generation = generation;
         child.restart_pending = false;
         child.backoff.started(Instant::now());
+        crate::introspect::annotate(&cell, &id, child.restart_count);
         tracing::info!(child = %id, actor = %cell.get_id(), "child started");
         Ok(cell)
     }
