@@ -1,7 +1,13 @@
 //! `canopy-actors`: Canopy's domain actors, joining the generic runtime to the engine.
 //!
+//! - [`node`]: a node's supervision tree (worker, API, user actors), its router and handle.
 //! - [`runner`]: the `RunnerSupervisor`, which owns one runner process (`canopy runner`),
 //!   submits tasks to it, tracks them, and turns the runner's death into typed errors for every
 //!   waiter, a `RunnerFailed` event, and a restart under its policy (or an escalation).
+//! - [`api`]: the `ApiActor`, the node's HTTP server: OpenAI-compatible chat completions
+//!   (JSON and SSE), models, health, readiness, Prometheus metrics and introspection, talking
+//!   to the rest of the node through the `Backend` trait.
 
+pub mod api;
+pub mod node;
 pub mod runner;

@@ -26,6 +26,7 @@ use super::tasks::{Follow, TaskState, TaskTable};
 pub struct RunnerSupervisor;
 
 /// Start-up arguments of a [`RunnerSupervisor`].
+#[derive(Clone)]
 pub struct RunnerSupervisorArgs {
     /// The instance to run.
     pub config: RunnerConfig,
@@ -407,7 +408,16 @@ impl RunnerSupervisor {
                     }
                 }
             }
-            RunnerMsg::CheckStalls => Self::check_stalls(state),
+            RunnerMsg::CheckStalls => {
+                let abandoned = state.tasks.abandoned();
+                if let Some(runner) = &state.runner {
+                    for task_id in abandoned {
+                        tracing::debug!(task_id, "consumer gone before any output; cancelling");
+                        runner.send(ToRunner::Cancel { task_id });
+                    }
+                }
+                Self::check_stalls(state);
+            }
         }
         Ok(())
     }

@@ -192,6 +192,19 @@ impl TaskTable {
         }
     }
 
+    /// Tasks whose consumer dropped its handle before the task produced anything (a chunk
+    /// would have noticed); marks them cancelled and returns them for the runner to cancel.
+    pub(super) fn abandoned(&mut self) -> Vec<TaskId> {
+        self.tasks
+            .iter_mut()
+            .filter(|(_, e)| e.ack.is_none() && !e.cancelled && e.events.is_closed())
+            .map(|(id, e)| {
+                e.cancelled = true;
+                *id
+            })
+            .collect()
+    }
+
     /// The first task stuck past its phase's timeout, with the phase's name.
     pub(super) fn stalled(
         &self,

@@ -1,0 +1,81 @@
+//! The boundary between the HTTP API and the rest of the node.
+//!
+//! The API never talks to `RunnerSupervisor`s directly: it asks a [`Backend`], which knows
+//! which model instances exist, which are Ready, and how to route a task to one of them. The
+//! node plugs in an implementation that routes to its `RunnerSupervisor`s (and, later, to
+//! remote instances); the tests plug in a scripted fake. Everything the API serves about the
+//! cluster (`/v1/models`, `/ready`, `/state`, `/v1/actors`) comes from here.
+
+use std::time::Duration;
+
+use canopy_proto::GenerateRequest;
+use futures::future::BoxFuture;
+use serde::Serialize;
+
+use crate::runner::{RunnerError, TaskHandle};
+
+/// A model the node can serve, as listed by `GET /v1/models`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelInfo {
+    /// The model's id, as clients name it in `model`.
+    pub id: String,
+    /// When the model was first placed (unix seconds).
+    pub created: u64,
+    /// Who owns it (OpenAI's `owned_by`; Canopy uses `"canopy"` unless told otherwise).
+    pub owned_by: String,
+    /// Whether at least one instance of it is Ready now.
+    pub ready: bool,
+}
+
+/// Why a task could not be submitted.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SubmitError {
+    /// No instance of this model is placed anywhere (HTTP 404).
+    #[error("the model `{0}` does not exist")]
+    UnknownModel(String),
+    /// The model is placed, but no instance of it is Ready (or none became Ready within the
+    /// wait the caller allowed) (HTTP 503).
+    #[error("no instance of model `{0}` is ready")]
+    NoReadyInstance(String),
+    /// Every Ready instance of the model is at capacity (HTTP 429).
+    #[error("every instance of model `{0}` is at capacity")]
+    Busy(String),
+    /// The chosen runner refused or lost the task.
+    #[error(transparent)]
+    Runner(#[from] RunnerError),
+}
+
+/// What the API needs from the node.
+///
+/// Every future must resolve in bounded time: the API adds no timeout of its own around
+/// [`Backend::submit`] beyond what it asks for with `wait_ready`, so a backend that waits
+/// for an acknowledgement must bound that wait itself (the `RunnerSupervisor`'s stall
+/// timeouts already do).
+pub trait Backend: Send + Sync + 'static {
+    /// Models with at least one placed instance.
+    fn models(&self) -> Vec<ModelInfo>;
+
+    /// Whether any instance of any model is Ready.
+    fn ready(&self) -> bool;
+
+    /// Submits a task to a Ready instance of `model` and resolves once the instance has
+    /// acknowledged it.
+    ///
+    /// With `wait_ready = None` it fails at once with [`SubmitError::NoReadyInstance`] when
+    /// no instance is Ready; with `Some(d)` it first waits up to `d` for one to become Ready
+    /// (the API uses this to retry a task whose runner died before producing anything).
+    /// Dropping the returned [`TaskHandle`] cancels the task; dropping the future before it
+    /// resolves must not leave a task running either.
+    fn submit(
+        &self,
+        model: &str,
+        request: GenerateRequest,
+        wait_ready: Option<Duration>,
+    ) -> BoxFuture<'static, Result<TaskHandle, SubmitError>>;
+
+    /// The node's instances and runners with their statuses, as served by `GET /state`.
+    fn state(&self) -> BoxFuture<'static, serde_json::Value>;
+
+    /// The live actor tree, as served by `GET /v1/actors`.
+    fn actors(&self) -> BoxFuture<'static, serde_json::Value>;
+}

@@ -1,0 +1,52 @@
+//! The HTTP API of a Canopy node: OpenAI-compatible chat completions, the model list,
+//! health/readiness probes, Prometheus metrics and introspection, served by the
+//! [`ApiActor`] with axum.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `POST /v1/chat/completions` | a `chat.completion`, or an SSE stream of `chat.completion.chunk`s ending in `data: [DONE]` |
+//! | `GET /v1/models`, `GET /v1/models/{model}` | models with a placed instance (OpenAI list / model shape, plus `ready`) |
+//! | `GET /health` | 200 while the process serves |
+//! | `GET /ready` | 200 when an instance of some model is Ready, else 503 |
+//! | `GET /metrics` | Prometheus text ([`Metrics`]) |
+//! | `GET /state`, `GET /v1/actors` | instances and runners, and the actor tree, as JSON from the [`Backend`] |
+//!
+//! Every error, including a malformed body, an unknown route or a body over the limit, is
+//! answered in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` (see `error`
+//! for the status mapping). The API reaches the rest of the node only through the
+//! [`Backend`] trait.
+//!
+//! Reliability decisions:
+//! - a request's task belongs to its handler, and for streams to the SSE body: a client
+//!   that disconnects drops the `TaskHandle`, which cancels the task in the runner;
+//! - a runner that dies before a task produced output costs the client nothing: the task is
+//!   retried once, after waiting up to `retry_wait` for a Ready instance (streams too, since
+//!   nothing but the role chunk has been sent); any later or second failure reaches the
+//!   client at once, as a 502 (or an SSE error event followed by `[DONE]`);
+//! - capacity: tasks queue in the runner supervisors up to their `max_tasks`; beyond that
+//!   the request is answered 429 with `Retry-After`;
+//! - shutdown is bounded: open requests get `shutdown_timeout` to finish, then are ended
+//!   (503, or an SSE error event and `[DONE]`), which cancels their tasks.
+
+mod actor;
+mod backend;
+mod chat;
+mod config;
+mod error;
+mod extract;
+mod metrics;
+mod models;
+mod observe;
+mod ops;
+mod request;
+mod response;
+mod routes;
+mod state;
+mod stream;
+mod task;
+
+pub use actor::{ApiActor, ApiActorError, ApiArgs, ApiMsg, ApiState, CLOSE_GRACE};
+pub use backend::{Backend, ModelInfo, SubmitError};
+pub use config::ApiConfig;
+pub use metrics::Metrics;
+pub use routes::router;

@@ -1,0 +1,62 @@
+//! The API's router: every route, the OpenAI-shaped 404/405 fallbacks, and the metrics
+//! middleware.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::{Method, Uri};
+use axum::middleware;
+use axum::routing::{get, post};
+use tokio_util::sync::CancellationToken;
+
+use super::backend::Backend;
+use super::chat;
+use super::config::ApiConfig;
+use super::error::ApiError;
+use super::metrics::Metrics;
+use super::models;
+use super::observe;
+use super::ops;
+use super::state::AppState;
+
+/// The API as an axum `Router`, ready to serve (the `ApiActor` serves it; embedding it
+/// elsewhere works too). Cancelling `closing` ends every open request at once: chat
+/// completions still waiting are answered 503, open streams get an error event and
+/// `[DONE]`; use it when a graceful shutdown has waited long enough.
+pub fn router(
+    backend: Arc<dyn Backend>,
+    metrics: Metrics,
+    config: ApiConfig,
+    closing: CancellationToken,
+) -> Router {
+    let state = AppState {
+        backend,
+        metrics,
+        config: Arc::new(config),
+        closing,
+    };
+    Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/models", get(models::list))
+        .route("/v1/models/{*model}", get(models::get))
+        .route("/v1/actors", get(ops::actors))
+        .route("/health", get(ops::health))
+        .route("/ready", get(ops::ready))
+        .route("/metrics", get(ops::metrics))
+        .route("/state", get(ops::state))
+        .fallback(unknown_url)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            observe::observe,
+        ))
+        .with_state(state)
+}
+
+async fn unknown_url(method: Method, uri: Uri) -> ApiError {
+    ApiError::unknown_url(method.as_str(), uri.path())
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::method_not_allowed(method.as_str(), uri.path())
+}

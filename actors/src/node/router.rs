@@ -1,0 +1,367 @@
+//! `ModelRouter`: the node's [`Backend`]: which instances exist, which are Ready, and where a
+//! task goes.
+//!
+//! The router never holds an `ActorRef` to a runner supervisor: a supervisor restarted by the
+//! worker is a new actor. It finds the live one by name (`runner:<instance>` in ractor's
+//! registry) at each request, and knows each instance's status from the supervisors'
+//! broadcast [`RunnerEvent`]s, so answering `/ready` or picking an instance never waits on an
+//! actor. A task goes to the Ready instance of its model with the fewest tasks handed out by
+//! this router (ties broken round-robin); an instance at capacity is skipped, and when every
+//! Ready instance is full the request is `Busy`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use canopy_proto::{GenerateRequest, RunnerStatus};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use ractor::{ActorCell, ActorRef};
+use tokio::sync::{broadcast, watch};
+
+use crate::api::{Backend, Metrics, ModelInfo, SubmitError};
+use crate::runner::{RunnerError, RunnerEvent, RunnerMsg, TaskHandle};
+
+/// The registry name of the runner supervisor of `instance`.
+pub fn runner_actor_name(instance: &str) -> String {
+    format!("runner:{instance}")
+}
+
+/// One placed instance, as the router sees it.
+#[derive(Debug, Clone)]
+struct Instance {
+    model: String,
+    status: RunnerStatus,
+    pid: Option<u32>,
+    restarts: u32,
+    placed_at: u64,
+    last_failure: Option<String>,
+}
+
+#[derive(Default)]
+struct Table {
+    instances: BTreeMap<String, Instance>,
+}
+
+/// The node's routing table and [`Backend`]. Cheap to clone.
+#[derive(Clone)]
+pub struct ModelRouter {
+    table: Arc<Mutex<Table>>,
+    /// Bumped on every status change, so waiters for readiness wake up.
+    changed: watch::Sender<u64>,
+    next: Arc<AtomicUsize>,
+    root: Arc<Mutex<Option<ActorCell>>>,
+    submit_timeout: Duration,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl ModelRouter {
+    /// An empty router that follows `events` (the runner supervisors' broadcast) and feeds
+    /// `metrics` with them.
+    pub fn new(events: &broadcast::Sender<RunnerEvent>, metrics: Metrics) -> Self {
+        let (changed, _) = watch::channel(0);
+        let router = Self {
+            table: Arc::new(Mutex::new(Table::default())),
+            changed,
+            next: Arc::new(AtomicUsize::new(0)),
+            root: Arc::new(Mutex::new(None)),
+            submit_timeout: Duration::from_secs(60),
+        };
+        let mut rx = events.subscribe();
+        let follower = router.clone();
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(event) => {
+                        metrics.runner_event(&event);
+                        follower.observe(&event);
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "router lagged behind runner events");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+        router
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        match self.table.lock() {
+            Ok(t) => t,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Sets the actor whose tree `GET /v1/actors` reports (the node's root).
+    pub fn set_root(&self, root: ActorCell) {
+        if let Ok(mut r) = self.root.lock() {
+            *r = Some(root);
+        }
+    }
+
+    /// Records a newly placed instance of `model`.
+    pub fn add_instance(&self, instance: &str, model: &str) {
+        self.lock().instances.insert(
+            instance.to_string(),
+            Instance {
+                model: model.to_string(),
+                status: RunnerStatus::Idle,
+                pid: None,
+                restarts: 0,
+                placed_at: now_secs(),
+                last_failure: None,
+            },
+        );
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Forgets an instance (it was removed).
+    pub fn remove_instance(&self, instance: &str) {
+        self.lock().instances.remove(instance);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Marks an instance failed for good (its supervisor gave up).
+    pub fn instance_failed(&self, instance: &str, why: &str) {
+        if let Some(i) = self.lock().instances.get_mut(instance) {
+            i.status = RunnerStatus::Failed;
+            i.last_failure = Some(why.to_string());
+        }
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    fn observe(&self, event: &RunnerEvent) {
+        {
+            let mut table = self.lock();
+            match event {
+                RunnerEvent::StatusChanged { instance, status } => {
+                    if let Some(i) = table.instances.get_mut(instance) {
+                        i.status = *status;
+                    }
+                }
+                RunnerEvent::Started {
+                    instance,
+                    pid,
+                    restarts,
+                } => {
+                    if let Some(i) = table.instances.get_mut(instance) {
+                        i.pid = Some(*pid);
+                        i.restarts = *restarts;
+                    }
+                }
+                RunnerEvent::RunnerFailed {
+                    instance, reason, ..
+                } => {
+                    if let Some(i) = table.instances.get_mut(instance) {
+                        i.status = RunnerStatus::Failed;
+                        i.pid = None;
+                        i.last_failure = Some(reason.to_string());
+                    }
+                }
+            }
+        }
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Ready instances of `model`, rotated for round-robin; `Err` if the model is unknown.
+    fn candidates(&self, model: &str) -> Result<Vec<String>, SubmitError> {
+        let table = self.lock();
+        let mut known = false;
+        let mut ready = Vec::new();
+        for (name, i) in &table.instances {
+            if i.model == model {
+                known = true;
+                if matches!(i.status, RunnerStatus::Ready | RunnerStatus::Running) {
+                    ready.push(name.clone());
+                }
+            }
+        }
+        if !known {
+            return Err(SubmitError::UnknownModel(model.to_string()));
+        }
+        if !ready.is_empty() {
+            let k = self.next.fetch_add(1, Ordering::Relaxed) % ready.len();
+            ready.rotate_left(k);
+        }
+        Ok(ready)
+    }
+
+    async fn submit_now(
+        &self,
+        model: &str,
+        request: &GenerateRequest,
+    ) -> Result<TaskHandle, SubmitError> {
+        let candidates = self.candidates(model)?;
+        if candidates.is_empty() {
+            return Err(SubmitError::NoReadyInstance(model.to_string()));
+        }
+        let mut busy = false;
+        for instance in candidates {
+            let Some(cell) = ractor::registry::where_is(runner_actor_name(&instance)) else {
+                continue;
+            };
+            let actor: ActorRef<RunnerMsg> = cell.into();
+            let request = request.clone();
+            let answer = actor
+                .call(
+                    |reply| RunnerMsg::Submit { request, reply },
+                    Some(self.submit_timeout),
+                )
+                .await;
+            match answer {
+                Ok(ractor::rpc::CallResult::Success(Ok(handle))) => return Ok(handle),
+                Ok(ractor::rpc::CallResult::Success(Err(RunnerError::QueueFull { .. }))) => {
+                    busy = true;
+                }
+                Ok(ractor::rpc::CallResult::Success(Err(RunnerError::NotReady { .. }))) => {}
+                Ok(ractor::rpc::CallResult::Success(Err(err))) => {
+                    return Err(SubmitError::Runner(err));
+                }
+                // A timeout (or, for a remote actor, a closed channel) or a dead actor:
+                // try the next instance.
+                Ok(_) | Err(_) => {
+                    tracing::warn!(%instance, "runner supervisor did not answer a submit");
+                }
+            }
+        }
+        if busy {
+            Err(SubmitError::Busy(model.to_string()))
+        } else {
+            Err(SubmitError::NoReadyInstance(model.to_string()))
+        }
+    }
+
+    async fn submit_waiting(
+        self,
+        model: String,
+        request: GenerateRequest,
+        wait_ready: Option<Duration>,
+    ) -> Result<TaskHandle, SubmitError> {
+        let Some(wait) = wait_ready else {
+            return self.submit_now(&model, &request).await;
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changed = self.changed.subscribe();
+        loop {
+            changed.mark_unchanged();
+            match self.submit_now(&model, &request).await {
+                Err(SubmitError::NoReadyInstance(_)) => {}
+                other => return other,
+            }
+            if tokio::time::timeout_at(deadline, changed.changed())
+                .await
+                .is_err()
+            {
+                return Err(SubmitError::NoReadyInstance(model));
+            }
+        }
+    }
+
+    /// Every `every`, asks each runner supervisor for its snapshot and records the age of its
+    /// runner's last heartbeat in `metrics`; ends when `alive` returns false.
+    pub(crate) async fn report_heartbeat_lag(
+        self,
+        metrics: Metrics,
+        every: Duration,
+        alive: impl Fn() -> bool,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        while alive() {
+            tick.tick().await;
+            let names: Vec<String> = self.lock().instances.keys().cloned().collect();
+            for instance in names {
+                let Some(cell) = ractor::registry::where_is(runner_actor_name(&instance)) else {
+                    continue;
+                };
+                let actor: ActorRef<RunnerMsg> = cell.into();
+                if let Ok(ractor::rpc::CallResult::Success(snap)) =
+                    actor.call(RunnerMsg::Snapshot, Some(every)).await
+                    && let Some(age) = snap.last_heartbeat_age
+                {
+                    metrics.heartbeat_lag(&instance, age);
+                }
+            }
+        }
+    }
+
+    /// The instances as JSON, for `GET /state`.
+    pub fn state_json(&self) -> serde_json::Value {
+        let table = self.lock();
+        let instances: Vec<_> = table
+            .instances
+            .iter()
+            .map(|(name, i)| {
+                serde_json::json!({
+                    "instance": name,
+                    "model": i.model,
+                    "status": i.status.to_string(),
+                    "pid": i.pid,
+                    "restarts": i.restarts,
+                    "last_failure": i.last_failure,
+                })
+            })
+            .collect();
+        serde_json::json!({ "instances": instances })
+    }
+}
+
+impl Backend for ModelRouter {
+    fn models(&self) -> Vec<ModelInfo> {
+        let table = self.lock();
+        let mut models: BTreeMap<String, ModelInfo> = BTreeMap::new();
+        for i in table.instances.values() {
+            let ready = matches!(i.status, RunnerStatus::Ready | RunnerStatus::Running);
+            let entry = models.entry(i.model.clone()).or_insert_with(|| ModelInfo {
+                id: i.model.clone(),
+                created: i.placed_at,
+                owned_by: "canopy".into(),
+                ready: false,
+            });
+            entry.ready |= ready;
+            entry.created = entry.created.min(i.placed_at);
+        }
+        models.into_values().collect()
+    }
+
+    fn ready(&self) -> bool {
+        self.lock()
+            .instances
+            .values()
+            .any(|i| matches!(i.status, RunnerStatus::Ready | RunnerStatus::Running))
+    }
+
+    fn submit(
+        &self,
+        model: &str,
+        request: GenerateRequest,
+        wait_ready: Option<Duration>,
+    ) -> BoxFuture<'static, Result<TaskHandle, SubmitError>> {
+        self.clone()
+            .submit_waiting(model.to_string(), request, wait_ready)
+            .boxed()
+    }
+
+    fn state(&self) -> BoxFuture<'static, serde_json::Value> {
+        let state = self.state_json();
+        async move { state }.boxed()
+    }
+
+    fn actors(&self) -> BoxFuture<'static, serde_json::Value> {
+        let root = self.root.lock().ok().and_then(|r| r.clone());
+        async move {
+            match root {
+                Some(root) => serde_json::to_value(canopy_runtime::introspect::tree(&root))
+                    .unwrap_or(serde_json::Value::Null),
+                None => serde_json::Value::Null,
+            }
+        }
+        .boxed()
+    }
+}

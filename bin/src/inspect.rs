@@ -1,0 +1,139 @@
+//! `canopy inspect`: the live supervision tree of a running node.
+//!
+//! Reads `GET /v1/actors` (every actor registers itself; nothing here knows the tree's
+//! shape) and prints one line per actor: name, kind, status, uptime, restarts, and the
+//! details the actor reports (for runners: the OS pid, heartbeat age and current task).
+//! Mailbox depth is not shown: ractor does not expose it. `--json` prints the raw tree;
+//! `--watch` redraws it every interval.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::Value;
+
+use crate::client::{DEFAULT_URL, get_json};
+
+/// Options of `canopy inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The node's API URL.
+    #[arg(long, env = "CANOPY_URL", default_value = DEFAULT_URL)]
+    url: String,
+    /// Print the tree as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Redraw every SECONDS (Ctrl-C to stop).
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "1")]
+    watch: Option<f64>,
+}
+
+/// Runs `canopy inspect`.
+pub fn run(args: InspectArgs) -> anyhow::Result<()> {
+    loop {
+        let tree = get_json(&args.url, "/v1/actors")?;
+        let out = if args.json {
+            serde_json::to_string_pretty(&tree)?
+        } else {
+            render(&tree)
+        };
+        match args.watch {
+            Some(secs) => {
+                // Clear the screen and home the cursor, then draw.
+                print!("\x1b[2J\x1b[H{out}");
+                println!();
+                std::thread::sleep(Duration::from_secs_f64(secs.max(0.1)));
+            }
+            None => {
+                println!("{out}");
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn human_ms(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms}ms"),
+        1_000..60_000 => format!("{:.1}s", ms as f64 / 1e3),
+        60_000..3_600_000 => format!("{}m{}s", ms / 60_000, (ms / 1000) % 60),
+        _ => format!("{}h{}m", ms / 3_600_000, (ms / 60_000) % 60),
+    }
+}
+
+/// The tree as indented text.
+pub fn render(tree: &Value) -> String {
+    let mut out = String::new();
+    line(&mut out, tree, "", true, true);
+    out
+}
+
+fn line(out: &mut String, actor: &Value, prefix: &str, last: bool, root: bool) {
+    let name = actor["child_id"]
+        .as_str()
+        .or(actor["name"].as_str())
+        .unwrap_or_else(|| actor["id"].as_str().unwrap_or("?"));
+    let kind = actor["kind"].as_str().unwrap_or("actor");
+    let status = actor["status"].as_str().unwrap_or("?");
+    let branch = if root {
+        ""
+    } else if last {
+        "└── "
+    } else {
+        "├── "
+    };
+    let _ = write!(out, "{prefix}{branch}{name} [{kind}] {status}");
+    if let Some(ms) = actor["uptime_ms"].as_u64() {
+        let _ = write!(out, " up {}", human_ms(ms));
+    }
+    let _ = write!(out, " restarts {}", actor["restarts"].as_u64().unwrap_or(0));
+    if let Value::Object(details) = &actor["details"] {
+        for (key, value) in details {
+            if value.is_null() {
+                continue;
+            }
+            match (key.strip_suffix("_ms"), value.as_u64()) {
+                (Some(k), Some(ms)) => {
+                    let _ = write!(out, " {k}={}", human_ms(ms));
+                }
+                _ => {
+                    let v = value.as_str().map_or_else(|| value.to_string(), str::to_string);
+                    let _ = write!(out, " {key}={v}");
+                }
+            }
+        }
+    }
+    out.push('\n');
+    let children = actor["children"].as_array().cloned().unwrap_or_default();
+    let child_prefix = if root {
+        String::new()
+    } else {
+        format!("{prefix}{}", if last { "    " } else { "│   " })
+    };
+    for (i, child) in children.iter().enumerate() {
+        line(out, child, &child_prefix, i + 1 == children.len(), false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_a_tree_with_details() {
+        let tree = serde_json::json!({
+            "id": "0.1", "name": null, "child_id": null, "kind": "node", "status": "Running",
+            "uptime_ms": 65000, "restarts": 0, "details": null,
+            "children": [{
+                "id": "0.2", "name": "runner:m-0", "child_id": "runner:m-0",
+                "kind": "runner-supervisor", "status": "Running", "uptime_ms": 500,
+                "restarts": 1, "details": {"pid": 42, "status": "Ready", "last_heartbeat_age_ms": 40},
+                "children": []
+            }]
+        });
+        let text = render(&tree);
+        assert!(text.starts_with("0.1 [node] Running up 1m5s restarts 0\n"), "{text}");
+        assert!(text.contains("└── runner:m-0 [runner-supervisor] Running up 500ms restarts 1"), "{text}");
+        assert!(text.contains("pid=42") && text.contains("last_heartbeat_age=40ms"), "{text}");
+    }
+}
