@@ -92,7 +92,10 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         ask(&args, &model, &history)?;
         return Ok(());
     }
-    eprintln!("chatting with {model} at {} (/reset clears the history, Ctrl-D ends)", args.url);
+    eprintln!(
+        "chatting with {model} at {} (/reset clears the history, Ctrl-D ends)",
+        args.url
+    );
     let stdin = std::io::stdin();
     loop {
         eprint!("> ");

@@ -18,7 +18,10 @@ fn agent(timeout: Option<Duration>) -> ureq::Agent {
 }
 
 /// Turns a non-2xx answer into an error carrying the server's message.
-fn check(url: &str, mut response: ureq::http::Response<ureq::Body>) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
+fn check(
+    url: &str,
+    mut response: ureq::http::Response<ureq::Body>,
+) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
     let status = response.status();
     if status.is_success() {
         return Ok(response);
@@ -37,7 +40,9 @@ pub fn get_json(base: &str, path: &str) -> anyhow::Result<serde_json::Value> {
     let response = agent(Some(Duration::from_secs(10)))
         .get(&url)
         .call()
-        .with_context(|| format!("cannot reach a Canopy node at {base} (is it running? try --url)"))?;
+        .with_context(|| {
+            format!("cannot reach a Canopy node at {base} (is it running? try --url)")
+        })?;
     let mut response = check(&url, response)?;
     let body = response
         .body_mut()
@@ -54,10 +59,9 @@ pub fn post_lines(
     mut line: impl FnMut(&str) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let url = format!("{}{path}", base.trim_end_matches('/'));
-    let response = agent(None)
-        .post(&url)
-        .send_json(body)
-        .with_context(|| format!("cannot reach a Canopy node at {base} (is it running? try --url)"))?;
+    let response = agent(None).post(&url).send_json(body).with_context(|| {
+        format!("cannot reach a Canopy node at {base} (is it running? try --url)")
+    })?;
     let response = check(&url, response)?;
     let reader = std::io::BufReader::new(response.into_body().into_reader());
     for l in reader.lines() {

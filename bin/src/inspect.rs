@@ -97,7 +97,9 @@ fn line(out: &mut String, actor: &Value, prefix: &str, last: bool, root: bool) {
                     let _ = write!(out, " {k}={}", human_ms(ms));
                 }
                 _ => {
-                    let v = value.as_str().map_or_else(|| value.to_string(), str::to_string);
+                    let v = value
+                        .as_str()
+                        .map_or_else(|| value.to_string(), str::to_string);
                     let _ = write!(out, " {key}={v}");
                 }
             }
@@ -132,8 +134,17 @@ mod tests {
             }]
         });
         let text = render(&tree);
-        assert!(text.starts_with("0.1 [node] Running up 1m5s restarts 0\n"), "{text}");
-        assert!(text.contains("└── runner:m-0 [runner-supervisor] Running up 500ms restarts 1"), "{text}");
-        assert!(text.contains("pid=42") && text.contains("last_heartbeat_age=40ms"), "{text}");
+        assert!(
+            text.starts_with("0.1 [node] Running up 1m5s restarts 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("└── runner:m-0 [runner-supervisor] Running up 500ms restarts 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pid=42") && text.contains("last_heartbeat_age=40ms"),
+            "{text}"
+        );
     }
 }

@@ -1,15 +1,20 @@
 //! The `canopy` binary.
 //!
-//! Only the hidden `canopy runner` subcommand exists so far: the child process that a
-//! `RunnerSupervisor` spawns to host one inference engine (see [`runner`]). The user-facing
-//! subcommands (`up`, `node`, `inspect`, `chat`, `model`) join the [`Command`] enum as they
-//! are built.
+//! Subcommands: `up` (a node serving the default model), `node` (a node), `inspect` (the
+//! live actor tree of a node), `chat` (a terminal client), `model` (the model store), and the
+//! hidden `runner`: the child process that a `RunnerSupervisor` spawns to host one inference
+//! engine (see [`runner`]).
 //!
 //! Logs go to **stderr** through `tracing`, filtered by `CANOPY_LOG` (default `info`, any
 //! `tracing-subscriber` env-filter directive works). Stdout is reserved for protocol frames in
 //! runner mode; nothing else writes to it.
 
+mod chat;
+mod client;
+mod inspect;
+mod model;
 mod runner;
+mod serve;
 
 use std::io::IsTerminal;
 
@@ -32,10 +37,21 @@ struct Cli {
 /// The `canopy` subcommands.
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Starts a node serving the default model (downloaded on first use) on
+    /// http://127.0.0.1:52415: the OpenAI-compatible API. Ctrl-C stops it.
+    Up(serve::ServeArgs),
+    /// Starts a node without placing a model unless --model is given.
+    Node(serve::ServeArgs),
+    /// Prints the live actor tree of a running node.
+    Inspect(inspect::InspectArgs),
+    /// Chats with a running node in the terminal.
+    Chat(chat::ChatArgs),
     /// Hosts one inference engine for a supervisor, speaking frames on stdin/stdout (internal:
     /// spawned by `canopy node`, not run by hand).
     #[command(hide = true)]
     Runner(runner::RunnerArgs),
+    /// Downloads, lists, locates and removes models (`pull`, `list`, `path`, `verify`, `rm`).
+    Model(model::ModelArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +63,11 @@ fn main() -> anyhow::Result<()> {
             // Exit explicitly: a wedged worker thread (an injected fault) must not keep us alive.
             std::process::exit(exit.code());
         }
+        Command::Model(args) => model::run(args),
+        Command::Up(args) => serve::run(args, Some(canopy_engine::store::DEFAULT_MODEL)),
+        Command::Node(args) => serve::run(args, None),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Chat(args) => chat::run(args),
     }
 }
 

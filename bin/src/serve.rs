@@ -173,7 +173,9 @@ pub fn run(args: ServeArgs, default_model: Option<&str>) -> anyhow::Result<()> {
     let model = match (&settings.model, settings.engine.as_deref()) {
         // The model store holds GGUF files; other engines (the scripted test engine) name
         // their models themselves.
-        (Some(name), Some(engine)) if engine != "candle" => Some((name.clone(), PathBuf::from(name))),
+        (Some(name), Some(engine)) if engine != "candle" => {
+            Some((name.clone(), PathBuf::from(name)))
+        }
         (Some(name), _) => Some(fetch_model(name, &store)?),
         (None, _) => None,
     };
@@ -268,8 +270,7 @@ async fn stop(node: canopy_actors::node::NodeHandle) -> anyhow::Result<()> {
 
 /// Resolves on Ctrl-C or SIGTERM.
 async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(term) => term,
         Err(err) => {
             tracing::warn!(%err, "cannot listen for SIGTERM; only Ctrl-C stops the node");

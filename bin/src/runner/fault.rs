@@ -10,6 +10,7 @@
 //! | `freeze-heartbeat-after-tokens=N` | stop heartbeats once N chunks were sent; work carries on        |
 //! | `stall-after-tokens=N`            | wedge the work loop once N chunks were sent; heartbeats go on   |
 //! | `crash-on-load`                   | SIGKILL this process when a load starts (after `Status(Loading)`) |
+//! | `crash-on-generate`               | SIGKILL this process when a generate task starts, before any token |
 //! | `once=PATH`                       | fire only if PATH does not exist, creating it when firing       |
 //!
 //! Chunks are counted over the process lifetime, across tasks, N ≥ 1. `once` makes a restarted
@@ -59,7 +60,7 @@ pub enum FaultSpecError {
 }
 
 const KNOWN_KEYS: &str = "crash-after-tokens=N, exit0-after-tokens=N, \
-    freeze-heartbeat-after-tokens=N, stall-after-tokens=N, crash-on-load, once=PATH";
+    freeze-heartbeat-after-tokens=N, stall-after-tokens=N, crash-on-load, crash-on-generate, once=PATH";
 
 /// The faults to inject, parsed from `--fault`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -74,6 +75,8 @@ pub struct FaultSpec {
     pub stall_after_tokens: Option<u64>,
     /// SIGKILL when a load starts.
     pub crash_on_load: bool,
+    /// SIGKILL when a generate task starts.
+    pub crash_on_generate: bool,
     /// Fire only while this marker file does not exist; create it when firing.
     pub once: Option<PathBuf>,
 }
@@ -87,6 +90,7 @@ impl FaultSpec {
             || self.freeze_heartbeat_after_tokens.is_some()
             || self.stall_after_tokens.is_some()
             || self.crash_on_load
+            || self.crash_on_generate
     }
 }
 
@@ -116,6 +120,16 @@ impl FromStr for FaultSpec {
                         return Err(duplicate());
                     }
                     parsed.crash_on_load = true;
+                    continue;
+                }
+                "crash-on-generate" => {
+                    if value.is_some() {
+                        return Err(bad_value(key, "takes no value"));
+                    }
+                    if parsed.crash_on_generate {
+                        return Err(duplicate());
+                    }
+                    parsed.crash_on_generate = true;
                     continue;
                 }
                 "once" => {
@@ -173,6 +187,9 @@ impl fmt::Display for FaultSpec {
         if self.crash_on_load {
             items.push("crash-on-load".to_string());
         }
+        if self.crash_on_generate {
+            items.push("crash-on-generate".to_string());
+        }
         if let Some(path) = &self.once {
             items.push(format!("once={}", path.display()));
         }
@@ -201,6 +218,13 @@ impl FaultInjector {
     /// Called when a load starts.
     pub fn on_load_started(&self) {
         if self.spec.crash_on_load && self.claim("crash-on-load") {
+            kill_own_process();
+        }
+    }
+
+    /// Called when a generate task starts running, before its first token.
+    pub fn on_generate_started(&self) {
+        if self.spec.crash_on_generate && self.claim("crash-on-generate") {
             kill_own_process();
         }
     }
@@ -287,6 +311,7 @@ mod tests {
                 freeze_heartbeat_after_tokens: Some(5),
                 stall_after_tokens: Some(6),
                 crash_on_load: true,
+                crash_on_generate: false,
                 once: Some(PathBuf::from("/tmp/canopy-marker")),
             })
         );

@@ -122,6 +122,7 @@ impl Worker {
         tracing::debug!(task_id, "task started");
         self.outbox.send(&FromRunner::Started { task_id });
         self.outbox.status(RunnerStatus::Running);
+        self.faults.on_generate_started();
         if task.cancel.load(Ordering::SeqCst) {
             self.done(task_id, FinishReason::Cancelled, Usage::default());
             return;

@@ -1,0 +1,264 @@
+//! Shared harness of the end-to-end tests: start a real `canopy` process, talk HTTP to it,
+//! stop it, and check that nothing it started is left behind.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// A free loopback port (bound and released; good enough on a test machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Whether `pid` is a live process (zombies count as dead).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Waits up to `limit` for `pid` to be gone.
+pub fn wait_gone(pid: u32, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while alive(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// The shared model cache of the test suite (downloaded once per machine by the first test
+/// that needs it; `CANOPY_MODEL_DIR` overrides it).
+pub fn model_dir() -> PathBuf {
+    std::env::var_os("CANOPY_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dirs_cache().join("canopy").join("models"))
+}
+
+fn dirs_cache() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+}
+
+/// A running `canopy` node process.
+pub struct NodeProcess {
+    pub child: Option<Child>,
+    pub base: String,
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl NodeProcess {
+    /// Starts `canopy <args>` on a free port with `env`, and waits until `/ready` answers 200
+    /// (or `/health` when `wait_ready` is false).
+    pub fn start(args: &[&str], env: &[(&str, &str)], wait_ready: bool) -> Self {
+        let port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_canopy"));
+        cmd.args(args)
+            .args(["--port", &port.to_string(), "--host", "127.0.0.1"])
+            .env("CANOPY_MODEL_DIR", model_dir())
+            .env("CANOPY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("canopy starts");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if let Ok(mut l) = log.lock() {
+                        l.push_str(&line);
+                        l.push('\n');
+                    }
+                }
+            });
+        }
+        let node = Self {
+            child: Some(child),
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+        };
+        let path = if wait_ready { "/ready" } else { "/health" };
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            if let Ok((200, _)) = node.get(path) {
+                return node;
+            }
+            if let Some(status) = node.exited() {
+                panic!("canopy exited early ({status}); log:\n{}", node.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node not ready in time; log:\n{}",
+                node.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    fn exited(&self) -> Option<std::process::ExitStatus> {
+        // SAFETY of the borrow dance: try_wait needs &mut.
+        let child = self.child.as_ref()?;
+        let pid = child.id();
+        if alive(pid) {
+            None
+        } else {
+            Some(std::process::ExitStatus::default())
+        }
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build()
+            .into()
+    }
+
+    /// GET `path`: (status, body).
+    pub fn get(&self, path: &str) -> Result<(u16, String), ureq::Error> {
+        let mut r = Self::agent().get(format!("{}{path}", self.base)).call()?;
+        let status = r.status().as_u16();
+        Ok((status, r.body_mut().read_to_string().unwrap_or_default()))
+    }
+
+    /// POST a raw body to `path`: (status, body).
+    pub fn post_raw(&self, path: &str, body: &[u8]) -> (u16, String) {
+        let mut r = Self::agent()
+            .post(format!("{}{path}", self.base))
+            .header("Content-Type", "application/json")
+            .send(body)
+            .expect("request sent");
+        let status = r.status().as_u16();
+        (status, r.body_mut().read_to_string().unwrap_or_default())
+    }
+
+    /// POST JSON: (status, parsed body).
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, text) = self.post_raw(path, body.to_string().as_bytes());
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// POST a streaming chat request; calls `on_event` with each SSE `data:` payload and the
+    /// instant it arrived. Returns the status.
+    pub fn stream(&self, body: &Value, mut on_event: impl FnMut(&str, Instant)) -> u16 {
+        let r = Self::agent()
+            .post(format!("{}/v1/chat/completions", self.base))
+            .send_json(body)
+            .expect("request sent");
+        let status = r.status().as_u16();
+        let reader = BufReader::new(r.into_body().into_reader());
+        for line in reader.lines().map_while(Result::ok) {
+            if let Some(data) = line.strip_prefix("data: ") {
+                on_event(data, Instant::now());
+            }
+        }
+        status
+    }
+
+    /// The runner pids the node's actor tree reports.
+    pub fn runner_pids(&self) -> Vec<u32> {
+        let (_, body) = self.get("/v1/actors").expect("actors");
+        let tree: Value = serde_json::from_str(&body).expect("json tree");
+        let mut pids = Vec::new();
+        collect_pids(&tree, &mut pids);
+        pids
+    }
+
+    /// Sends SIGINT and waits for a clean exit; asserts exit code 0 and no runner left.
+    pub fn interrupt_and_check(mut self) {
+        let runners = self.runner_pids();
+        let mut child = self.child.take().expect("child");
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).expect("SIGINT");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "canopy did not exit after SIGINT"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            status.success(),
+            "exit status {status}; log:\n{}",
+            self.log_text()
+        );
+        for pid in runners {
+            assert!(
+                wait_gone(pid, Duration::from_secs(5)),
+                "runner {pid} left behind"
+            );
+        }
+    }
+}
+
+fn collect_pids(actor: &Value, out: &mut Vec<u32>) {
+    if actor["kind"] == "process"
+        && let Some(pid) = actor["details"]["pid"].as_u64()
+    {
+        out.push(pid as u32);
+    }
+    if let Some(children) = actor["children"].as_array() {
+        for c in children {
+            collect_pids(c, out);
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id();
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+}

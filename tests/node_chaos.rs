@@ -1,0 +1,277 @@
+//! End-to-end: a real `canopy up` process with the scripted test engine, driven over HTTP.
+//! Chaos (runner deaths injected with `CANOPY_RUNNER_FAULT`), bad input, introspection and
+//! shutdown. The scripted engine keeps these fast and exact; the real model's path is
+//! covered by `node_model.rs`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::NodeProcess;
+use serde_json::{Value, json};
+
+fn scripted_node(fault: Option<&str>) -> (NodeProcess, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fault =
+        fault.map(|f| f.replace("{marker}", &dir.path().join("fired").display().to_string()));
+    let mut env = Vec::new();
+    if let Some(f) = &fault {
+        env.push(("CANOPY_RUNNER_FAULT", f.as_str()));
+    }
+    let node = NodeProcess::start(
+        &["up", "--engine", "scripted", "--model", "scripted"],
+        &env,
+        true,
+    );
+    (node, dir)
+}
+
+fn chat(script: &str, stream: bool) -> Value {
+    json!({
+        "model": "scripted",
+        "messages": [{"role": "user", "content": script}],
+        "max_tokens": 64,
+        "stream": stream,
+    })
+}
+
+fn wait_ready(node: &NodeProcess) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !matches!(node.get("/ready"), Ok((200, _))) {
+        assert!(Instant::now() < deadline, "not ready again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn metric(node: &NodeProcess, prefix: &str) -> f64 {
+    let (_, text) = node.get("/metrics").expect("metrics");
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn serves_streams_inspects_and_shuts_down_cleanly() {
+    let (node, _dir) = scripted_node(None);
+    let (status, body) = node.post("/v1/chat/completions", &chat("tokens=4", false));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "0 1 2 3 ");
+    assert_eq!(body["usage"]["completion_tokens"], 4);
+
+    let mut events = Vec::new();
+    let status = node.stream(&chat("tokens=3", true), |data, _| {
+        events.push(data.to_string())
+    });
+    assert_eq!(status, 200);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let text: String = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|e| {
+            e["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(text, "0 1 2 ");
+
+    let (status, models) = node.get("/v1/models").expect("models");
+    assert_eq!(status, 200);
+    assert!(models.contains("\"scripted\""), "{models}");
+    assert_eq!(node.get("/health").expect("health").0, 200);
+    assert!(metric(&node, "canopy_tokens_generated") >= 7.0);
+
+    // `canopy inspect --json` shows the runner with its pid.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_canopy"))
+        .args(["inspect", "--json", "--url", &node.base])
+        .output()
+        .expect("inspect runs");
+    assert!(out.status.success());
+    let tree: Value = serde_json::from_slice(&out.stdout).expect("inspect prints JSON");
+    let pids = node.runner_pids();
+    assert_eq!(pids.len(), 1);
+    assert!(common::alive(pids[0]));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("\"pid\": {}", pids[0])),
+        "{tree}"
+    );
+    node.interrupt_and_check();
+}
+
+#[test]
+fn a_runner_killed_mid_stream_ends_the_stream_with_an_error_and_restarts() {
+    let (node, _dir) = scripted_node(Some("crash-after-tokens=3,once={marker}"));
+    let mut chunks = 0;
+    let mut last_chunk_at = None;
+    let mut error_at = None;
+    let mut done = false;
+    let status = node.stream(&chat("tokens=50 delay_ms=20", true), |data, at| {
+        if data == "[DONE]" {
+            done = true;
+            return;
+        }
+        let event: Value = serde_json::from_str(data).expect("json event");
+        if event.get("error").is_some() {
+            error_at = Some(at);
+        } else if event["choices"][0]["delta"]["content"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty())
+        {
+            chunks += 1;
+            last_chunk_at = Some(at);
+        }
+    });
+    assert_eq!(status, 200);
+    assert_eq!(chunks, 3);
+    assert!(done, "the stream ends with [DONE]");
+    let gap = error_at.expect("an error event") - last_chunk_at.expect("chunks");
+    assert!(gap < Duration::from_secs(1), "error after {gap:?}");
+    wait_ready(&node);
+    let (status, body) = node.post("/v1/chat/completions", &chat("tokens=2", false));
+    assert_eq!(status, 200, "{body}");
+    assert!(metric(&node, "canopy_runner_restarts") >= 1.0);
+    node.interrupt_and_check();
+}
+
+#[test]
+fn a_runner_killed_before_the_first_token_is_retried_transparently() {
+    let (node, _dir) = scripted_node(Some("crash-on-generate,once={marker}"));
+    let (status, body) = node.post("/v1/chat/completions", &chat("tokens=3", false));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "0 1 2 ");
+    node.interrupt_and_check();
+}
+
+#[test]
+fn a_runner_killed_after_tokens_fails_a_plain_request_with_502_then_recovers() {
+    let (node, _dir) = scripted_node(Some("crash-after-tokens=2,once={marker}"));
+    let started = Instant::now();
+    let (status, body) = node.post(
+        "/v1/chat/completions",
+        &chat("tokens=50 delay_ms=20", false),
+    );
+    assert_eq!(status, 502, "{body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    wait_ready(&node);
+    assert_eq!(
+        node.post("/v1/chat/completions", &chat("tokens=1", false))
+            .0,
+        200
+    );
+    node.interrupt_and_check();
+}
+
+#[test]
+fn bad_input_gets_the_right_4xx_and_the_node_keeps_serving() {
+    let (node, _dir) = scripted_node(None);
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("invalid json", b"{not json".to_vec(), 400),
+        ("missing messages", br#"{"model":"scripted"}"#.to_vec(), 400),
+        (
+            "missing model",
+            br#"{"messages":[{"role":"user","content":"x"}]}"#.to_vec(),
+            400,
+        ),
+        (
+            "wrong type",
+            br#"{"model":"scripted","messages":"hi"}"#.to_vec(),
+            400,
+        ),
+        (
+            "negative max_tokens",
+            br#"{"model":"scripted","messages":[{"role":"user","content":"x"}],"max_tokens":-3}"#
+                .to_vec(),
+            400,
+        ),
+        (
+            "unknown model",
+            br#"{"model":"nope","messages":[{"role":"user","content":"x"}]}"#.to_vec(),
+            404,
+        ),
+    ];
+    for (what, body, expected) in cases {
+        let (status, text) = node.post_raw("/v1/chat/completions", &body);
+        assert_eq!(status, expected, "{what}: {text}");
+        let parsed: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        assert!(
+            parsed["error"]["message"].is_string(),
+            "{what}: not OpenAI-shaped: {text}"
+        );
+        assert_eq!(
+            node.post("/v1/chat/completions", &chat("tokens=1", false))
+                .0,
+            200,
+            "after {what}"
+        );
+    }
+    // A huge body: the server answers 413 from the announced length, before reading it (so
+    // the client must not insist on sending all of it first).
+    {
+        use std::io::{Read, Write};
+        let addr = node.base.trim_start_matches("http://");
+        let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            conn,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{{\"model\":",
+            64 * 1024 * 1024
+        )
+        .expect("send headers");
+        let mut answer = String::new();
+        let _ = conn.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("\"error\""), "not OpenAI-shaped: {answer}");
+    }
+    assert_eq!(
+        node.post("/v1/chat/completions", &chat("tokens=1", false))
+            .0,
+        200
+    );
+    node.interrupt_and_check();
+}
+
+#[test]
+fn requests_beyond_capacity_get_429() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeProcess::start(
+        &[
+            "up",
+            "--engine",
+            "scripted",
+            "--model",
+            "scripted",
+            "--max-queue",
+            "1",
+        ],
+        &[],
+        true,
+    );
+    let base = node.base.clone();
+    let slow = std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        agent
+            .post(format!("{base}/v1/chat/completions"))
+            .send_json(chat("tokens=40 delay_ms=50", false))
+            .map(|r| r.status().as_u16())
+    });
+    // Wait until the slow request holds the runner.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let (status, _) = node.post("/v1/chat/completions", &chat("tokens=1", false));
+        if status == 429 || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status, 429);
+    assert_eq!(slow.join().expect("slow request").expect("answered"), 200);
+    drop(dir);
+    node.interrupt_and_check();
+}
