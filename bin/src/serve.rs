@@ -30,7 +30,7 @@ use anyhow::Context;
 use canopy_actors::api::ApiConfig;
 use canopy_actors::node::{Node, NodeConfig, Placement, RunnerDefaults};
 use canopy_actors::runner::{RunnerCommand, RunnerEvent};
-use canopy_engine::store::{ModelStore, StoreError};
+use canopy_engine::store::ModelStore;
 use canopy_proto::{LoadSpec, RunnerStatus};
 use clap::Args;
 use serde::Deserialize;
@@ -150,16 +150,12 @@ fn fetch_model(name: &str, store: &ModelStore) -> anyhow::Result<(String, PathBu
     }
     let entry = store.entry(name).map_err(|e| anyhow::anyhow!("{e}"))?;
     let id = entry.name.clone();
-    let path = match store.resolve(&id) {
-        Ok(path) => path,
-        Err(StoreError::NotDownloaded { .. }) => {
-            eprintln!("downloading {id} (first run only)...");
-            store
-                .pull(&id, &mut BarProgress::default())
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-        }
-        Err(e) => return Err(anyhow::anyhow!("{e}")),
-    };
+    if store.local(entry).ok().flatten().is_none() {
+        eprintln!("downloading {id} (first run only)...");
+    }
+    let path = store
+        .ensure(&id, &mut BarProgress::default())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok((id, path))
 }
 

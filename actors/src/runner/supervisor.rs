@@ -121,6 +121,12 @@ impl RunnerSupervisorState {
             .args(cmd.args.iter().cloned())
             .heartbeat(self.config.heartbeat);
         spec.env = cmd.env.clone();
+        if let Some(threads) = self.config.load.threads {
+            // The engine's thread pools size themselves from these at first use.
+            for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
+                spec.env.push((var.into(), threads.to_string().into()));
+            }
+        }
         spec.stderr_tail_lines = self.config.stderr_tail_lines;
         spec
     }
