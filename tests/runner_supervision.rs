@@ -69,8 +69,12 @@ impl Actor for Parent {
 }
 
 fn config(model: &str) -> RunnerConfig {
-    let command =
-        RunnerCommand::canopy(env!("CARGO_BIN_EXE_canopy")).args(["--heartbeat-ms", "50"]);
+    let command = RunnerCommand::canopy(env!("CARGO_BIN_EXE_canopy")).args([
+        "--engine",
+        "scripted",
+        "--heartbeat-ms",
+        "50",
+    ]);
     let load = LoadSpec {
         model: model.to_string(),
         layer_start: None,

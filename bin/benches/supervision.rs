@@ -38,7 +38,7 @@ fn config() -> RunnerConfig {
     };
     let mut config = RunnerConfig::new(
         "bench",
-        RunnerCommand::canopy(env!("CARGO_BIN_EXE_canopy")),
+        RunnerCommand::canopy(env!("CARGO_BIN_EXE_canopy")).args(["--engine", "scripted"]),
         load,
     );
     config.restart = RestartPolicy {

@@ -34,7 +34,7 @@ impl Runner {
         let mut command = Command::new(env!("CARGO_BIN_EXE_canopy"));
         command
             .arg("runner")
-            .args(["--heartbeat-ms", "20"])
+            .args(["--engine", "scripted", "--heartbeat-ms", "20"])
             .args(extra_args)
             .env_remove("CANOPY_RUNNER_FAULT")
             .env_remove("CANOPY_RUNNER_HEARTBEAT_MS")

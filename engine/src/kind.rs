@@ -3,6 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::candle_engine::{Backend, CandleEngine};
 use crate::{Engine, EngineError, FaultHooks, ScriptedEngine};
 
 /// The engines this build offers.
@@ -11,17 +12,30 @@ use crate::{Engine, EngineError, FaultHooks, ScriptedEngine};
 /// [`EngineError::UnknownEngine`] that lists the known ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EngineKind {
+    /// [`CandleEngine`](crate::CandleEngine) on the CPU: llama-family GGUF models (the default).
+    Candle,
+    /// [`CandleEngine`](crate::CandleEngine) on the first CUDA GPU (`cuda` feature builds).
+    #[cfg(feature = "cuda")]
+    CandleCuda,
     /// [`ScriptedEngine`]: the deterministic test engine (no model).
     Scripted,
 }
 
 impl EngineKind {
     /// Every engine this build offers, in the order they are listed to users.
-    pub const ALL: &'static [EngineKind] = &[EngineKind::Scripted];
+    pub const ALL: &'static [EngineKind] = &[
+        EngineKind::Candle,
+        #[cfg(feature = "cuda")]
+        EngineKind::CandleCuda,
+        EngineKind::Scripted,
+    ];
 
     /// The engine's name as accepted by [`FromStr`] (and shown by [`Display`](fmt::Display)).
     pub fn name(self) -> &'static str {
         match self {
+            EngineKind::Candle => "candle",
+            #[cfg(feature = "cuda")]
+            EngineKind::CandleCuda => "candle-cuda",
             EngineKind::Scripted => "scripted",
         }
     }
@@ -31,6 +45,9 @@ impl EngineKind {
     /// `hooks` are the host's fault switches; only test engines use them.
     pub fn create(self, hooks: FaultHooks) -> Box<dyn Engine> {
         match self {
+            EngineKind::Candle => Box::new(CandleEngine::new(Backend::Cpu)),
+            #[cfg(feature = "cuda")]
+            EngineKind::CandleCuda => Box::new(CandleEngine::new(Backend::Cuda)),
             EngineKind::Scripted => Box::new(ScriptedEngine::with_hooks(hooks)),
         }
     }
@@ -79,9 +96,11 @@ mod tests {
     #[test]
     fn unknown_name_lists_known_ones() {
         let err = "llama".parse::<EngineKind>().err().map(|e| e.to_string());
-        assert_eq!(
-            err.as_deref(),
-            Some("unknown engine \"llama\"; known engines: scripted")
+        let err = err.unwrap_or_default();
+        assert!(
+            err.starts_with("unknown engine \"llama\"; known engines: candle, "),
+            "{err}"
         );
+        assert!(err.ends_with("scripted"), "{err}");
     }
 }

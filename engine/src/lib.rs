@@ -12,19 +12,28 @@
 //! - [`ScriptedEngine`] (`scripted`): a deterministic **test** engine without a model, whose
 //!   behaviour (token count, delays, errors, crashes, hangs) is scripted by the prompt. It exists
 //!   for supervision and chaos tests.
-//! - the candle GGUF engine arrives later and becomes the default.
+//! - [`CandleEngine`] (`candle`, the default): llama-family GGUF models run with candle,
+//!   through Canopy's own layer-shardable llama forward ([`llama`]).
 //!
 //! [`FaultHooks`] is the small handle a host shares with its engine so that the test engine can
 //! reach host-level faults (freezing the heartbeat) without depending on the host.
 
 #![warn(missing_docs)]
 
+pub mod candle_engine;
+pub mod chat;
 pub mod engine;
 pub mod error;
+pub mod gguf;
 pub mod hooks;
 pub mod kind;
+pub mod llama;
+pub mod sampling;
 pub mod scripted;
+pub mod store;
+pub mod tokenizer;
 
+pub use candle_engine::CandleEngine;
 pub use engine::{Engine, GenerateOutcome, GenerateSink};
 pub use error::EngineError;
 pub use hooks::FaultHooks;

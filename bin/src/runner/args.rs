@@ -9,8 +9,9 @@ use super::fault::FaultSpec;
 /// Arguments of the hidden `canopy runner` subcommand.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunnerArgs {
-    /// The inference engine to host (`scripted` is the deterministic test engine).
-    #[arg(long, value_name = "ENGINE", default_value = "scripted")]
+    /// The inference engine to host: `candle` (llama-family GGUF on the CPU), `candle-cuda`
+    /// in `cuda` builds, or `scripted`, the deterministic test engine.
+    #[arg(long, value_name = "ENGINE", default_value = "candle")]
     pub engine: EngineKind,
 
     /// Milliseconds between heartbeat frames.

@@ -1,0 +1,329 @@
+//! [`CandleEngine`]: the real engine: a llama-family GGUF model run with candle.
+//!
+//! Loading opens and validates the file ([`GgufFile`]), builds the tokenizer and the chat
+//! template from its metadata, and loads the layers this runner owns into a [`LlamaShard`]
+//! (the whole model unless the [`LoadSpec`] names a layer range), reporting progress per
+//! layer. Generation renders chat prompts with the model's template, runs prefill, then
+//! samples token by token ([`Sampler`]: greedy at temperature 0, otherwise seeded), streaming
+//! every token as a chunk whose text is whole UTF-8 ([`TokenStream`] holds back partial
+//! characters). It stops at an end-of-generation token, at `max_tokens`, or before a stop
+//! sequence, whose text is never emitted (text that could still become a stop sequence is held
+//! back until it cannot). Cancellation is checked between tokens.
+//!
+//! A runner holding only some layers can load them, but cannot generate on its own: that
+//! takes a pipeline of shards across runners, which the cluster drives.
+
+use std::ops::{ControlFlow, Range};
+
+use candle_core::Device;
+use canopy_proto::{
+    FinishReason, GenerateParams, GenerateRequest, LoadSpec, Phase, Prompt, TokenChunk, Usage,
+};
+
+use crate::chat::ChatTemplate;
+use crate::gguf::GgufFile;
+use crate::llama::config::LlamaConfig;
+use crate::llama::shard::{LlamaShard, ShardInput};
+use crate::sampling::Sampler;
+use crate::tokenizer::GgufTokenizer;
+use crate::{Engine, EngineError, GenerateOutcome, GenerateSink};
+
+/// Which device candle computes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// The CPU (always available).
+    #[default]
+    Cpu,
+    /// The first CUDA GPU (needs the `cuda` feature).
+    Cuda,
+}
+
+impl Backend {
+    fn device(self) -> Result<Device, EngineError> {
+        match self {
+            Backend::Cpu => Ok(Device::Cpu),
+            Backend::Cuda => Device::new_cuda(0).map_err(|e| EngineError::LoadFailed {
+                model: String::new(),
+                reason: format!(
+                    "cannot use CUDA ({e}); is this build made with the `cuda` feature and is \
+                     a GPU visible?"
+                ),
+            }),
+        }
+    }
+}
+
+struct Loaded {
+    model: String,
+    shard: LlamaShard,
+    tokenizer: GgufTokenizer,
+    template: ChatTemplate,
+}
+
+/// The candle GGUF engine. See the module docs.
+pub struct CandleEngine {
+    backend: Backend,
+    loaded: Option<Loaded>,
+}
+
+impl CandleEngine {
+    /// An engine computing on `backend`, with no model loaded.
+    pub fn new(backend: Backend) -> Self {
+        Self {
+            backend,
+            loaded: None,
+        }
+    }
+
+    /// The loaded model's tokenizer, if any.
+    pub fn tokenizer(&self) -> Option<&GgufTokenizer> {
+        self.loaded.as_ref().map(|l| &l.tokenizer)
+    }
+
+    /// The text a prompt is fed to the model as (chat turns rendered with the template).
+    pub fn prompt_text(&self, prompt: &Prompt) -> Result<String, EngineError> {
+        let loaded = self.loaded.as_ref().ok_or(EngineError::NotLoaded)?;
+        match prompt {
+            Prompt::Text(text) => Ok(text.clone()),
+            Prompt::Chat(messages) => Ok(loaded.template.render(messages, true)?),
+        }
+    }
+}
+
+fn layer_range(spec: &LoadSpec, n_layer: usize) -> Range<usize> {
+    let start = spec.layer_start.map_or(0, |s| s as usize);
+    let end = spec.layer_end.map_or(n_layer, |e| e as usize);
+    start..end
+}
+
+/// Holds back text that could still turn into a stop sequence.
+struct StopFilter<'a> {
+    stops: &'a [String],
+    held: String,
+}
+
+impl<'a> StopFilter<'a> {
+    fn new(stops: &'a [String]) -> Self {
+        Self {
+            stops,
+            held: String::new(),
+        }
+    }
+
+    /// Adds `text`; returns what may be emitted now, and whether a stop sequence was hit
+    /// (then the returned text is everything before it and generation must end).
+    fn push(&mut self, text: &str) -> (String, bool) {
+        self.held.push_str(text);
+        let hit = self
+            .stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min();
+        if let Some(at) = hit {
+            let out = self.held[..at].to_string();
+            self.held.clear();
+            return (out, true);
+        }
+        // Keep the longest suffix that is a proper prefix of some stop sequence.
+        let mut keep = 0;
+        for stop in self.stops {
+            for (i, _) in stop.char_indices().skip(1) {
+                if self.held.ends_with(&stop[..i]) {
+                    keep = keep.max(i);
+                }
+            }
+        }
+        let cut = self.held.len() - keep;
+        let out = self.held[..cut].to_string();
+        self.held.drain(..cut);
+        (out, false)
+    }
+
+    fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+impl Engine for CandleEngine {
+    fn load(
+        &mut self,
+        spec: &LoadSpec,
+        progress: &mut dyn FnMut(u32, u32),
+    ) -> Result<(), EngineError> {
+        self.loaded = None;
+        let device = self.backend.device()?;
+        let file = GgufFile::open(&spec.model)?;
+        let tokenizer = GgufTokenizer::from_gguf(&file)?;
+        let template = ChatTemplate::from_gguf_or_chatml(&file)?;
+        let config = LlamaConfig::from_gguf(file.content())?;
+        let range = layer_range(spec, config.n_layer);
+        let mut reader = std::fs::File::open(&spec.model).map_err(|e| EngineError::LoadFailed {
+            model: spec.model.clone(),
+            reason: e.to_string(),
+        })?;
+        let shard = LlamaShard::load(file.content(), &mut reader, range, &device, progress)?;
+        tracing::info!(
+            model = %spec.model,
+            layers = ?shard.layers(),
+            vocab = tokenizer.vocab_size(),
+            "model loaded"
+        );
+        self.loaded = Some(Loaded {
+            model: spec.model.clone(),
+            shard,
+            tokenizer,
+            template,
+        });
+        Ok(())
+    }
+
+    fn warm_up(&mut self) -> Result<(), EngineError> {
+        struct Quiet;
+        impl GenerateSink for Quiet {
+            fn phase(&mut self, _: Phase) {}
+            fn chunk(&mut self, _: TokenChunk) -> ControlFlow<()> {
+                ControlFlow::Continue(())
+            }
+            fn cancelled(&self) -> bool {
+                false
+            }
+        }
+        let Some(loaded) = &self.loaded else {
+            return Err(EngineError::NotLoaded);
+        };
+        if !(loaded.shard.is_first() && loaded.shard.is_last()) {
+            return Ok(());
+        }
+        let request = GenerateRequest {
+            prompt: Prompt::Text("Hello".into()),
+            params: GenerateParams {
+                max_tokens: 2,
+                ..GenerateParams::default()
+            },
+        };
+        self.generate(&request, &mut Quiet).map(|_| ())
+    }
+
+    fn generate(
+        &mut self,
+        request: &GenerateRequest,
+        sink: &mut dyn GenerateSink,
+    ) -> Result<GenerateOutcome, EngineError> {
+        let text = self.prompt_text(&request.prompt)?;
+        let loaded = self.loaded.as_mut().ok_or(EngineError::NotLoaded)?;
+        if !(loaded.shard.is_first() && loaded.shard.is_last()) {
+            return Err(EngineError::InvalidRequest(format!(
+                "this runner holds layers {:?} of {}; generating needs the whole model (a \
+                 pipeline of shards is driven by the cluster)",
+                loaded.shard.layers(),
+                loaded.model
+            )));
+        }
+        let params = &request.params;
+        let prompt = loaded.tokenizer.encode(&text, true)?;
+        if prompt.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        let room = loaded.shard.max_context();
+        if prompt.len() >= room {
+            return Err(EngineError::InvalidRequest(format!(
+                "the prompt has {} tokens; this model instance holds at most {room}",
+                prompt.len()
+            )));
+        }
+        let max_tokens = (params.max_tokens as usize).min(room - prompt.len());
+        let mut sampler = Sampler::new(params)?;
+        let mut stream = loaded.tokenizer.stream();
+        let mut stops = StopFilter::new(&params.stop);
+        let usage = |completion: usize| Usage {
+            prompt_tokens: prompt.len() as u32,
+            completion_tokens: completion as u32,
+        };
+
+        loaded.shard.clear_kv_cache();
+        sink.phase(Phase::Prefill);
+        let mut logits = loaded.shard.forward(ShardInput::Tokens(&prompt), 0)?;
+        let mut generated = 0usize;
+        let mut finish = FinishReason::Length;
+        while generated < max_tokens {
+            if sink.cancelled() {
+                finish = FinishReason::Cancelled;
+                break;
+            }
+            let next = sampler.sample(&logits)?;
+            if loaded.tokenizer.is_eos(next) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            generated += 1;
+            let piece = stream.push(next).unwrap_or_default();
+            let (text, stopped) = stops.push(&piece);
+            let chunk = TokenChunk {
+                index: (generated - 1) as u32,
+                text,
+                token_ids: vec![next],
+            };
+            if let ControlFlow::Break(()) = sink.chunk(chunk) {
+                finish = FinishReason::Cancelled;
+                break;
+            }
+            if stopped {
+                finish = FinishReason::Stop;
+                break;
+            }
+            if generated == 1 {
+                sink.phase(Phase::Decode);
+            }
+            if generated < max_tokens {
+                let pos = prompt.len() + generated - 1;
+                logits = loaded.shard.forward(ShardInput::Tokens(&[next]), pos)?;
+            }
+        }
+        if finish != FinishReason::Cancelled {
+            // Whatever was held back (a partial stop sequence, an unfinished character).
+            let rest = {
+                let tail = stream.finish();
+                let (mut out, _) = stops.push(&tail);
+                out.push_str(&stops.finish());
+                out
+            };
+            if !rest.is_empty() {
+                let _ = sink.chunk(TokenChunk {
+                    index: generated as u32,
+                    text: rest,
+                    token_ids: Vec::new(),
+                });
+            }
+        }
+        Ok(GenerateOutcome {
+            finish_reason: finish,
+            usage: usage(generated),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopFilter;
+
+    #[test]
+    fn stop_filter_holds_back_prefixes_and_cuts_at_the_stop() {
+        let stops = vec!["\nUser:".to_string(), "END".to_string()];
+        let mut f = StopFilter::new(&stops);
+        assert_eq!(f.push("Hello"), ("Hello".to_string(), false));
+        assert_eq!(f.push(" wor\nUs"), (" wor".to_string(), false));
+        assert_eq!(f.push("er: hi"), (String::new(), true));
+        let mut f = StopFilter::new(&stops);
+        assert_eq!(f.push("EN"), (String::new(), false));
+        assert_eq!(f.push("x"), ("ENx".to_string(), false));
+        assert_eq!(f.push("abcEND tail"), ("abc".to_string(), true));
+    }
+
+    #[test]
+    fn stop_filter_without_stops_passes_everything() {
+        let mut f = StopFilter::new(&[]);
+        assert_eq!(f.push("a"), ("a".to_string(), false));
+        assert_eq!(f.finish(), "");
+    }
+}

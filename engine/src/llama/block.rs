@@ -1,0 +1,70 @@
+//! [`TransformerBlock`]: one llama layer, pre-norm attention and pre-norm MLP, each added to
+//! the residual stream.
+
+use std::io::{Read, Seek};
+
+use candle_core::{Module, Tensor};
+use candle_transformers::quantized_nn::RmsNorm;
+
+use super::attention::Attention;
+use super::config::LlamaConfig;
+use super::error::Result;
+use super::mlp::Mlp;
+use super::rope::RotaryEmbedding;
+use super::weights::WeightReader;
+
+/// One transformer block (`blk.{layer}.*` in GGUF).
+#[derive(Debug, Clone)]
+pub struct TransformerBlock {
+    attention_norm: RmsNorm,
+    attention: Attention,
+    ffn_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl TransformerBlock {
+    /// Loads block `layer`.
+    pub fn load<R: Read + Seek>(
+        weights: &mut WeightReader<'_, R>,
+        config: &LlamaConfig,
+        layer: usize,
+        rope: &RotaryEmbedding,
+        fuse: bool,
+    ) -> Result<Self> {
+        let norm = |weights: &mut WeightReader<'_, R>, name: &str| -> Result<RmsNorm> {
+            let q = weights.qtensor(&format!("blk.{layer}.{name}.weight"), &[config.n_embd])?;
+            Ok(RmsNorm::from_qtensor(q, config.rms_norm_eps)?)
+        };
+        Ok(Self {
+            attention_norm: norm(weights, "attn_norm")?,
+            attention: Attention::load(weights, config, layer, rope, fuse)?,
+            ffn_norm: norm(weights, "ffn_norm")?,
+            mlp: Mlp::load(weights, config, layer, fuse)?,
+        })
+    }
+
+    /// Forgets the block's cached positions.
+    pub fn clear_cache(&mut self) {
+        self.attention.clear_cache();
+    }
+
+    /// Positions in the block's KV cache.
+    pub fn cached_positions(&self) -> usize {
+        self.attention.cache().len()
+    }
+
+    /// Runs the block on `x` (`[1, seq, n_embd]`) at positions `index_pos..index_pos + seq`.
+    pub fn forward(
+        &mut self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        index_pos: usize,
+    ) -> Result<Tensor> {
+        let h = self.attention_norm.forward(x)?;
+        let h = self.attention.forward(&h, mask, index_pos)?;
+        let x = (h + x)?;
+        let h = self.ffn_norm.forward(&x)?;
+        let h = self.mlp.forward(&h)?;
+        Ok((h + x)?)
+    }
+}

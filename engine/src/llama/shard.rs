@@ -1,0 +1,342 @@
+//! [`LlamaShard`]: a contiguous range of a llama model's layers, with its own KV cache — the
+//! unit of pipeline-parallel inference.
+//!
+//! A shard owns layers `i..j`, plus the token embedding if `i == 0` (it is *first*) and the
+//! final norm and output head if `j == n_layer` (it is *last*). Chaining shards `0..k` and
+//! `k..n` — feeding the hidden states the first returns into the second — computes exactly
+//! what one shard `0..n` computes, bit for bit: each block's arithmetic depends only on its
+//! input, its weights and its own cache, never on which shard it sits in. The whole model is
+//! the one-shard case.
+//!
+//! Loading reads only the tensors the shard needs (see [`WeightReader`]). The embedding stays
+//! quantized ([`QuantizedEmbedding`]); a tied output head reuses it.
+//!
+//! Positions: a forward of `seq` positions at `index_pos` writes them into every block's cache
+//! and attends to positions `0..index_pos + seq`. `index_pos` may equal the number of cached
+//! positions (continue), be smaller (rewind: later positions are dropped, e.g. `0` starts a
+//! new sequence), but not larger (a hole). Every shard of a pipeline must see the same
+//! `index_pos` sequence. Batch size is 1.
+
+use std::io::{Read, Seek};
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::quantized::QMatMul;
+use candle_core::quantized::gguf_file::Content;
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::quantized_nn::RmsNorm;
+
+use super::block::TransformerBlock;
+use super::config::LlamaConfig;
+use super::embedding::QuantizedEmbedding;
+use super::error::{LlamaError, Result};
+use super::head::OutputHead;
+use super::rope::RotaryEmbedding;
+use super::weights::WeightReader;
+
+/// Default upper bound of the KV cache's capacity, whatever the model's context length.
+pub const DEFAULT_MAX_CONTEXT: usize = 4096;
+
+/// What a shard's forward consumes.
+#[derive(Debug, Clone)]
+pub enum ShardInput<'a> {
+    /// Token ids; only the first shard (which owns the embedding) accepts them.
+    Tokens(&'a [u32]),
+    /// Hidden states `[1, seq, n_embd]` (f32) from the previous shard; every other shard
+    /// accepts them.
+    Hidden(Tensor),
+}
+
+impl ShardInput<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Tokens(_) => "token ids",
+            Self::Hidden(_) => "hidden states",
+        }
+    }
+}
+
+/// Knobs of [`LlamaShard::load_with_options`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// KV cache capacity in positions; `None` means `min(context_length, 4096)`.
+    pub max_context: Option<usize>,
+    /// Fuse Q/K/V and gate/up matmuls where that is bit-exact (see
+    /// [`Projection`](super::projection::Projection)). On by default.
+    pub fuse_projections: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            max_context: None,
+            fuse_projections: true,
+        }
+    }
+}
+
+/// Layers `i..j` of a llama model, with the embedding if first and the head if last.
+#[derive(Debug, Clone)]
+pub struct LlamaShard {
+    config: LlamaConfig,
+    layers: Range<usize>,
+    embedding: Option<QuantizedEmbedding>,
+    blocks: Vec<TransformerBlock>,
+    head: Option<OutputHead>,
+    max_context: usize,
+    position: usize,
+    device: Device,
+}
+
+impl LlamaShard {
+    /// Loads layers `layers` of the model in `content` (read from `reader`) onto `device`,
+    /// with default [`LoadOptions`]; calls `progress(done_layers, total_layers)` as blocks load.
+    pub fn load(
+        content: &Content,
+        reader: &mut (impl Read + Seek),
+        layers: Range<usize>,
+        device: &Device,
+        progress: &mut dyn FnMut(u32, u32),
+    ) -> Result<Self> {
+        Self::load_with_options(
+            content,
+            reader,
+            layers,
+            device,
+            &LoadOptions::default(),
+            progress,
+        )
+    }
+
+    /// [`LlamaShard::load`] with explicit options.
+    pub fn load_with_options(
+        content: &Content,
+        reader: &mut (impl Read + Seek),
+        layers: Range<usize>,
+        device: &Device,
+        options: &LoadOptions,
+        progress: &mut dyn FnMut(u32, u32),
+    ) -> Result<Self> {
+        let config = LlamaConfig::from_gguf(content)?;
+        if layers.start >= layers.end || layers.end > config.n_layer {
+            return Err(LlamaError::BadLayerRange {
+                start: layers.start,
+                end: layers.end,
+                n_layer: config.n_layer,
+            });
+        }
+        let max_context = options
+            .max_context
+            .unwrap_or(config.context_length.min(DEFAULT_MAX_CONTEXT));
+        if max_context == 0 {
+            return Err(LlamaError::ContextFull {
+                index_pos: 0,
+                end: 1,
+                capacity: 0,
+            });
+        }
+        if max_context > config.context_length {
+            tracing::warn!(
+                max_context,
+                context_length = config.context_length,
+                "KV cache capacity exceeds the model's training context; quality may degrade past it"
+            );
+        }
+        let is_first = layers.start == 0;
+        let is_last = layers.end == config.n_layer;
+        let (vocab, n_embd) = (config.vocab_size, config.n_embd);
+        let mut weights = WeightReader::new(content, reader, device);
+
+        let embedding = if is_first {
+            let table = weights.qtensor("token_embd.weight", &[vocab, n_embd])?;
+            Some(QuantizedEmbedding::new(Arc::new(table))?)
+        } else {
+            None
+        };
+
+        let freq_factors = if weights.contains("rope_freqs.weight") {
+            let factors = weights.vector("rope_freqs.weight", config.rope_dim / 2)?;
+            Some(factors.to_vec1::<f32>()?)
+        } else {
+            None
+        };
+        let rope = RotaryEmbedding::new(&config, freq_factors.as_deref(), max_context, device)?;
+
+        let total = (layers.end - layers.start) as u32;
+        progress(0, total);
+        let mut blocks = Vec::with_capacity(layers.len());
+        for (done, layer) in layers.clone().enumerate() {
+            blocks.push(TransformerBlock::load(
+                &mut weights,
+                &config,
+                layer,
+                &rope,
+                options.fuse_projections,
+            )?);
+            progress(done as u32 + 1, total);
+        }
+
+        let head = if is_last {
+            let norm = RmsNorm::from_qtensor(
+                weights.qtensor("output_norm.weight", &[n_embd])?,
+                config.rms_norm_eps,
+            )?;
+            let projection = if weights.contains("output.weight") {
+                QMatMul::from_qtensor(weights.qtensor("output.weight", &[vocab, n_embd])?)?
+            } else {
+                tracing::debug!("no output.weight: the output head is tied to token_embd.weight");
+                match &embedding {
+                    Some(embedding) => embedding.output_head()?,
+                    None => QMatMul::from_qtensor(
+                        weights.qtensor("token_embd.weight", &[vocab, n_embd])?,
+                    )?,
+                }
+            };
+            Some(OutputHead::new(norm, projection))
+        } else {
+            None
+        };
+
+        tracing::info!(
+            layers = ?layers,
+            n_layer = config.n_layer,
+            is_first,
+            is_last,
+            max_context,
+            fused = options.fuse_projections,
+            "loaded llama shard"
+        );
+        Ok(Self {
+            config,
+            layers,
+            embedding,
+            blocks,
+            head,
+            max_context,
+            position: 0,
+            device: device.clone(),
+        })
+    }
+
+    /// Runs the shard's layers on `input` at positions `index_pos..index_pos + seq`.
+    ///
+    /// Returns hidden states `[1, seq, n_embd]` (f32) from a non-last shard, to be fed to the
+    /// next shard as [`ShardInput::Hidden`], and the logits of the last position (`[vocab]`,
+    /// f32) from the last shard.
+    pub fn forward(&mut self, input: ShardInput<'_>, index_pos: usize) -> Result<Tensor> {
+        let x = match (input, &self.embedding) {
+            (ShardInput::Tokens(tokens), Some(embedding)) => {
+                embedding.forward(tokens)?.unsqueeze(0)?
+            }
+            (ShardInput::Hidden(hidden), None) => self.check_hidden(hidden)?,
+            (input, _) => {
+                return Err(LlamaError::WrongInput {
+                    layers: format!("{}..{}", self.layers.start, self.layers.end),
+                    expected: if self.is_first() {
+                        "token ids"
+                    } else {
+                        "hidden states"
+                    },
+                    got: input.kind(),
+                });
+            }
+        };
+        let seq_len = x.dim(1)?;
+        if seq_len == 0 {
+            return Err(LlamaError::EmptyInput);
+        }
+        if index_pos > self.position {
+            return Err(LlamaError::PositionGap {
+                index_pos,
+                cached: self.position,
+            });
+        }
+        let end = index_pos + seq_len;
+        if end > self.max_context {
+            return Err(LlamaError::ContextFull {
+                index_pos,
+                end,
+                capacity: self.max_context,
+            });
+        }
+        let mask = if seq_len > 1 {
+            Some(candle_transformers::utils::build_causal_mask(
+                seq_len,
+                index_pos,
+                &self.device,
+            )?)
+        } else {
+            None
+        };
+        let mut x = x;
+        for block in &mut self.blocks {
+            x = block.forward(&x, mask.as_ref(), index_pos)?;
+        }
+        self.position = end;
+        match &self.head {
+            Some(head) => head.forward(&x),
+            None => Ok(x),
+        }
+    }
+
+    fn check_hidden(&self, hidden: Tensor) -> Result<Tensor> {
+        let ok = matches!(hidden.dims(), [1, _, n] if *n == self.config.n_embd)
+            && hidden.dtype() == DType::F32;
+        if !ok {
+            return Err(LlamaError::BadHidden {
+                actual: hidden.dims().to_vec(),
+                dtype: format!("{:?}", hidden.dtype()),
+                n_embd: self.config.n_embd,
+            });
+        }
+        Ok(hidden.to_device(&self.device)?)
+    }
+
+    /// Forgets every cached position; the next forward must start at `index_pos == 0`.
+    pub fn clear_kv_cache(&mut self) {
+        for block in &mut self.blocks {
+            block.clear_cache();
+        }
+        self.position = 0;
+    }
+
+    /// The model layers this shard owns.
+    pub fn layers(&self) -> Range<usize> {
+        self.layers.clone()
+    }
+
+    /// Whether the shard owns the embedding (takes token ids).
+    pub fn is_first(&self) -> bool {
+        self.embedding.is_some()
+    }
+
+    /// Whether the shard owns the output head (returns logits).
+    pub fn is_last(&self) -> bool {
+        self.head.is_some()
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// Capacity of the KV cache, in positions.
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    /// Positions currently cached (where a continuing forward starts).
+    pub fn position(&self) -> usize {
+        self.position
+    }
+
+    /// The device the shard's weights and caches live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The token embedding, if the shard is first.
+    pub fn embedding(&self) -> Option<&QuantizedEmbedding> {
+        self.embedding.as_ref()
+    }
+}
