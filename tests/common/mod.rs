@@ -262,3 +262,35 @@ impl Drop for NodeProcess {
         }
     }
 }
+
+/// The live processes whose environment holds `key=value` (zombies excluded). Start a node
+/// with a unique tag in its environment: its runners inherit it, so this finds every process
+/// the node started, even after they were reparented.
+pub fn processes_with_env(key: &str, value: &str) -> Vec<u32> {
+    let needle = format!("{key}={value}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
+                environ
+                    .split(|&b| b == 0)
+                    .any(|var| var == needle.as_bytes())
+            })
+        })
+        .filter(|&pid| alive(pid))
+        .collect()
+}
+
+/// A tag unique to this test process and call, for [`processes_with_env`].
+pub fn unique_tag(what: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{what}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}

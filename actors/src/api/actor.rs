@@ -129,7 +129,9 @@ impl Actor for ApiActor {
         });
         tracing::info!(addr = %local_addr, "HTTP API listening");
         let addr = local_addr.to_string();
-        registration.set_details(std::sync::Arc::new(move || serde_json::json!({ "addr": addr })));
+        registration.set_details(std::sync::Arc::new(
+            move || serde_json::json!({ "addr": addr }),
+        ));
         Ok(ApiState {
             local_addr,
             shutdown,

@@ -16,7 +16,7 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use super::config::{NodeConfig, Placement, RunnerDefaults};
-use super::router::{ModelRouter, runner_actor_name};
+use super::router::ModelRouter;
 use crate::api::{ApiActor, ApiArgs, ApiMsg, Backend, Metrics};
 use crate::runner::{RunnerEvent, RunnerSupervisor, RunnerSupervisorArgs};
 
@@ -47,9 +47,14 @@ pub struct Node;
 impl Node {
     /// A builder for a node with `config`.
     pub fn builder(config: NodeConfig) -> NodeBuilder {
+        static NODES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         NodeBuilder {
             config,
             children: Vec::new(),
+            events: broadcast::channel(1024).0,
+            tag: NODES
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .to_string(),
         }
     }
 }
@@ -58,6 +63,9 @@ impl Node {
 pub struct NodeBuilder {
     config: NodeConfig,
     children: Vec<ChildSpec>,
+    events: broadcast::Sender<RunnerEvent>,
+    /// Distinguishes this node's registry names from another node's in the same process.
+    tag: String,
 }
 
 /// Receives the node root's death, so the handle can report how the node ended.
@@ -98,6 +106,7 @@ impl Actor for Watcher {
 }
 
 fn runner_child(
+    name: &str,
     instance: &str,
     load: LoadSpec,
     defaults: &RunnerDefaults,
@@ -107,7 +116,7 @@ fn runner_child(
         config: defaults.instance(instance, load),
         events: events.clone(),
     };
-    let name = runner_actor_name(instance);
+    let name = name.to_string();
     ChildSpec::new(name.clone(), move |sup: ActorCell| {
         let args = args.clone();
         let name = name.clone();
@@ -131,12 +140,22 @@ impl NodeBuilder {
         self
     }
 
+    /// The node's runner-event channel, available before the node starts so that a user
+    /// actor's start function can capture it and subscribe in every incarnation.
+    pub fn runner_events(&self) -> broadcast::Sender<RunnerEvent> {
+        self.events.clone()
+    }
+
     /// Starts the node: worker (with the configured placements), API, then user actors.
     pub async fn start(self) -> Result<NodeHandle, NodeError> {
-        let NodeBuilder { config, children } = self;
-        let (events, _) = broadcast::channel(1024);
+        let NodeBuilder {
+            config,
+            children,
+            events,
+            tag,
+        } = self;
         let metrics = Metrics::new();
-        let router = ModelRouter::new(&events, metrics.clone());
+        let router = ModelRouter::new(&events, metrics.clone(), tag);
 
         let mut worker = SupervisorArgs::new(Strategy::OneForOne)
             .with_kind("worker")
@@ -149,6 +168,7 @@ impl NodeBuilder {
                 let instance = format!("{}-{n}", placement.model);
                 router.add_instance(&instance, &placement.model);
                 worker = worker.with_child(runner_child(
+                    &router.actor_name(&instance),
                     &instance,
                     placement.load.clone(),
                     &config.runners,
@@ -295,6 +315,7 @@ impl NodeHandle {
             let instance = format!("{}-{}", placement.model, rand::random::<u32>());
             self.router.add_instance(&instance, &placement.model);
             let spec = runner_child(
+                &self.router.actor_name(&instance),
                 &instance,
                 placement.load.clone(),
                 &self.runners,

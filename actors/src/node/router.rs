@@ -23,9 +23,10 @@ use tokio::sync::{broadcast, watch};
 use crate::api::{Backend, Metrics, ModelInfo, SubmitError};
 use crate::runner::{RunnerError, RunnerEvent, RunnerMsg, TaskHandle};
 
-/// The registry name of the runner supervisor of `instance`.
-pub fn runner_actor_name(instance: &str) -> String {
-    format!("runner:{instance}")
+/// The registry name of the runner supervisor of `instance` on the node tagged `node_tag`
+/// (ractor's registry is process-wide; the tag keeps two nodes in one process apart).
+pub fn runner_actor_name(node_tag: &str, instance: &str) -> String {
+    format!("runner:{node_tag}:{instance}")
 }
 
 /// One placed instance, as the router sees it.
@@ -53,6 +54,7 @@ pub struct ModelRouter {
     next: Arc<AtomicUsize>,
     root: Arc<Mutex<Option<ActorCell>>>,
     submit_timeout: Duration,
+    tag: Arc<str>,
 }
 
 fn now_secs() -> u64 {
@@ -64,7 +66,11 @@ fn now_secs() -> u64 {
 impl ModelRouter {
     /// An empty router that follows `events` (the runner supervisors' broadcast) and feeds
     /// `metrics` with them.
-    pub fn new(events: &broadcast::Sender<RunnerEvent>, metrics: Metrics) -> Self {
+    pub fn new(
+        events: &broadcast::Sender<RunnerEvent>,
+        metrics: Metrics,
+        node_tag: String,
+    ) -> Self {
         let (changed, _) = watch::channel(0);
         let router = Self {
             table: Arc::new(Mutex::new(Table::default())),
@@ -72,6 +78,7 @@ impl ModelRouter {
             next: Arc::new(AtomicUsize::new(0)),
             root: Arc::new(Mutex::new(None)),
             submit_timeout: Duration::from_secs(60),
+            tag: node_tag.into(),
         };
         let mut rx = events.subscribe();
         let follower = router.clone();
@@ -90,6 +97,11 @@ impl ModelRouter {
             }
         });
         router
+    }
+
+    /// The registry name of `instance`'s runner supervisor on this node.
+    pub fn actor_name(&self, instance: &str) -> String {
+        runner_actor_name(&self.tag, instance)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -204,7 +216,7 @@ impl ModelRouter {
         }
         let mut busy = false;
         for instance in candidates {
-            let Some(cell) = ractor::registry::where_is(runner_actor_name(&instance)) else {
+            let Some(cell) = ractor::registry::where_is(self.actor_name(&instance)) else {
                 continue;
             };
             let actor: ActorRef<RunnerMsg> = cell.into();
@@ -277,7 +289,7 @@ impl ModelRouter {
             tick.tick().await;
             let names: Vec<String> = self.lock().instances.keys().cloned().collect();
             for instance in names {
-                let Some(cell) = ractor::registry::where_is(runner_actor_name(&instance)) else {
+                let Some(cell) = ractor::registry::where_is(self.actor_name(&instance)) else {
                     continue;
                 };
                 let actor: ActorRef<RunnerMsg> = cell.into();

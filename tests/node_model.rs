@@ -1,0 +1,536 @@
+//! End-to-end with the real default model (SmolLM2-135M-Instruct, from the model store's
+//! cache or downloaded into it on first use): `canopy up` as a process, driven over HTTP and
+//! by the official `openai` Python client, then stopped with SIGINT, leaving no process
+//! behind. Also the extension example (`actors/examples/failure_log.rs`) as a user actor in an
+//! in-process node.
+//!
+//! The two tests that run the real model take turns (a lock): two models decoding at once on
+//! a small machine only slow each other down. The Python test installs the client into a
+//! virtual environment under `target/py-openai` on first use (`python3 -m venv`, then
+//! `pip install openai`); it is skipped, saying so, only when there is no `python3` or pip
+//! cannot reach the package index.
+
+mod common;
+
+// The example, compiled into this test so that its actor is exercised, not just built.
+#[path = "../actors/examples/failure_log.rs"]
+#[allow(dead_code)]
+mod failure_log;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::NodeProcess;
+use serde_json::{Value, json};
+
+/// The default model's id in the API.
+const MODEL: &str = "smollm2-135m-instruct";
+
+/// Serialises the tests that decode with the real model.
+static REAL_MODEL: Mutex<()> = Mutex::new(());
+
+fn real_model_turn() -> std::sync::MutexGuard<'static, ()> {
+    REAL_MODEL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn find_kind<'a>(actor: &'a Value, kind: &str, out: &mut Vec<&'a Value>) {
+    if actor["kind"] == kind {
+        out.push(actor);
+    }
+    for child in actor["children"].as_array().into_iter().flatten() {
+        find_kind(child, kind, out);
+    }
+}
+
+fn content_of(body: &Value) -> String {
+    body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no content: {body}"))
+        .to_string()
+}
+
+#[test]
+fn canopy_up_serves_the_real_model_and_stops_without_leftovers() {
+    let _turn = real_model_turn();
+    let tag = common::unique_tag("node-model");
+    let started = Instant::now();
+    let node = NodeProcess::start(&["up"], &[("CANOPY_TEST_TAG", &tag)], true);
+    eprintln!("ready in {:?}", started.elapsed());
+
+    // Non-streaming, twice: greedy with a fixed seed gives the same answer.
+    let request = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "What is 2+2? Reply with just the number."}],
+        "seed": 42,
+        "temperature": 0,
+        "max_tokens": 32,
+    });
+    let t = Instant::now();
+    let (status, first) = node.post("/v1/chat/completions", &request);
+    eprintln!("completion in {:?}: {first}", t.elapsed());
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["object"], "chat.completion");
+    assert_eq!(first["model"], MODEL);
+    assert_eq!(first["choices"][0]["message"]["role"], "assistant");
+    let answer = content_of(&first);
+    assert!(!answer.trim().is_empty(), "{first}");
+    assert!(answer.contains('4'), "2+2 answered {answer:?}");
+    let finish = first["choices"][0]["finish_reason"].as_str();
+    assert!(matches!(finish, Some("stop" | "length")), "{first}");
+    let usage = &first["usage"];
+    let completion_tokens = usage["completion_tokens"].as_u64().unwrap_or(0);
+    assert!((1..=32).contains(&completion_tokens), "{usage}");
+    assert!(usage["prompt_tokens"].as_u64().unwrap_or(0) > 10, "{usage}");
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(usage["prompt_tokens"].as_u64().unwrap_or(0) + completion_tokens)
+    );
+
+    let (status, second) = node.post("/v1/chat/completions", &request);
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(
+        content_of(&second),
+        answer,
+        "same seed, temperature 0: same content"
+    );
+
+    // Streaming: SSE chunks of one id, a role first, deltas that join to the same answer, one
+    // finish reason, then [DONE].
+    let mut streaming = request.clone();
+    streaming["stream"] = json!(true);
+    let mut events = Vec::new();
+    let t = Instant::now();
+    let mut first_delta_after = None;
+    let status = node.stream(&streaming, |data, at| {
+        if first_delta_after.is_none()
+            && serde_json::from_str::<Value>(data).is_ok_and(|e| {
+                e["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .is_some_and(|c| !c.is_empty())
+            })
+        {
+            first_delta_after = Some(at - t);
+        }
+        events.push(data.to_string());
+    });
+    eprintln!(
+        "stream in {:?} ({} events, first delta after {:?})",
+        t.elapsed(),
+        events.len(),
+        first_delta_after
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap_or_else(|_| panic!("not JSON: {e}")))
+        .collect();
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
+    assert!(chunks.iter().all(|c| c["id"] == chunks[0]["id"]));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        streamed, answer,
+        "the stream says what the plain answer said"
+    );
+    let finishes: Vec<&Value> = chunks
+        .iter()
+        .map(|c| &c["choices"][0]["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finishes.len(), 1, "{events:?}");
+
+    // The other endpoints.
+    let (status, models) = node.get("/v1/models").expect("models");
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&models).expect("models JSON");
+    assert_eq!(models["object"], "list");
+    assert!(
+        models["data"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|m| m["id"] == MODEL && m["object"] == "model")),
+        "{models}"
+    );
+    let (status, health) = node.get("/health").expect("health");
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(node.get("/ready").expect("ready").0, 200);
+    let (status, metrics) = node.get("/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("# TYPE"), "not Prometheus text: {metrics}");
+    assert!(
+        metric(&metrics, "canopy_tokens_generated_total") >= (3 * completion_tokens) as f64,
+        "{metrics}"
+    );
+    assert!(metric(&metrics, "canopy_prompt_tokens_total") > 0.0);
+    assert!(metric(&metrics, "canopy_time_to_first_token_seconds_count") >= 3.0);
+
+    // `canopy inspect --json` shows the runner, with the pid of a live `canopy runner`.
+    let out = Command::new(env!("CARGO_BIN_EXE_canopy"))
+        .args(["inspect", "--json", "--url", &node.base])
+        .output()
+        .expect("inspect runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tree: Value = serde_json::from_slice(&out.stdout).expect("inspect prints JSON");
+    let mut runners = Vec::new();
+    find_kind(&tree, "runner-supervisor", &mut runners);
+    assert_eq!(runners.len(), 1, "{tree}");
+    assert_eq!(runners[0]["details"]["status"], "Ready", "{tree}");
+    let pid = runners[0]["details"]["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no runner pid: {tree}")) as u32;
+    assert!(common::alive(pid));
+    assert_eq!(node.runner_pids(), vec![pid]);
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("runner cmdline");
+    assert!(
+        cmdline.split(|&b| b == 0).any(|a| a == b"runner"),
+        "pid {pid} is not a runner: {}",
+        String::from_utf8_lossy(&cmdline)
+    );
+
+    // Every process the node started carries the tag; after SIGINT none is left.
+    let mut tagged = common::processes_with_env("CANOPY_TEST_TAG", &tag);
+    tagged.sort_unstable();
+    let mut expected = vec![node.pid(), pid];
+    expected.sort_unstable();
+    assert_eq!(tagged, expected, "the node and its runner");
+    let t = Instant::now();
+    node.interrupt_and_check();
+    eprintln!("stopped in {:?}", t.elapsed());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = common::processes_with_env("CANOPY_TEST_TAG", &tag);
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "canopy processes left: {left:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("total {:?}", started.elapsed());
+}
+
+/// A Python with the `openai` package, in a venv under `target/`; `None` (with the reason
+/// printed) when it cannot be had.
+fn openai_python() -> Option<PathBuf> {
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("the target directory")
+        .to_path_buf();
+    let venv = target.join("py-openai");
+    let python = venv.join("bin").join("python");
+    let marker = venv.join(".canopy-openai-installed");
+    if marker.exists() {
+        return Some(python);
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    let created = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .output();
+    match created {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            eprintln!(
+                "SKIPPED: `python3 -m venv` failed, so the openai client cannot be installed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return None;
+        }
+        Err(err) => {
+            eprintln!("SKIPPED: no python3 ({err}), so the openai client cannot be run");
+            return None;
+        }
+    }
+    let t = Instant::now();
+    let out = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "openai>=1.40,<4",
+        ])
+        .output()
+        .expect("pip runs");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        let offline = [
+            "NewConnectionError",
+            "Network is unreachable",
+            "Temporary failure in name resolution",
+            "Failed to establish a new connection",
+            "ConnectTimeout",
+            "ProxyError",
+            "No matching distribution found",
+        ]
+        .iter()
+        .any(|s| log.contains(s));
+        assert!(offline, "pip install openai failed:\n{log}");
+        eprintln!(
+            "SKIPPED: pip cannot reach the package index to install the openai client:\n{log}"
+        );
+        return None;
+    }
+    eprintln!("installed the openai client in {:?}", t.elapsed());
+    std::fs::write(&marker, b"").expect("marker");
+    Some(python)
+}
+
+#[test]
+fn the_official_openai_python_client_works_against_the_node() {
+    // Installing (first run only) overlaps with the other test's turn.
+    let Some(python) = openai_python() else {
+        return;
+    };
+    let _turn = real_model_turn();
+    let started = Instant::now();
+    let node = NodeProcess::start(&["up"], &[], true);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/openai_client.py");
+    let mut child = Command::new(&python)
+        .arg(&script)
+        .args(["--base-url", &format!("{}/v1", node.base), "--model", MODEL])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the script starts");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("the script's output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}{stderr}");
+    assert!(
+        out.status.success(),
+        "the openai client script failed ({}); node log:\n{}",
+        out.status,
+        node.log_text()
+    );
+    assert!(stdout.contains("every check passed"), "{stdout}");
+    node.interrupt_and_check();
+    eprintln!("total {:?}", started.elapsed());
+}
+
+/// Blocking HTTP from async code: (status, JSON body).
+async fn http(method: &'static str, url: String, body: Option<Value>) -> (u16, Value) {
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        let response = match (method, body) {
+            ("POST", Some(body)) => agent.post(&url).send_json(body),
+            _ => agent.get(&url).call(),
+        };
+        let mut response = response.expect("request sent");
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    })
+    .await
+    .expect("request thread")
+}
+
+/// The failure-log actor's report in the node's live tree.
+fn failure_log_report(node: &canopy_actors::node::NodeHandle) -> Option<Value> {
+    let tree = serde_json::to_value(canopy_runtime::introspect::tree(&node.root().get_cell()))
+        .expect("tree JSON");
+    let mut found = Vec::new();
+    find_kind(&tree, failure_log::KIND, &mut found);
+    found.first().map(|v| (*v).clone())
+}
+
+async fn eventually<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn log_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not a JSON line: {l}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_failure_log_example_records_runner_deaths_and_survives_its_own_restart() {
+    use canopy_actors::node::Node;
+    use canopy_actors::runner::RunnerCommand;
+    use failure_log::{FailureLogArgs, RunnerEventFeed};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("failures.jsonl");
+    // The scripted engine, killed by fault injection after 2 tokens of every request.
+    let command = RunnerCommand::canopy(env!("CARGO_BIN_EXE_canopy"))
+        .args(["--engine", "scripted"])
+        .env("CANOPY_RUNNER_FAULT", "crash-after-tokens=2");
+    let feed = RunnerEventFeed::new();
+    let node = Node::builder(failure_log::node_config(command, "scripted", "scripted", 0))
+        .child(FailureLogArgs::new(&path, feed.clone()).child_spec())
+        .start()
+        .await
+        .expect("the node starts");
+    feed.connect(&node);
+    let base = format!("http://{}", node.api_addr().await.expect("api addr"));
+    let request = json!({
+        "model": "scripted",
+        "messages": [{"role": "user", "content": "tokens=20"}],
+    });
+
+    let first = eventually("the logger to subscribe", async || {
+        failure_log_report(&node).filter(|r| r["details"]["subscribed"] == true)
+    })
+    .await;
+    assert_eq!(first["child_id"], failure_log::CHILD_ID);
+    assert_eq!(first["details"]["path"], path.display().to_string());
+    assert_eq!(first["details"]["failures_seen"], 0);
+
+    for round in 1..=2u64 {
+        eventually("a ready runner", async || {
+            (http("GET", format!("{base}/ready"), None).await.0 == 200).then_some(())
+        })
+        .await;
+        let (status, body) = http(
+            "POST",
+            format!("{base}/v1/chat/completions"),
+            Some(request.clone()),
+        )
+        .await;
+        assert_eq!(status, 502, "the runner dies mid-answer: {body}");
+        let lines = eventually("the failure in the log", async || {
+            let lines = log_lines(&path);
+            (lines.len() as u64 == round).then_some(lines)
+        })
+        .await;
+        let record = &lines[round as usize - 1];
+        assert_eq!(record["instance"], "scripted-0", "{record}");
+        assert_eq!(record["reason"]["kind"], "signaled", "{record}");
+        assert_eq!(record["reason"]["signal"], 9, "{record}");
+        assert_eq!(record["will_restart"], true, "{record}");
+        assert_eq!(record["failed_tasks"], 1, "{record}");
+        assert!(record["pid"].as_u64().unwrap_or(0) > 0, "{record}");
+        assert!(record["time_unix_ms"].as_u64().unwrap_or(0) > 0, "{record}");
+        assert!(
+            record["stderr_tail"].as_array().is_some_and(|t| t
+                .iter()
+                .any(|l| l.as_str().is_some_and(|l| l.contains("fault")))),
+            "{record}"
+        );
+        let report = eventually("the count in the details", async || {
+            failure_log_report(&node).filter(|r| r["details"]["failures_seen"] == round)
+        })
+        .await;
+        assert!(
+            report["details"]["last_failure"]
+                .as_str()
+                .is_some_and(|l| l.starts_with("scripted-0: killed by signal 9")),
+            "{report}"
+        );
+
+        if round == 1 {
+            // Stop the logger: it is permanent, so the node starts it again, and the new
+            // incarnation subscribes through the feed.
+            let old_id = report["id"].clone();
+            let cell = node
+                .root()
+                .get_children()
+                .into_iter()
+                .find(|c| Value::String(c.get_id().to_string()) == old_id)
+                .expect("the logger is a child of the node");
+            cell.stop(Some("test".into()));
+            let again = eventually("the restarted logger", async || {
+                failure_log_report(&node)
+                    .filter(|r| r["id"] != old_id && r["details"]["subscribed"] == true)
+            })
+            .await;
+            assert_eq!(again["restarts"], 1, "{again}");
+            assert_eq!(again["details"]["failures_seen"], 1, "{again}");
+        }
+    }
+    node.shutdown(Duration::from_secs(30))
+        .await
+        .expect("the node stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_actor_that_cannot_start_fails_the_node_start_and_leaves_no_runner() {
+    use canopy_actors::node::Node;
+    use canopy_actors::runner::RunnerCommand;
+    use failure_log::{FailureLogArgs, RunnerEventFeed};
+
+    let tag = common::unique_tag("failed-start");
+    let command = RunnerCommand::canopy(env!("CARGO_BIN_EXE_canopy"))
+        .args(["--engine", "scripted"])
+        .env("CANOPY_TEST_TAG", &tag);
+    let feed = RunnerEventFeed::new();
+    // Its own model id: runner supervisors are named after their instance in ractor's
+    // process-wide registry, so two nodes in one process cannot both serve "scripted".
+    let started = Node::builder(failure_log::node_config(command, "doomed", "scripted", 0))
+        .child(FailureLogArgs::new("/nonexistent/dir/failures.jsonl", feed).child_spec())
+        .start()
+        .await;
+    let Err(err) = started else {
+        panic!("the node started although its failure log cannot be opened");
+    };
+    let message = err.to_string();
+    assert!(
+        message.contains("cannot open the failure log /nonexistent/dir/failures.jsonl"),
+        "{message}"
+    );
+    // The runner started before the failing child is stopped with the rest of the tree.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = common::processes_with_env("CANOPY_TEST_TAG", &tag);
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "runners left: {left:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
