@@ -9,13 +9,12 @@
 mod common;
 
 use std::ops::ControlFlow;
-use std::sync::OnceLock;
 use std::sync::Mutex;
+use std::sync::OnceLock;
 
 use canopy_engine::{CandleEngine, Engine, GenerateSink, candle_engine::Backend};
 use canopy_proto::{
-    ChatMessage, FinishReason, GenerateParams, GenerateRequest, LoadSpec, Phase, Prompt,
-    TokenChunk,
+    ChatMessage, FinishReason, GenerateParams, GenerateRequest, LoadSpec, Phase, Prompt, TokenChunk,
 };
 use serde_json::{Value, json};
 
@@ -30,7 +29,9 @@ fn engine() -> &'static Mutex<CandleEngine> {
             layer_end: None,
             threads: None,
         };
-        engine.load(&spec, &mut |_, _| {}).expect("the default model loads");
+        engine
+            .load(&spec, &mut |_, _| {})
+            .expect("the default model loads");
         Mutex::new(engine)
     })
 }
@@ -66,7 +67,10 @@ impl Collect {
     }
 
     fn ids(&self) -> Vec<u32> {
-        self.chunks.iter().flat_map(|c| c.token_ids.clone()).collect()
+        self.chunks
+            .iter()
+            .flat_map(|c| c.token_ids.clone())
+            .collect()
     }
 }
 
@@ -116,7 +120,10 @@ fn snapshot_case(name: &str, question: &str, temperature: f32) {
     run(&request, &mut again);
     assert_eq!(again.ids(), sink.ids(), "{name}: not deterministic");
 
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/generation_snapshots.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/generation_snapshots.json"
+    );
     let mut all: Value = std::fs::read_to_string(path)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
@@ -127,7 +134,10 @@ fn snapshot_case(name: &str, question: &str, temperature: f32) {
         std::fs::write(path, text + "\n").expect("snapshot written");
         return;
     }
-    assert_eq!(got, all[name], "{name}: differs from the committed snapshot");
+    assert_eq!(
+        got, all[name],
+        "{name}: differs from the committed snapshot"
+    );
 }
 
 #[test]
@@ -139,7 +149,11 @@ fn greedy_snapshot() {
 fn seeded_sampling_snapshot() {
     snapshot_case("sampled_seed42_t0.7", QUESTION, 0.7);
     // An open question, where sampling really picks among many tokens.
-    snapshot_case("sampled_haiku_seed42_t0.7", "Write a haiku about trees.", 0.7);
+    snapshot_case(
+        "sampled_haiku_seed42_t0.7",
+        "Write a haiku about trees.",
+        0.7,
+    );
 }
 
 #[test]
@@ -207,7 +221,10 @@ fn a_stop_sequence_ends_generation_before_it() {
     assert_eq!(finish, FinishReason::Stop);
     let cut = sink.text();
     assert!(!cut.contains(&stop), "{cut:?} contains {stop:?}");
-    assert!(text.starts_with(&cut), "{cut:?} is not a prefix of {text:?}");
+    assert!(
+        text.starts_with(&cut),
+        "{cut:?} is not a prefix of {text:?}"
+    );
 }
 
 #[test]

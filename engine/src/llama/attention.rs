@@ -6,35 +6,57 @@
 //! mask applied by replacing masked scores with `-inf`, softmax over the last dimension,
 //! weighted sum of V, output projection.
 //!
-//! Grouped-query attention does not copy K and V `n_rep` times (`repeat_kv`): Q's heads are
-//! regrouped instead, `[1, n_head, seq, d] -> [1, n_kv_head, n_rep * seq, d]` (a free reshape:
-//! query head `h` uses key/value head `h / n_rep`, and heads sharing a key/value head are
-//! adjacent), so each key/value head is multiplied once by all its query heads. That computes
-//! the same dot products as `repeat_kv` and keeps the per-token cost independent of the copy
-//! of the whole cache that `repeat_kv` would make.
+//! Grouped-query attention (query head `h` reads key/value head `h / n_rep`) comes in two
+//! flavours, chosen by [`GqaMode`]:
+//!
+//! - [`GqaMode::RepeatKv`] (default) expands the cached keys/values to one copy per query
+//!   head, as candle's `repeat_kv` does, so every matmul has the shapes and strides of the
+//!   reference: the logits are bit-identical to candle's `quantized_llama`. The copy costs
+//!   `n_head * positions * head_dim * 2` floats per layer and token.
+//! - [`GqaMode::Grouped`] copies nothing: the query heads that share a key/value head are
+//!   stacked (`[1, n_head, seq, d] -> [1, n_kv_head, n_rep * seq, d]`, a free reshape) and
+//!   multiplied by that head once. Same mathematics, fewer bytes moved per token (the gap grows
+//!   with the context), but the matmuls have other shapes, so the float rounding differs from
+//!   the reference; quantized activations amplify such rounding differences to a few tenths of
+//!   a logit, as much as candle's own cached-versus-recomputed difference.
+//!
+//! Either way, chained shards stay bit-identical to one shard: the mode is per layer, and
+//! every shard of a pipeline should use the same one.
 
 use std::io::{Read, Seek};
 
-use candle_core::quantized::QMatMul;
+use super::linear::Linear;
 use candle_core::{DType, Module, Tensor};
 
 use super::config::LlamaConfig;
 use super::error::Result;
 use super::kv_cache::KvCache;
+use super::options::LoadOptions;
 use super::projection::Projection;
 use super::rope::RotaryEmbedding;
 use super::weights::WeightReader;
 
+/// How query heads are paired with shared key/value heads; see the module docs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GqaMode {
+    /// Expand keys/values per query head: bit-identical to candle's `quantized_llama`.
+    #[default]
+    RepeatKv,
+    /// Stack query heads per key/value head: no copy, faster at long contexts.
+    Grouped,
+}
+
 /// Self-attention of one transformer block.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Attention {
     qkv: Projection,
-    output: QMatMul,
+    output: Linear,
     rope: RotaryEmbedding,
     cache: KvCache,
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
+    gqa: GqaMode,
     neg_inf: Tensor,
 }
 
@@ -46,7 +68,7 @@ impl Attention {
         config: &LlamaConfig,
         layer: usize,
         rope: &RotaryEmbedding,
-        fuse: bool,
+        options: &LoadOptions,
     ) -> Result<Self> {
         let q_width = config.n_head * config.head_dim;
         let kv_width = config.n_head_kv * config.head_dim;
@@ -58,7 +80,7 @@ impl Attention {
             (k.as_str(), kv_width),
             (v.as_str(), kv_width),
         ];
-        let qkv = Projection::load(weights, &parts, config.n_embd, fuse)?;
+        let qkv = Projection::load(weights, &parts, config.n_embd, options.fuse_projections)?;
         let output = weights.qtensor(
             &format!("blk.{layer}.attn_output.weight"),
             &[config.n_embd, q_width],
@@ -66,7 +88,7 @@ impl Attention {
         let device = weights.device().clone();
         Ok(Self {
             qkv,
-            output: QMatMul::from_qtensor(output)?,
+            output: Linear::from_qtensor(output)?,
             rope: rope.clone(),
             cache: KvCache::new(
                 config.n_head_kv,
@@ -78,6 +100,7 @@ impl Attention {
             n_head: config.n_head,
             n_kv_head: config.n_head_kv,
             head_dim: config.head_dim,
+            gqa: options.gqa,
             neg_inf: Tensor::new(f32::NEG_INFINITY, &device)?,
         })
     }
@@ -103,7 +126,6 @@ impl Attention {
     ) -> Result<Tensor> {
         let (batch, seq_len, _) = x.dims3()?;
         let (hd, n_head, n_kv) = (self.head_dim, self.n_head, self.n_kv_head);
-        let n_rep = n_head / n_kv;
         let mut qkv = self.qkv.forward(x)?.into_iter();
         let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
             return Err(candle_core::Error::Msg(
@@ -122,28 +144,64 @@ impl Attention {
         let k = self.rope.apply(&k, index_pos)?;
 
         let (k, v) = self.cache.append(index_pos, &k, &v)?;
-        let kv_len = k.dim(2)?;
+        let y = match self.gqa {
+            GqaMode::RepeatKv => self.attend_repeated(&q, &k, &v, mask)?,
+            GqaMode::Grouped => self.attend_grouped(&q, &k, &v, mask)?,
+        };
+        let y = y.transpose(1, 2)?.reshape((batch, seq_len, n_head * hd))?;
+        Ok(self.output.forward(&y)?)
+    }
 
-        if std::env::var_os("CANOPY_EXP_REPEAT_KV").is_some() {
-            let k = candle_transformers::utils::repeat_kv(k.contiguous()?, n_rep)?;
-            let v = candle_transformers::utils::repeat_kv(v.contiguous()?, n_rep)?;
-            let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-            let att = match mask {
-                None => att,
-                Some(mask) => {
-                    let mask = mask.broadcast_as(att.shape())?;
-                    mask.where_cond(&self.neg_inf.broadcast_as(att.shape())?, &att)?
-                }
-            };
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y = att.matmul(&v.contiguous()?)?;
-            let y = y.transpose(1, 2)?.reshape((batch, seq_len, n_head * hd))?;
-            return Ok(self.output.forward(&y)?);
-        }
-        // [1, n_kv, n_rep * seq, hd] x [1, n_kv, hd, kv_len]
+    /// Attention with keys/values expanded per query head (`q`: `[1, n_head, seq, d]`, `k`/`v`:
+    /// `[1, n_kv_head, kv_len, d]` views); returns `[1, n_head, seq, d]`.
+    fn attend_repeated(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let k = self.repeat_heads(k)?;
+        let v = self.repeat_heads(v)?;
+        let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+        let att = self.masked_softmax(att, mask)?;
+        Ok(att.matmul(&v)?)
+    }
+
+    /// Attention with query heads stacked per key/value head; returns `[1, n_head, seq, d]`.
+    fn attend_grouped(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (batch, n_head, seq_len, hd) = q.dims4()?;
+        let (n_kv, n_rep, kv_len) = (self.n_kv_head, n_head / self.n_kv_head, k.dim(2)?);
         let q = q.reshape((batch, n_kv, n_rep * seq_len, hd))?;
         let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
         let att = att.reshape((batch, n_head, seq_len, kv_len))?;
+        let att = self.masked_softmax(att, mask)?;
+        let att = att.reshape((batch, n_kv, n_rep * seq_len, kv_len))?;
+        Ok(att.matmul(v)?.reshape((batch, n_head, seq_len, hd))?)
+    }
+
+    /// `[1, n_kv_head, len, d]` -> contiguous `[1, n_head, len, d]`, head `h` a copy of head
+    /// `h / n_rep` (what candle's `repeat_kv` produces, in one copy).
+    fn repeat_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (batch, n_kv, len, hd) = x.dims4()?;
+        let n_rep = self.n_head / n_kv;
+        if n_rep == 1 {
+            return Ok(x.clone());
+        }
+        Ok(x.unsqueeze(2)?
+            .broadcast_as((batch, n_kv, n_rep, len, hd))?
+            .contiguous()?
+            .reshape((batch, self.n_head, len, hd))?)
+    }
+
+    /// Hides masked scores (`-inf`) and normalises each row with a softmax.
+    fn masked_softmax(&self, att: Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let att = match mask {
             None => att,
             Some(mask) => {
@@ -151,13 +209,6 @@ impl Attention {
                 mask.where_cond(&self.neg_inf.broadcast_as(att.shape())?, &att)?
             }
         };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let att = att.reshape((batch, n_kv, n_rep * seq_len, kv_len))?;
-        let y = att.matmul(&v)?; // [1, n_kv, n_rep * seq, hd]
-        let y = y
-            .reshape((batch, n_head, seq_len, hd))?
-            .transpose(1, 2)?
-            .reshape((batch, seq_len, n_head * hd))?;
-        Ok(self.output.forward(&y)?)
+        Ok(candle_nn::ops::softmax_last_dim(&att)?)
     }
 }

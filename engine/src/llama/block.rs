@@ -10,11 +10,12 @@ use super::attention::Attention;
 use super::config::LlamaConfig;
 use super::error::Result;
 use super::mlp::Mlp;
+use super::options::LoadOptions;
 use super::rope::RotaryEmbedding;
 use super::weights::WeightReader;
 
 /// One transformer block (`blk.{layer}.*` in GGUF).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct TransformerBlock {
     attention_norm: RmsNorm,
     attention: Attention,
@@ -29,7 +30,7 @@ impl TransformerBlock {
         config: &LlamaConfig,
         layer: usize,
         rope: &RotaryEmbedding,
-        fuse: bool,
+        options: &LoadOptions,
     ) -> Result<Self> {
         let norm = |weights: &mut WeightReader<'_, R>, name: &str| -> Result<RmsNorm> {
             let q = weights.qtensor(&format!("blk.{layer}.{name}.weight"), &[config.n_embd])?;
@@ -37,9 +38,9 @@ impl TransformerBlock {
         };
         Ok(Self {
             attention_norm: norm(weights, "attn_norm")?,
-            attention: Attention::load(weights, config, layer, rope, fuse)?,
+            attention: Attention::load(weights, config, layer, rope, options)?,
             ffn_norm: norm(weights, "ffn_norm")?,
-            mlp: Mlp::load(weights, config, layer, fuse)?,
+            mlp: Mlp::load(weights, config, layer, options.fuse_projections)?,
         })
     }
 

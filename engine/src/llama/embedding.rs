@@ -17,7 +17,9 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
+
+use super::linear::Linear;
 use candle_core::{Device, Tensor};
 
 use super::error::{LlamaError, Result};
@@ -86,8 +88,8 @@ impl QuantizedEmbedding {
 
     /// The table as a tied output head: a [`QMatMul`] computing `x @ tableᵀ` (logits), sharing
     /// the table's memory.
-    pub fn output_head(&self) -> Result<QMatMul> {
-        Ok(QMatMul::from_arc(Arc::clone(&self.table))?)
+    pub fn output_head(&self) -> Result<Linear> {
+        Ok(Linear::from_arc(Arc::clone(&self.table))?)
     }
 }
 

@@ -74,6 +74,9 @@ pub enum LlamaError {
         /// Layers in the model.
         n_layer: usize,
     },
+    /// The load options cannot be honoured.
+    #[error("invalid load options: {0}")]
+    InvalidOptions(String),
     /// The shard was given the wrong kind of input (tokens to a non-first shard, or hidden
     /// states to the first shard).
     #[error("shard {layers} expects {expected} as input, got {got}")]

@@ -5,7 +5,7 @@
 //! when the model ties them (SmolLM2 does); the tied table stays quantized and is shared with
 //! the embedding when one shard owns both ends.
 
-use candle_core::quantized::QMatMul;
+use super::linear::Linear;
 use candle_core::{DType, Module, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
@@ -15,12 +15,12 @@ use super::error::{LlamaError, Result};
 #[derive(Debug, Clone)]
 pub struct OutputHead {
     norm: RmsNorm,
-    projection: QMatMul,
+    projection: Linear,
 }
 
 impl OutputHead {
     /// A head from its norm and its `[vocab, n_embd]` projection.
-    pub fn new(norm: RmsNorm, projection: QMatMul) -> Self {
+    pub fn new(norm: RmsNorm, projection: Linear) -> Self {
         Self { norm, projection }
     }
 

@@ -17,7 +17,9 @@ use candle_core::{DType, Device, Tensor};
 use super::error::{LlamaError, Result};
 
 /// Keys and values of one attention layer for positions `0..len()`.
-#[derive(Debug, Clone)]
+///
+/// Not `Clone`: clones would share the buffers that [`KvCache::append`] writes in place.
+#[derive(Debug)]
 pub struct KvCache {
     k: Tensor,
     v: Tensor,

@@ -5,7 +5,7 @@
 
 use std::io::{Read, Seek};
 
-use candle_core::quantized::QMatMul;
+use super::linear::Linear;
 use candle_core::{Module, Tensor};
 
 use super::config::LlamaConfig;
@@ -17,7 +17,7 @@ use super::weights::WeightReader;
 #[derive(Debug, Clone)]
 pub struct Mlp {
     gate_up: Projection,
-    down: QMatMul,
+    down: Linear,
 }
 
 impl Mlp {
@@ -38,7 +38,7 @@ impl Mlp {
         )?;
         Ok(Self {
             gate_up,
-            down: QMatMul::from_qtensor(down)?,
+            down: Linear::from_qtensor(down)?,
         })
     }
 

@@ -4,27 +4,29 @@
 //! module rebuilds the llama forward from candle's public pieces (`QMatMul`, `RmsNorm`,
 //! `rope_i`, softmax) around a layer range: a [`LlamaShard`] owns layers `i..j`, the embedding
 //! if it is first, the final norm and head if it is last, and its own KV cache. Chained shards
-//! give bit-identical logits to one shard over the whole model, and the whole model matches
-//! candle's `quantized_llama` (the tests in `engine/tests/shards.rs` check both).
+//! give bit-identical logits to one shard over the whole model, and with the default options
+//! the whole model is bit-identical to candle's `quantized_llama` (the tests in
+//! `engine/tests/shards.rs` check both).
 //!
 //! One concept per file:
 //!
-//! - [`config`]: [`LlamaConfig`], hyper-parameters from GGUF metadata;
-//! - [`weights`]: [`WeightReader`], reads named, shape-checked tensors;
-//! - [`embedding`]: [`QuantizedEmbedding`], the token table kept quantized;
-//! - [`rope`]: [`RotaryEmbedding`], cos/sin tables;
-//! - [`kv_cache`]: [`KvCache`], preallocated, written in place;
-//! - [`projection`]: [`Projection`], fused Q/K/V and gate/up matmuls;
-//! - [`attention`], [`mlp`], [`block`]: one transformer layer;
-//! - [`head`]: [`OutputHead`], final norm and vocabulary projection;
-//! - [`shard`]: [`LlamaShard`], the layer range and its forward;
-//! - [`error`]: [`LlamaError`].
+//! - [`config`] — [`LlamaConfig`], hyper-parameters from GGUF metadata;
+//! - [`weights`] — [`WeightReader`], reads named, shape-checked tensors;
+//! - [`embedding`] — [`QuantizedEmbedding`], the token table kept quantized;
+//! - [`rope`] — [`RotaryEmbedding`], cos/sin tables;
+//! - [`kv_cache`] — [`KvCache`], preallocated, written in place;
+//! - [`projection`] — [`Projection`], fused Q/K/V and gate/up matmuls;
+//! - [`attention`], [`mlp`], [`block`] — one transformer layer ([`GqaMode`]);
+//! - [`options`] — [`LoadOptions`];
+//! - [`head`] — [`OutputHead`], final norm and vocabulary projection;
+//! - [`shard`] — [`LlamaShard`], the layer range and its forward;
+//! - [`error`] — [`LlamaError`].
 //!
 //! Determinism: on CPU every matmul output element is one dot product computed by one thread
 //! (candle's quantized matmul splits the *outputs* across its thread pool, never the inner
 //! dimension), so results do not depend on the thread count (`CANDLE_NUM_THREADS` /
 //! `RAYON_NUM_THREADS`); `engine/tests/shards.rs` checks this by running the forward in child
-//! processes with 1 and 2 threads.
+//! processes with 1, 2 and 3 threads.
 
 pub mod attention;
 pub mod block;
@@ -33,13 +35,16 @@ pub mod embedding;
 pub mod error;
 pub mod head;
 pub mod kv_cache;
+pub mod linear;
 pub mod mlp;
+pub mod options;
 pub mod projection;
+pub mod q4_1;
 pub mod rope;
 pub mod shard;
 pub mod weights;
 
-pub use attention::Attention;
+pub use attention::{Attention, GqaMode};
 pub use block::TransformerBlock;
 pub use config::{LlamaConfig, RopeScaling};
 pub use embedding::QuantizedEmbedding;
@@ -47,7 +52,8 @@ pub use error::LlamaError;
 pub use head::OutputHead;
 pub use kv_cache::KvCache;
 pub use mlp::Mlp;
+pub use options::{DEFAULT_MAX_CONTEXT, LoadOptions};
 pub use projection::Projection;
 pub use rope::RotaryEmbedding;
-pub use shard::{LlamaShard, LoadOptions, ShardInput};
+pub use shard::{LlamaShard, ShardInput};
 pub use weights::WeightReader;

@@ -15,7 +15,9 @@
 
 use std::io::{Read, Seek};
 
-use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::quantized::GgmlDType;
+
+use super::linear::Linear;
 use candle_core::{D, Module, Tensor};
 
 use super::error::Result;
@@ -30,12 +32,12 @@ pub enum Projection {
     /// One matmul over the stacked weights; outputs are split by width.
     Fused {
         /// The stacked weights.
-        matmul: QMatMul,
+        matmul: Linear,
         /// Output width of each part, in order.
         widths: Vec<usize>,
     },
     /// One matmul per part.
-    Separate(Vec<QMatMul>),
+    Separate(Vec<Linear>),
 }
 
 impl Projection {
@@ -50,7 +52,7 @@ impl Projection {
         if fuse && parts.len() > 1 && Self::fusable(weights, parts, in_width)? {
             if let Some(stacked) = weights.stacked_rows(parts, in_width)? {
                 return Ok(Self::Fused {
-                    matmul: QMatMul::from_qtensor(stacked)?,
+                    matmul: Linear::from_qtensor(stacked)?,
                     widths: parts.iter().map(|(_, w)| *w).collect(),
                 });
             }
@@ -58,7 +60,7 @@ impl Projection {
         let matmuls = parts
             .iter()
             .map(|(name, out)| {
-                Ok(QMatMul::from_qtensor(
+                Ok(Linear::from_qtensor(
                     weights.qtensor(name, &[*out, in_width])?,
                 )?)
             })
@@ -161,13 +163,13 @@ mod tests {
             )
             .expect("stack");
             let fused = Projection::Fused {
-                matmul: QMatMul::from_qtensor(stacked).expect("qmm"),
+                matmul: Linear::from_qtensor(stacked).expect("qmm"),
                 widths: widths.to_vec(),
             };
             let separate = Projection::Separate(
                 parts
                     .into_iter()
-                    .map(|p| QMatMul::from_qtensor(p).expect("qmm"))
+                    .map(|p| Linear::from_qtensor(p).expect("qmm"))
                     .collect(),
             );
             for rows in [1, 7] {

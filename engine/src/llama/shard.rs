@@ -21,7 +21,7 @@ use std::io::{Read, Seek};
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::quantized::QMatMul;
+use super::linear::Linear;
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
@@ -31,11 +31,9 @@ use super::config::LlamaConfig;
 use super::embedding::QuantizedEmbedding;
 use super::error::{LlamaError, Result};
 use super::head::OutputHead;
+use super::options::{DEFAULT_MAX_CONTEXT, LoadOptions};
 use super::rope::RotaryEmbedding;
 use super::weights::WeightReader;
-
-/// Default upper bound of the KV cache's capacity, whatever the model's context length.
-pub const DEFAULT_MAX_CONTEXT: usize = 4096;
 
 /// What a shard's forward consumes.
 #[derive(Debug, Clone)]
@@ -56,27 +54,10 @@ impl ShardInput<'_> {
     }
 }
 
-/// Knobs of [`LlamaShard::load_with_options`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoadOptions {
-    /// KV cache capacity in positions; `None` means `min(context_length, 4096)`.
-    pub max_context: Option<usize>,
-    /// Fuse Q/K/V and gate/up matmuls where that is bit-exact (see
-    /// [`Projection`](super::projection::Projection)). On by default.
-    pub fuse_projections: bool,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        Self {
-            max_context: None,
-            fuse_projections: true,
-        }
-    }
-}
-
 /// Layers `i..j` of a llama model, with the embedding if first and the head if last.
-#[derive(Debug, Clone)]
+///
+/// Not `Clone` (the KV caches are written in place); load a second shard instead.
+#[derive(Debug)]
 pub struct LlamaShard {
     config: LlamaConfig,
     layers: Range<usize>,
@@ -129,11 +110,9 @@ impl LlamaShard {
             .max_context
             .unwrap_or(config.context_length.min(DEFAULT_MAX_CONTEXT));
         if max_context == 0 {
-            return Err(LlamaError::ContextFull {
-                index_pos: 0,
-                end: 1,
-                capacity: 0,
-            });
+            return Err(LlamaError::InvalidOptions(
+                "max_context must be at least 1 position".into(),
+            ));
         }
         if max_context > config.context_length {
             tracing::warn!(
@@ -171,7 +150,7 @@ impl LlamaShard {
                 &config,
                 layer,
                 &rope,
-                options.fuse_projections,
+                options,
             )?);
             progress(done as u32 + 1, total);
         }
@@ -182,12 +161,12 @@ impl LlamaShard {
                 config.rms_norm_eps,
             )?;
             let projection = if weights.contains("output.weight") {
-                QMatMul::from_qtensor(weights.qtensor("output.weight", &[vocab, n_embd])?)?
+                Linear::from_qtensor(weights.qtensor("output.weight", &[vocab, n_embd])?)?
             } else {
                 tracing::debug!("no output.weight: the output head is tied to token_embd.weight");
                 match &embedding {
                     Some(embedding) => embedding.output_head()?,
-                    None => QMatMul::from_qtensor(
+                    None => Linear::from_qtensor(
                         weights.qtensor("token_embd.weight", &[vocab, n_embd])?,
                     )?,
                 }
@@ -204,6 +183,7 @@ impl LlamaShard {
             is_last,
             max_context,
             fused = options.fuse_projections,
+            gqa = ?options.gqa,
             "loaded llama shard"
         );
         Ok(Self {
