@@ -6,6 +6,8 @@
 //! checks what every party sees: the task streams, the broadcast events, the parent, and the
 //! OS (no process left behind).
 
+mod common;
+
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
@@ -17,6 +19,7 @@ use canopy_actors::runner::{
 use canopy_proto::{FinishReason, GenerateParams, GenerateRequest, LoadSpec, Prompt, RunnerStatus};
 use canopy_runtime::process::{FailureReason, HeartbeatPolicy};
 use canopy_runtime::restart::{Backoff, Intensity};
+use common::alive;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -257,18 +260,6 @@ async fn drain(mut handle: TaskHandle) -> (Vec<String>, TaskEvent) {
     }
 }
 
-/// Whether `pid` is a live process (a zombie waiting to be reaped counts as dead: in a
-/// container, nobody may ever reap a reparented child).
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
-}
-
 async fn assert_gone(pids: impl IntoIterator<Item = u32>) {
     for pid in pids {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -297,7 +288,15 @@ async fn serves_tasks_and_reports_its_state() {
     assert!(
         matches!(last, TaskEvent::Done { finish_reason: FinishReason::Stop, usage } if usage.completion_tokens == 5)
     );
-    let snap = h.snapshot().await;
+    // The runner reports Ready right after the task's final event; wait for it.
+    let deadline = Instant::now() + WAIT;
+    let snap = loop {
+        let snap = h.snapshot().await;
+        if snap.status == RunnerStatus::Ready || Instant::now() > deadline {
+            break snap;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_eq!(snap.status, RunnerStatus::Ready);
     assert_eq!(snap.restarts, 0);
     assert!(snap.pid.is_some_and(alive));
