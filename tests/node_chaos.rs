@@ -261,15 +261,18 @@ fn requests_beyond_capacity_get_429() {
             .send_json(chat("tokens=40 delay_ms=50", false))
             .map(|r| r.status().as_u16())
     });
-    // Wait until the slow request holds the runner.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        let (status, _) = node.post("/v1/chat/completions", &chat("tokens=1", false));
-        if status == 429 || Instant::now() > deadline {
-            break status;
+    // Wait until the slow request holds the runner (its status turns Running), then probe.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, state) = node.get("/state").expect("state");
+        let state: Value = serde_json::from_str(&state).expect("json state");
+        if state["instances"][0]["status"] == "Running" {
+            break;
         }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+        assert!(Instant::now() < deadline, "the slow request never ran: {state}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (status, _) = node.post("/v1/chat/completions", &chat("tokens=1", false));
     assert_eq!(status, 429);
     assert_eq!(slow.join().expect("slow request").expect("answered"), 200);
     drop(dir);
