@@ -485,8 +485,12 @@ async fn the_failure_log_example_records_runner_deaths_and_survives_its_own_rest
                 .expect("the logger is a child of the node");
             cell.stop(Some("test".into()));
             let again = eventually("the restarted logger", async || {
-                failure_log_report(&node)
-                    .filter(|r| r["id"] != old_id && r["details"]["subscribed"] == true)
+                // Annotated by its supervisor (child id, restart count) and subscribed.
+                failure_log_report(&node).filter(|r| {
+                    r["id"] != old_id
+                        && r["child_id"] == failure_log::CHILD_ID
+                        && r["details"]["subscribed"] == true
+                })
             })
             .await;
             assert_eq!(again["restarts"], 1, "{again}");
