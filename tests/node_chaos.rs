@@ -269,7 +269,10 @@ fn requests_beyond_capacity_get_429() {
         if state["instances"][0]["status"] == "Running" {
             break;
         }
-        assert!(Instant::now() < deadline, "the slow request never ran: {state}");
+        assert!(
+            Instant::now() < deadline,
+            "the slow request never ran: {state}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let (status, _) = node.post("/v1/chat/completions", &chat("tokens=1", false));
