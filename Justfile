@@ -14,6 +14,25 @@ lint:
 bench:
     cargo bench -p canopy --bench supervision
 
+# API overhead: TTFT, decode tokens/s and latency through the node's HTTP API vs the engine
+# called directly (same build, prompt, 2 threads each); CANOPY_BENCH_REPS (default 5).
+bench-api:
+    cargo bench -p canopy --bench api_overhead
+
 # Chaos: the supervision suite with its fault-injection cases, repeated to catch flakes.
 chaos times="5":
     for i in $(seq {{times}}); do cargo test -p canopy --test runner_supervision || exit 1; done
+
+# Builds llama.cpp's llama-bench first (scripts/build-llama-cpp.sh, cached under
+# /tmp/canopy-llama.cpp) unless LLAMA_BENCH names one; if that build fails, Canopy is
+# benchmarked alone. LLAMA_CPP_NATIVE=ON builds llama.cpp with -march=native. Both engines use
+# CANOPY_BENCH_THREADS (default 2) threads; more settings in engine/benches/engine.rs.
+# Engine benchmark: load, prompt/generation tokens/s, peak RSS; Canopy vs llama.cpp, same file.
+bench-engine:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ -z "${LLAMA_BENCH:-}" ]; then
+        LLAMA_BENCH="$(scripts/build-llama-cpp.sh)" \
+            || { echo "building llama.cpp failed; benchmarking Canopy alone" >&2; LLAMA_BENCH=; }
+    fi
+    LLAMA_BENCH="$LLAMA_BENCH" cargo bench -p canopy-engine --bench engine

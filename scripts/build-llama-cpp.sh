@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's `llama-bench` for the engine benchmark (`just bench-engine`) and prints
+# the binary's path as the only line on stdout (everything else goes to stderr).
+#
+#   scripts/build-llama-cpp.sh                  # portable build (GGML_NATIVE=OFF)
+#   LLAMA_CPP_NATIVE=ON scripts/build-llama-cpp.sh   # -march=native build, separate tree
+#
+# Idempotent: the source is downloaded and extracted once, each build tree is configured
+# once, and a binary that is already there is only printed (cmake's incremental build is
+# still run, so a half-finished earlier build is completed). Nothing is ever written inside
+# the repository.
+#
+# Where the source comes from: the `llama-cpp-python` sdist on PyPI vendors llama.cpp
+# (`vendor/llama.cpp`); pip downloads it, so this works wherever `pip download` does. Version
+# 0.3.36 vendors ggml-org/llama.cpp@0c1e57098, the same one that made the tokenizer table in
+# engine/tests/data (see gen_tokenizer_table.sh).
+#
+# Build flags: Release, -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
+# -DGGML_OPENMP=OFF (ggml's own thread pool, like candle's rayon pool) -DBUILD_SHARED_LIBS=OFF,
+# and -DGGML_NATIVE=$LLAMA_CPP_NATIVE. With GGML_NATIVE=OFF ggml still compiles its x86 CPU
+# backend with AVX, AVX2, FMA and F16C statically (its defaults), so "portable" here means
+# "any x86-64 from Haswell on", not baseline x86-64; GGML_NATIVE=ON adds whatever this CPU has
+# (AVX-512, VNNI, ...). Canopy's own build is the stock Rust target (no -C target-cpu).
+#
+# Environment:
+#   LLAMA_CPP_DIR             cache directory (default /tmp/canopy-llama.cpp)
+#   LLAMA_CPP_NATIVE          ON or OFF (default OFF); ON builds in build-native/
+#   LLAMA_CPP_PYTHON_VERSION  llama-cpp-python sdist version (default 0.3.36)
+#   LLAMA_CPP_TARGETS         cmake targets (default llama-bench)
+#   JOBS                      parallel build jobs (default: nproc)
+set -euo pipefail
+
+DIR="${LLAMA_CPP_DIR:-/tmp/canopy-llama.cpp}"
+NATIVE="${LLAMA_CPP_NATIVE:-OFF}"
+VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+TARGETS="${LLAMA_CPP_TARGETS:-llama-bench}"
+JOBS="${JOBS:-$(nproc 2>/dev/null || echo 2)}"
+
+case "$NATIVE" in
+    ON | on | 1 | true) NATIVE=ON BUILD="$DIR/build-native" ;;
+    OFF | off | 0 | false | "") NATIVE=OFF BUILD="$DIR/build" ;;
+    *) echo "LLAMA_CPP_NATIVE must be ON or OFF, not '$NATIVE'" >&2; exit 2 ;;
+esac
+
+REPO_ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+case "$(realpath -m "$DIR")/" in
+    "$REPO_ROOT"/*) echo "LLAMA_CPP_DIR must be outside the repository ($REPO_ROOT)" >&2; exit 2 ;;
+esac
+
+SRC="$DIR/llama_cpp_python-$VERSION/vendor/llama.cpp"
+BIN="$BUILD/bin/llama-bench"
+
+# Everything but the final path goes to stderr, so `B=$(scripts/build-llama-cpp.sh)` works.
+{
+    mkdir -p "$DIR"
+    if [ ! -f "$SRC/CMakeLists.txt" ]; then
+        TARBALL="$DIR/llama_cpp_python-$VERSION.tar.gz"
+        if [ ! -f "$TARBALL" ]; then
+            echo "downloading the llama-cpp-python $VERSION sdist (vendors llama.cpp) into $DIR" >&2
+            # Only llama-cpp-python itself as source: `--no-binary :all:` would also build its
+            # build dependencies (cmake!) from source just to read its metadata.
+            python3 -m pip download --no-deps --no-binary llama-cpp-python \
+                "llama-cpp-python==$VERSION" -d "$DIR"
+        fi
+        # Extract next to the final place and move it there, so that an interrupted run never
+        # leaves a half-extracted tree that looks complete.
+        TMP="$(mktemp -d "$DIR/extract.XXXXXX")"
+        tar -xzf "$TARBALL" -C "$TMP"
+        rm -rf "$DIR/llama_cpp_python-$VERSION"
+        mv "$TMP/llama_cpp_python-$VERSION" "$DIR/"
+        rmdir "$TMP"
+    fi
+
+    if ! command -v cmake >/dev/null; then
+        echo "cmake not found; installing it with pip" >&2
+        python3 -m pip install --only-binary :all: cmake
+    fi
+    if [ ! -f "$BUILD/CMakeCache.txt" ]; then
+        cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release \
+            -DGGML_NATIVE="$NATIVE" -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+            -DLLAMA_BUILD_SERVER=OFF -DGGML_OPENMP=OFF -DBUILD_SHARED_LIBS=OFF
+    fi
+    # shellcheck disable=SC2086 # TARGETS is a list
+    cmake --build "$BUILD" --target $TARGETS -j"$JOBS"
+} 1>&2
+
+if [ ! -x "$BIN" ]; then
+    echo "the build finished but $BIN is missing" >&2
+    exit 1
+fi
+echo "$BIN"
