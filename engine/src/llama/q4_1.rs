@@ -23,13 +23,21 @@ use half::f16;
 /// Values per Q4_1 / Q8_1 block.
 const QK: usize = 32;
 
-/// One Q4_1 block, laid out exactly as ggml (and candle) store it.
-#[repr(C)]
+/// One Q4_1 weight block, its scale and minimum widened to f32 at load (an exact conversion,
+/// done once instead of at every dot product).
 #[derive(Clone, Copy, Debug)]
 struct BlockQ41 {
-    d: f16,
-    m: f16,
+    d: f32,
+    m: f32,
     qs: [u8; QK / 2],
+}
+
+/// One quantized input block with its f16 scale and sum widened to f32 (exact).
+#[derive(Clone, Copy)]
+struct InputBlock {
+    d: f32,
+    s: f32,
+    qs: [i8; QK],
 }
 
 /// One Q8_1 block, laid out exactly as candle's `BlockQ8_1`.
@@ -41,7 +49,7 @@ struct BlockQ81 {
     qs: [i8; QK],
 }
 
-const _: () = assert!(std::mem::size_of::<BlockQ41>() == 20);
+const Q4_1_BLOCK_BYTES: usize = 20;
 const _: () = assert!(std::mem::size_of::<BlockQ81>() == 36);
 const _: () = assert!(std::mem::size_of::<BlockQ8_1>() == 36);
 
@@ -77,17 +85,17 @@ impl Q41Matrix {
         }
         let data = tensor.data().ok()?;
         let n_blocks = rows * cols / QK;
-        if data.len() != n_blocks * std::mem::size_of::<BlockQ41>() {
+        if data.len() != n_blocks * Q4_1_BLOCK_BYTES {
             return None;
         }
         let blocks = data
-            .chunks_exact(std::mem::size_of::<BlockQ41>())
+            .chunks_exact(Q4_1_BLOCK_BYTES)
             .map(|b| {
                 let mut qs = [0u8; QK / 2];
                 qs.copy_from_slice(&b[4..20]);
                 BlockQ41 {
-                    d: f16::from_le_bytes([b[0], b[1]]),
-                    m: f16::from_le_bytes([b[2], b[3]]),
+                    d: f16::from_le_bytes([b[0], b[1]]).to_f32(),
+                    m: f16::from_le_bytes([b[2], b[3]]).to_f32(),
                     qs,
                 }
             })
@@ -108,7 +116,7 @@ impl Q41Matrix {
 }
 
 /// Quantizes one input row to Q8_1 with candle's own code.
-fn quantize_row(x: &[f32]) -> Vec<BlockQ81> {
+fn quantize_row(x: &[f32]) -> Vec<InputBlock> {
     let mut candle_blocks = vec![BlockQ8_1::zeros(); x.len() / QK];
     BlockQ8_1::from_float(x, &mut candle_blocks);
     candle_blocks
@@ -116,12 +124,17 @@ fn quantize_row(x: &[f32]) -> Vec<BlockQ81> {
         .map(|b| {
             // SAFETY: BlockQ8_1 and BlockQ81 are both repr(C) {f16, f16, [i8; 32]} (asserted
             // sizes above); this reads the bytes of a valid block.
-            unsafe { std::mem::transmute_copy::<BlockQ8_1, BlockQ81>(b) }
+            let b = unsafe { std::mem::transmute_copy::<BlockQ8_1, BlockQ81>(b) };
+            InputBlock {
+                d: b.d.to_f32(),
+                s: b.s.to_f32(),
+                qs: b.qs,
+            }
         })
         .collect()
 }
 
-fn sumi_scalar(w: &BlockQ41, x: &BlockQ81) -> i32 {
+fn sumi_scalar(w: &BlockQ41, x: &InputBlock) -> i32 {
     let mut sumi = 0i32;
     for j in 0..QK / 2 {
         let v0 = (w.qs[j] & 0x0F) as i32;
@@ -133,7 +146,8 @@ fn sumi_scalar(w: &BlockQ41, x: &BlockQ81) -> i32 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn sumi_avx2(w: &BlockQ41, x: &BlockQ81) -> i32 {
+#[inline]
+unsafe fn sumi_avx2(w: &BlockQ41, x: &InputBlock) -> i32 {
     use std::arch::x86_64::*;
     // SAFETY: both blocks are plain byte arrays of the loaded sizes; unaligned loads.
     unsafe {
@@ -156,24 +170,29 @@ unsafe fn sumi_avx2(w: &BlockQ41, x: &BlockQ81) -> i32 {
 }
 
 /// One output: candle's float accumulation over exact integer block dots.
-fn dot(row: &[BlockQ41], xs: &[BlockQ81], simd: bool) -> f32 {
+fn dot(row: &[BlockQ41], xs: &[InputBlock], simd: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is only true when AVX2 was detected at run time.
+        return unsafe { dot_avx2(row, xs) };
+    }
+    let _ = simd;
     let mut sumf = 0f32;
     for (w, x) in row.iter().zip(xs) {
-        let sumi = if simd {
-            #[cfg(target_arch = "x86_64")]
-            {
-                // SAFETY: `simd` is only true when AVX2 was detected at run time.
-                unsafe { sumi_avx2(w, x) }
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                sumi_scalar(w, x)
-            }
-        } else {
-            sumi_scalar(w, x)
-        };
-        sumf +=
-            sumi as f32 * f16::to_f32(w.d) * f16::to_f32(x.d) + f16::to_f32(w.m) * f16::to_f32(x.s);
+        sumf += sumi_scalar(w, x) as f32 * w.d * x.d + w.m * x.s;
+    }
+    sumf
+}
+
+/// [`dot`] with the integer part in AVX2, compiled as one function so it inlines.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_avx2(row: &[BlockQ41], xs: &[InputBlock]) -> f32 {
+    let mut sumf = 0f32;
+    for (w, x) in row.iter().zip(xs) {
+        // SAFETY: this function only runs where AVX2 is available.
+        let sumi = unsafe { sumi_avx2(w, x) };
+        sumf += sumi as f32 * w.d * x.d + w.m * x.s;
     }
     sumf
 }
@@ -225,7 +244,7 @@ impl CustomOp1 for Q41MatMul {
         }
         let m: usize = batch.iter().product();
         let n = w.rows;
-        let xq: Vec<Vec<BlockQ81>> = x.chunks_exact(k).map(quantize_row).collect();
+        let xq: Vec<Vec<InputBlock>> = x.chunks_exact(k).map(quantize_row).collect();
         let mut out = vec![0f32; m * n];
         let ptr = OutPtr(out.as_mut_ptr());
         let simd = simd_available();
@@ -295,13 +314,13 @@ mod tests {
     #[test]
     fn simd_and_scalar_block_dots_agree() {
         let w = BlockQ41 {
-            d: f16::from_f32(0.5),
-            m: f16::from_f32(-1.0),
+            d: 0.5,
+            m: -1.0,
             qs: std::array::from_fn(|i| (i * 37 % 256) as u8),
         };
-        let x = BlockQ81 {
-            d: f16::from_f32(0.1),
-            s: f16::from_f32(3.0),
+        let x = InputBlock {
+            d: 0.1,
+            s: 3.0,
             qs: std::array::from_fn(|i| (i as i32 * 53 % 255 - 127) as i8),
         };
         if simd_available() {
