@@ -148,14 +148,34 @@ fn sumi_scalar(w: &BlockQ41, x: &InputBlock) -> i32 {
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn sumi_avx2(w: &BlockQ41, x: &InputBlock) -> i32 {
+    // SAFETY: this function only runs where AVX2 is available.
+    unsafe { sumi_unpacked_avx2(unpack_avx2(w), x) }
+}
+
+/// The 32 weights of a block as bytes: element j is the low nibble of qs[j], element j + 16
+/// the high nibble (ggml's order).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn unpack_avx2(w: &BlockQ41) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
-    // SAFETY: both blocks are plain byte arrays of the loaded sizes; unaligned loads.
+    // SAFETY: qs is 16 readable bytes; unaligned load.
     unsafe {
         let packed = _mm_loadu_si128(w.qs.as_ptr() as *const __m128i);
         let low = _mm_and_si128(packed, _mm_set1_epi8(0x0F));
         let high = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F));
-        // Element j is the low nibble of qs[j], element j + 16 the high nibble: ggml's order.
-        let w8 = _mm256_set_m128i(high, low);
+        _mm256_set_m128i(high, low)
+    }
+}
+
+/// The exact integer dot product of unpacked weights with an input block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn sumi_unpacked_avx2(w8: std::arch::x86_64::__m256i, x: &InputBlock) -> i32 {
+    use std::arch::x86_64::*;
+    // SAFETY: x.qs is 32 readable bytes; unaligned load.
+    unsafe {
         let x8 = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
         let pairs = _mm256_maddubs_epi16(w8, x8);
         let quads = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
@@ -195,6 +215,25 @@ unsafe fn dot_avx2(row: &[BlockQ41], xs: &[InputBlock]) -> f32 {
         sumf += sumi as f32 * w.d * x.d + w.m * x.s;
     }
     sumf
+}
+
+/// Four outputs at once: one weight row against four input rows, each weight block unpacked
+/// once. Each output is accumulated exactly as [`dot`] does, so the bits are the same.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot4_avx2(row: &[BlockQ41], xs: [&[InputBlock]; 4]) -> [f32; 4] {
+    let mut sums = [0f32; 4];
+    for (b, w) in row.iter().enumerate() {
+        // SAFETY: this function only runs where AVX2 is available.
+        let w8 = unsafe { unpack_avx2(w) };
+        for (sum, x) in sums.iter_mut().zip(xs) {
+            let x = &x[b];
+            // SAFETY: as above.
+            let sumi = unsafe { sumi_unpacked_avx2(w8, x) };
+            *sum += sumi as f32 * w.d * x.d + w.m * x.s;
+        }
+    }
+    sums
 }
 
 /// A pointer to the output buffer that threads write disjoint ranges of.
@@ -251,7 +290,22 @@ impl CustomOp1 for Q41MatMul {
         candle_core::utils::barrier_pool().execute_chunked(n, |range| {
             for r in range {
                 let row = w.row(r);
-                for (i, xs) in xq.iter().enumerate() {
+                let mut i = 0;
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    while i + 4 <= xq.len() {
+                        let xs = [&xq[i][..], &xq[i + 1][..], &xq[i + 2][..], &xq[i + 3][..]];
+                        // SAFETY: `simd` is only true when AVX2 was detected at run time.
+                        let v = unsafe { dot4_avx2(row, xs) };
+                        for (j, v) in v.into_iter().enumerate() {
+                            // SAFETY: index (i + j) * n + r is written only by the thread
+                            // owning row r.
+                            unsafe { ptr.write((i + j) * n + r, v) };
+                        }
+                        i += 4;
+                    }
+                }
+                for (i, xs) in xq.iter().enumerate().skip(i) {
                     let v = dot(row, xs, simd);
                     // SAFETY: index i * n + r is written by the one thread owning row r.
                     unsafe { ptr.write(i * n + r, v) };
