@@ -349,29 +349,22 @@ impl RunnerSupervisor {
         match msg {
             RunnerMsg::Submit { request, reply } => {
                 let instance = state.config.instance.clone();
-                let refusal = match (&state.runner, state.status) {
+                let max = state.config.max_tasks;
+                match (&state.runner, state.status) {
                     (Some(_), RunnerStatus::Ready | RunnerStatus::Running)
-                        if state.tasks.len() >= state.config.max_tasks =>
+                        if state.tasks.len() >= max =>
                     {
-                        Some(RunnerError::QueueFull {
-                            instance,
-                            max: state.config.max_tasks,
-                        })
+                        let _ = reply.send(Err(RunnerError::QueueFull { instance, max }));
                     }
-                    (Some(_), RunnerStatus::Ready | RunnerStatus::Running) => None,
-                    (_, status) => Some(RunnerError::NotReady { instance, status }),
-                };
-                match (refusal, &state.runner) {
-                    (None, Some(runner)) => {
+                    (Some(runner), RunnerStatus::Ready | RunnerStatus::Running) => {
                         let task_id = state.next_task;
                         state.next_task += 1;
                         state.tasks.submit(task_id, reply);
                         runner.send(ToRunner::Generate { task_id, request });
                     }
-                    (Some(err), _) => {
-                        let _ = reply.send(Err(err));
+                    (_, status) => {
+                        let _ = reply.send(Err(RunnerError::NotReady { instance, status }));
                     }
-                    (None, None) => unreachable!("a refusal is computed whenever no runner runs"),
                 }
             }
             RunnerMsg::Cancel { task_id } => {
