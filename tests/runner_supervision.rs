@@ -17,7 +17,7 @@ use canopy_actors::runner::{
     TaskEvent, TaskHandle,
 };
 use canopy_proto::{FinishReason, GenerateParams, GenerateRequest, LoadSpec, Prompt, RunnerStatus};
-use canopy_runtime::process::{FailureReason, HeartbeatPolicy};
+use canopy_runtime::process::{CommandLine, FailureReason, HeartbeatPolicy};
 use canopy_runtime::restart::{Backoff, Intensity};
 use common::alive;
 use nix::sys::signal::{Signal, kill};
@@ -535,7 +535,7 @@ async fn load_failure_fails_the_supervisor_with_the_runner_error() {
 async fn a_runner_sending_garbage_is_killed_as_a_protocol_violation() {
     let mut cfg = config("scripted");
     // A stand-in "runner" that answers with a frame whose body is not MessagePack.
-    cfg.command = RunnerCommand {
+    cfg.command = CommandLine {
         program: "sh".into(),
         args: vec![
             "-c".into(),

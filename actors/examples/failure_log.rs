@@ -51,7 +51,7 @@ use canopy_actors::node::{Node, NodeConfig, NodeHandle, Placement, RunnerDefault
 use canopy_actors::runner::{RunnerCommand, RunnerEvent};
 use canopy_proto::LoadSpec;
 use canopy_runtime::introspect::{self, Registration};
-use canopy_runtime::process::FailureReason;
+use canopy_runtime::process::{CommandLine, FailureReason};
 use canopy_runtime::supervisor::{ChildSpec, Restart};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
@@ -386,7 +386,7 @@ fn default_canopy() -> PathBuf {
 
 /// The node of the example: one instance of the model, the API on loopback, and the failure
 /// log as a user actor.
-pub fn node_config(command: RunnerCommand, model: &str, load: &str, port: u16) -> NodeConfig {
+pub fn node_config(command: CommandLine, model: &str, load: &str, port: u16) -> NodeConfig {
     NodeConfig {
         api: ApiConfig {
             addr: ([127, 0, 0, 1], port).into(),

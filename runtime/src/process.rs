@@ -40,34 +40,24 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-/// How a child process is started and watched.
+/// A program, its arguments and extra environment variables.
 #[derive(Debug, Clone)]
-pub struct ProcessSpec {
+pub struct CommandLine {
     /// The program to run.
     pub program: PathBuf,
     /// Its arguments.
     pub args: Vec<OsString>,
     /// Extra environment variables.
     pub env: Vec<(OsString, OsString)>,
-    /// Heartbeat watchdog; `None` disables it.
-    pub heartbeat: Option<HeartbeatPolicy>,
-    /// How many of the last stderr lines are kept for failure reports.
-    pub stderr_tail_lines: usize,
-    /// After SIGTERM, how long to wait before SIGKILL.
-    pub term_grace: Duration,
 }
 
-impl ProcessSpec {
-    /// A spec for `program` with no arguments, no heartbeat, a 40-line stderr tail and a
-    /// 2-second SIGTERM grace.
+impl CommandLine {
+    /// `program` with no arguments and no extra environment.
     pub fn new(program: impl Into<PathBuf>) -> Self {
         Self {
             program: program.into(),
             args: Vec::new(),
             env: Vec::new(),
-            heartbeat: None,
-            stderr_tail_lines: 40,
-            term_grace: Duration::from_secs(2),
         }
     }
 
@@ -85,6 +75,32 @@ impl ProcessSpec {
     pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
         self.env.push((key.into(), value.into()));
         self
+    }
+}
+
+/// How a child process is started and watched.
+#[derive(Debug, Clone)]
+pub struct ProcessSpec {
+    /// What to run.
+    pub command: CommandLine,
+    /// Heartbeat watchdog; `None` disables it.
+    pub heartbeat: Option<HeartbeatPolicy>,
+    /// How many of the last stderr lines are kept for failure reports.
+    pub stderr_tail_lines: usize,
+    /// After SIGTERM, how long to wait before SIGKILL.
+    pub term_grace: Duration,
+}
+
+impl ProcessSpec {
+    /// A spec for `command` with no heartbeat, a 40-line stderr tail and a 2-second SIGTERM
+    /// grace.
+    pub fn new(command: CommandLine) -> Self {
+        Self {
+            command,
+            heartbeat: None,
+            stderr_tail_lines: 40,
+            term_grace: Duration::from_secs(2),
+        }
     }
 
     /// Enables the heartbeat watchdog.
@@ -345,9 +361,9 @@ pub struct SpawnFailed {
 }
 
 fn build_command(spec: &ProcessSpec) -> Command {
-    let mut cmd = Command::new(&spec.program);
-    cmd.args(&spec.args)
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+    let mut cmd = Command::new(&spec.command.program);
+    cmd.args(&spec.command.args)
+        .envs(spec.command.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -465,7 +481,7 @@ impl Actor for ProcessActor {
     ) -> Result<ProcessState, ActorProcessingErr> {
         let ProcessArgs { spec, io } = args;
         let mut child = build_command(&spec).spawn().map_err(|source| SpawnFailed {
-            program: spec.program.display().to_string(),
+            program: spec.command.program.display().to_string(),
             source,
         })?;
         let pid = child.id().unwrap_or(0);
@@ -474,7 +490,7 @@ impl Actor for ProcessActor {
         else {
             return Err("child was spawned without piped stdio".into());
         };
-        tracing::info!(pid, program = %spec.program.display(), "child process started");
+        tracing::info!(pid, program = %spec.command.program.display(), "child process started");
 
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(spec.stderr_tail_lines)));
         let stderr_done = tokio::spawn(read_stderr(
@@ -497,7 +513,7 @@ impl Actor for ProcessActor {
         let registration = crate::introspect::register(&myself.get_cell(), "process");
         {
             let beat = beat.clone();
-            let program = spec.program.display().to_string();
+            let program = spec.command.program.display().to_string();
             registration.set_details(Arc::new(move || {
                 serde_json::json!({
                     "pid": pid,

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use canopy_runtime::process::{
-    FailureReason, HeartbeatPolicy, ProcessFailed, ProcessMsg, ProcessSpec, spawn_process,
+    CommandLine, FailureReason, HeartbeatPolicy, ProcessFailed, ProcessMsg, ProcessSpec,
+    spawn_process,
 };
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -93,7 +94,7 @@ impl Drop for Harness {
 }
 
 fn sh(script: &str) -> ProcessSpec {
-    ProcessSpec::new("sh").args(["-c", script])
+    ProcessSpec::new(CommandLine::new("sh").args(["-c", script]))
 }
 
 fn alive(pid: u32) -> bool {
@@ -285,7 +286,7 @@ async fn missing_program_fails_to_spawn_with_a_clear_error() {
     let h = Harness::new().await;
     let err = spawn_process(
         None,
-        ProcessSpec::new("/nonexistent/canopy-runner"),
+        ProcessSpec::new(CommandLine::new("/nonexistent/canopy-runner")),
         h.probe.get_cell(),
     )
     .await

@@ -5,13 +5,15 @@ use canopy_proto::LoadSpec;
 use canopy_runtime::process::HeartbeatPolicy;
 
 use crate::api::ApiConfig;
-use crate::runner::{RestartPolicy, RunnerCommand, RunnerConfig, StallTimeouts};
+use canopy_runtime::process::CommandLine;
+
+use crate::runner::{RestartPolicy, RunnerConfig, StallTimeouts};
 
 /// Settings shared by every runner this node starts.
 #[derive(Debug, Clone)]
 pub struct RunnerDefaults {
     /// How to start a runner process.
-    pub command: RunnerCommand,
+    pub command: CommandLine,
     /// The heartbeat watchdog.
     pub heartbeat: HeartbeatPolicy,
     /// Per-phase stall timeouts.
@@ -24,7 +26,7 @@ pub struct RunnerDefaults {
 
 impl RunnerDefaults {
     /// Defaults for runners started with `command`.
-    pub fn new(command: RunnerCommand) -> Self {
+    pub fn new(command: CommandLine) -> Self {
         Self {
             command,
             heartbeat: HeartbeatPolicy::default(),

@@ -1,53 +1,25 @@
 //! How a runner is started, watched and restarted.
 
-use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use canopy_proto::LoadSpec;
-use canopy_runtime::process::HeartbeatPolicy;
+use canopy_runtime::process::{CommandLine, HeartbeatPolicy};
 use canopy_runtime::restart::{Backoff, Intensity};
 
-/// The command line that starts a runner process.
-#[derive(Debug, Clone)]
-pub struct RunnerCommand {
-    /// The `canopy` executable (normally `std::env::current_exe()`).
-    pub program: PathBuf,
-    /// Its arguments (normally `runner` followed by runner flags).
-    pub args: Vec<OsString>,
-    /// Extra environment variables.
-    pub env: Vec<(OsString, OsString)>,
-}
+/// Constructors of the command line that starts a runner process (`canopy runner`).
+#[derive(Debug, Clone, Copy)]
+pub struct RunnerCommand;
 
 impl RunnerCommand {
-    /// `program runner` with no extra flags.
-    pub fn canopy(program: impl Into<PathBuf>) -> Self {
-        Self {
-            program: program.into(),
-            args: vec!["runner".into()],
-            env: Vec::new(),
-        }
+    /// `program runner` with no extra flags (`program` is the `canopy` executable).
+    pub fn canopy(program: impl Into<PathBuf>) -> CommandLine {
+        CommandLine::new(program).args(["runner"])
     }
 
     /// `canopy runner` using the executable of the current process.
-    pub fn current_exe() -> std::io::Result<Self> {
+    pub fn current_exe() -> std::io::Result<CommandLine> {
         Ok(Self::canopy(std::env::current_exe()?))
-    }
-
-    /// Adds arguments.
-    pub fn args<I, S>(mut self, args: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<OsString>,
-    {
-        self.args.extend(args.into_iter().map(Into::into));
-        self
-    }
-
-    /// Adds an environment variable.
-    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
-        self.env.push((key.into(), value.into()));
-        self
     }
 }
 
@@ -97,7 +69,7 @@ pub struct RunnerConfig {
     /// The instance's name (shows in logs, events and introspection).
     pub instance: String,
     /// How to start the runner.
-    pub command: RunnerCommand,
+    pub command: CommandLine,
     /// What the runner loads.
     pub load: LoadSpec,
     /// The heartbeat watchdog.
@@ -116,7 +88,7 @@ pub struct RunnerConfig {
 
 impl RunnerConfig {
     /// A config with default timeouts and policy.
-    pub fn new(instance: impl Into<String>, command: RunnerCommand, load: LoadSpec) -> Self {
+    pub fn new(instance: impl Into<String>, command: CommandLine, load: LoadSpec) -> Self {
         Self {
             instance: instance.into(),
             command,

@@ -116,15 +116,14 @@ impl RunnerSupervisorState {
     }
 
     fn process_spec(&self) -> ProcessSpec {
-        let cmd = &self.config.command;
-        let mut spec = ProcessSpec::new(cmd.program.clone())
-            .args(cmd.args.iter().cloned())
-            .heartbeat(self.config.heartbeat);
-        spec.env = cmd.env.clone();
+        let mut spec =
+            ProcessSpec::new(self.config.command.clone()).heartbeat(self.config.heartbeat);
         if let Some(threads) = self.config.load.threads {
             // The engine's thread pools size themselves from these at first use.
             for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
-                spec.env.push((var.into(), threads.to_string().into()));
+                spec.command
+                    .env
+                    .push((var.into(), threads.to_string().into()));
             }
         }
         spec.stderr_tail_lines = self.config.stderr_tail_lines;
