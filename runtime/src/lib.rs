@@ -8,6 +8,7 @@
 //!   supervision links into the tree `canopy inspect` shows.
 //! - [`restart`]: restart intensity windows and backoff, shared by every supervisor.
 
+pub mod cluster;
 pub mod introspect;
 pub mod process;
 pub mod restart;

@@ -133,7 +133,7 @@ impl Default for HeartbeatPolicy {
 }
 
 /// Why a child process is considered failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FailureReason {
     /// It exited with a non-zero code.
     Exited {

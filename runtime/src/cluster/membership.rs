@@ -1,0 +1,890 @@
+//! `ClusterActor`: this node's membership in the cluster, on `ractor_cluster`.
+//!
+//! It owns the `NodeServer` (bound to the explicit address it is given, authenticated by the
+//! cluster cookie), the node's [inbox](super::wire::InboxMsg) (the one actor other nodes talk
+//! to, found through the process group `canopy.inbox.<node id>`), discovery, the dialing of
+//! static and discovered peers with backoff, one [`PeerMonitor`] per connected peer, and the
+//! [`Election`]. What it knows is published as a [`ClusterView`] on a watch channel;
+//! application messages from peers arrive as [`Incoming`] on a channel the domain actors read,
+//! and [`ClusterHandle`] sends them.
+//!
+//! Peers and deaths:
+//! - a session that ends (the peer process died: its TCP connection closed) removes the peer
+//!   at once;
+//! - a peer that goes silent (frozen, or its link cut without a FIN) is declared dead by its
+//!   `PeerMonitor`, which stops the session; the monitor's failure reaches this actor as an
+//!   ordinary `ActorFailed`;
+//! - either way the peer leaves the view, the election runs again, and the peer is dialed
+//!   again (if this node is the side that dials it) with exponential backoff up to 5 s.
+//!
+//! A connection that closes before it authenticates is logged as refused: with
+//! `ractor_cluster`'s cookie handshake that means the other side has another cookie. Nothing
+//! else happens: the stranger never becomes a member.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
+};
+use ractor_cluster::RactorMessage;
+use ractor_cluster::node::{
+    NodeConnectionMode, NodeEventSubscription, NodeServer, NodeServerMessage,
+    NodeServerSessionInformation, NodeSessionMessage,
+};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::discovery::{BeaconInfo, Discovered, Discovery, DiscoveryConfig, should_dial};
+use super::election::{Candidate, Election};
+use super::identity::NodeId;
+use super::peer::{PeerArgs, PeerHeartbeat, PeerMonitor, PeerMsg};
+use super::wire::{Beat, Envelope, InboxMsg, inbox_group};
+
+/// How a node joins the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// This node's persistent id.
+    pub node_id: NodeId,
+    /// The address the `NodeServer` listens on (never "all interfaces" unless asked).
+    pub listen: SocketAddr,
+    /// The cluster cookie.
+    pub cookie: String,
+    /// Election priority (higher leads).
+    pub priority: i32,
+    /// When this node started (unix ms): its seniority in the election.
+    pub started_ms: u64,
+    /// Static peers to dial (`--peer`), for networks without multicast.
+    pub peers: Vec<SocketAddr>,
+    /// Multicast discovery, if enabled.
+    pub discovery: Option<DiscoveryConfig>,
+    /// Peer heartbeats.
+    pub heartbeat: PeerHeartbeat,
+    /// Quorum: the smallest component that may elect a leader (`--expect`).
+    pub expect: Option<usize>,
+    /// Bound on one TCP connect to a peer.
+    pub dial_timeout: Duration,
+}
+
+impl ClusterConfig {
+    /// A configuration with default heartbeats, no peers and no discovery.
+    pub fn new(node_id: NodeId, listen: SocketAddr, cookie: String) -> Self {
+        Self {
+            node_id,
+            listen,
+            cookie,
+            priority: 0,
+            started_ms: now_ms(),
+            peers: Vec::new(),
+            discovery: None,
+            heartbeat: PeerHeartbeat::default(),
+            expect: None,
+            dial_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Milliseconds since the unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A connected, live peer as the view reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Member {
+    /// The peer.
+    pub id: NodeId,
+    /// Its cluster address.
+    pub addr: SocketAddr,
+    /// Its start time (unix ms).
+    pub started_ms: u64,
+    /// Its priority.
+    pub priority: i32,
+}
+
+/// What this node knows about the cluster now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterView {
+    /// This node.
+    pub me: NodeId,
+    /// This node's cluster address.
+    pub addr: SocketAddr,
+    /// The highest term known.
+    pub term: u64,
+    /// The leader this node follows (possibly itself).
+    pub leader: Option<NodeId>,
+    /// Whether the component is large enough to elect (always true without `--expect`).
+    pub quorum: bool,
+    /// The live peers (this node excluded), sorted by id.
+    pub members: Vec<Member>,
+}
+
+impl ClusterView {
+    /// Whether this node leads.
+    pub fn is_leader(&self) -> bool {
+        self.leader.as_ref() == Some(&self.me)
+    }
+
+    /// Whether `id` is this node or a live peer.
+    pub fn contains(&self, id: &NodeId) -> bool {
+        *id == self.me || self.members.iter().any(|m| m.id == *id)
+    }
+}
+
+/// An application message from a peer (or from this node to itself).
+pub struct Incoming {
+    /// The sender.
+    pub from: NodeId,
+    /// The application's bytes.
+    pub payload: Vec<u8>,
+    /// Where to answer, for a call.
+    pub reply: Option<RpcReplyPort<Vec<u8>>>,
+}
+
+/// Why a message to a peer could not be delivered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterError {
+    /// The peer is not connected (or its inbox is not known yet).
+    #[error("node {0} is not connected")]
+    NotConnected(NodeId),
+    /// The peer did not answer in time, or its session closed while waiting (ractor can
+    /// report a remote timeout either way).
+    #[error("node {0} did not answer in time")]
+    Timeout(NodeId),
+    /// The message could not be sent.
+    #[error("cannot send to node {node}: {reason}")]
+    Send {
+        /// The peer.
+        node: NodeId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Sends application messages to other nodes and reads the view. Cheap to clone.
+#[derive(Clone)]
+pub struct ClusterHandle {
+    me: NodeId,
+    view: watch::Receiver<ClusterView>,
+}
+
+impl ClusterHandle {
+    /// This node's id.
+    pub fn me(&self) -> &NodeId {
+        &self.me
+    }
+
+    /// The current view.
+    pub fn view(&self) -> ClusterView {
+        self.view.borrow().clone()
+    }
+
+    /// A receiver that wakes on every change of the view.
+    pub fn subscribe(&self) -> watch::Receiver<ClusterView> {
+        self.view.clone()
+    }
+
+    fn inbox(&self, to: &NodeId) -> Result<ActorRef<InboxMsg>, ClusterError> {
+        let local = *to == self.me;
+        ractor::pg::get_members(&inbox_group(to))
+            .into_iter()
+            .find(|cell| cell.get_id().is_local() == local)
+            .map(ActorRef::from)
+            .ok_or_else(|| ClusterError::NotConnected(to.clone()))
+    }
+
+    fn envelope(&self, payload: Vec<u8>) -> Vec<u8> {
+        Envelope::App {
+            from: self.me.clone(),
+            payload,
+        }
+        .encode()
+    }
+
+    /// Sends `payload` to node `to` (possibly this node) without waiting.
+    pub fn send(&self, to: &NodeId, payload: Vec<u8>) -> Result<(), ClusterError> {
+        self.inbox(to)?
+            .cast(InboxMsg::Cast(self.envelope(payload)))
+            .map_err(|e| ClusterError::Send {
+                node: to.clone(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Sends `payload` to node `to` and waits up to `timeout` for its answer.
+    pub async fn call(
+        &self,
+        to: &NodeId,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ClusterError> {
+        let inbox = self.inbox(to)?;
+        let bytes = self.envelope(payload);
+        match inbox
+            .call(|reply| InboxMsg::Call(bytes, reply), Some(timeout))
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(answer)) => Ok(answer),
+            Ok(_) => Err(ClusterError::Timeout(to.clone())),
+            Err(e) => Err(ClusterError::Send {
+                node: to.clone(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+}
+
+/// What the cluster actor is started with (cloneable: a restarted actor reuses it).
+#[derive(Clone)]
+pub struct ClusterArgs {
+    /// The configuration.
+    pub config: ClusterConfig,
+    /// Where application messages from peers go.
+    pub incoming: mpsc::UnboundedSender<Incoming>,
+    view: Arc<watch::Sender<ClusterView>>,
+}
+
+/// Creates the arguments of a [`ClusterActor`], the handle to talk through it, and the
+/// receiver of application messages.
+pub fn cluster_channels(
+    config: ClusterConfig,
+) -> (
+    ClusterArgs,
+    ClusterHandle,
+    mpsc::UnboundedReceiver<Incoming>,
+) {
+    let (incoming, rx) = mpsc::unbounded_channel();
+    let view = ClusterView {
+        me: config.node_id.clone(),
+        addr: config.listen,
+        term: 0,
+        leader: None,
+        quorum: config.expect.is_none_or(|n| n <= 1),
+        members: Vec::new(),
+    };
+    let (view_tx, view_rx) = watch::channel(view);
+    let handle = ClusterHandle {
+        me: config.node_id.clone(),
+        view: view_rx,
+    };
+    (
+        ClusterArgs {
+            config,
+            incoming,
+            view: Arc::new(view_tx),
+        },
+        handle,
+        rx,
+    )
+}
+
+/// A `NodeServer` session event.
+#[derive(Debug)]
+pub enum SessionEvent {
+    /// A connection opened.
+    Opened(NodeServerSessionInformation),
+    /// It authenticated.
+    Authenticated(NodeServerSessionInformation),
+    /// It finished its state exchange.
+    Ready(NodeServerSessionInformation),
+    /// It closed.
+    Disconnected(NodeServerSessionInformation),
+}
+
+/// Messages of the [`ClusterActor`].
+#[derive(RactorMessage)]
+pub enum ClusterMsg {
+    /// Periodic work: dial, elect, publish.
+    Tick,
+    /// A beacon from another node.
+    Discovered(Discovered),
+    /// A session event from the `NodeServer`.
+    Session(SessionEvent),
+    /// A beat from a peer (via the inbox).
+    Beat(Beat),
+    /// A dial attempt to `addr` finished.
+    Dialed(SocketAddr, Result<(), String>),
+    /// The current view.
+    View(RpcReplyPort<ClusterView>),
+}
+
+struct Subscription(ActorRef<ClusterMsg>);
+
+impl NodeEventSubscription for Subscription {
+    fn node_session_opened(&self, ses: NodeServerSessionInformation) {
+        let _ = self.0.cast(ClusterMsg::Session(SessionEvent::Opened(ses)));
+    }
+    fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
+        let _ = self
+            .0
+            .cast(ClusterMsg::Session(SessionEvent::Disconnected(ses)));
+    }
+    fn node_session_authenticated(&self, ses: NodeServerSessionInformation) {
+        let _ = self
+            .0
+            .cast(ClusterMsg::Session(SessionEvent::Authenticated(ses)));
+    }
+    fn node_session_ready(&self, ses: NodeServerSessionInformation) {
+        let _ = self.0.cast(ClusterMsg::Session(SessionEvent::Ready(ses)));
+    }
+}
+
+/// The node's inbox: decodes envelopes from peers and hands them on.
+struct Inbox;
+
+struct InboxArgs {
+    cluster: ActorRef<ClusterMsg>,
+    incoming: mpsc::UnboundedSender<Incoming>,
+}
+
+impl Actor for Inbox {
+    type Msg = InboxMsg;
+    type State = (InboxArgs, crate::introspect::Registration);
+    type Arguments = InboxArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<InboxMsg>,
+        args: InboxArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok((
+            args,
+            crate::introspect::register(&myself.get_cell(), "inbox"),
+        ))
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<InboxMsg>,
+        msg: InboxMsg,
+        (args, _): &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let (bytes, reply) = match msg {
+            InboxMsg::Cast(bytes) => (bytes, None),
+            InboxMsg::Call(bytes, reply) => (bytes, Some(reply)),
+        };
+        match Envelope::decode(&bytes) {
+            Ok(Envelope::Beat(beat)) => {
+                let _ = args.cluster.cast(ClusterMsg::Beat(beat));
+            }
+            Ok(Envelope::App { from, payload }) => {
+                let _ = args.incoming.send(Incoming {
+                    from,
+                    payload,
+                    reply,
+                });
+            }
+            Err(err) => tracing::warn!(%err, "dropped a message from a peer"),
+        }
+        Ok(())
+    }
+}
+
+struct Peer {
+    session: ActorRef<NodeSessionMessage>,
+    monitor: ActorRef<PeerMsg>,
+    beat: Option<Beat>,
+}
+
+struct SessionInfo {
+    authenticated: bool,
+    peer_addr: String,
+}
+
+struct Dial {
+    failures: u32,
+    next: Instant,
+    in_flight: bool,
+}
+
+/// The cluster actor's state.
+pub struct ClusterState {
+    args: ClusterArgs,
+    server: ActorRef<NodeServerMessage>,
+    inbox: ActorRef<InboxMsg>,
+    discovery: Option<JoinHandle<()>>,
+    election: Election,
+    beat: Arc<watch::Sender<Beat>>,
+    peers: HashMap<NodeId, Peer>,
+    sessions: HashMap<ActorId, SessionInfo>,
+    /// Cluster addresses learned from beacons and beats.
+    known: HashMap<NodeId, SocketAddr>,
+    dials: HashMap<SocketAddr, Dial>,
+    registration: crate::introspect::Registration,
+}
+
+/// The actor (see the module docs).
+pub struct ClusterActor;
+
+/// The id in a session's peer name (`<node id>@<host>`).
+fn peer_id(info: &NodeServerSessionInformation) -> Option<NodeId> {
+    let name = &info.peer_name.as_ref()?.name;
+    name.split('@').next()?.parse().ok()
+}
+
+impl ClusterState {
+    fn config(&self) -> &ClusterConfig {
+        &self.args.config
+    }
+
+    fn me(&self) -> &NodeId {
+        &self.args.config.node_id
+    }
+
+    fn live_candidates(&self) -> Vec<Candidate> {
+        self.peers
+            .iter()
+            .filter_map(|(id, p)| {
+                let b = p.beat.as_ref()?;
+                Some(Candidate {
+                    id: id.clone(),
+                    priority: b.priority,
+                    started_ms: b.started_ms,
+                    term: b.term,
+                    leader: b.leader.clone(),
+                })
+            })
+            .collect()
+    }
+
+    fn elect_and_publish(&mut self) {
+        let me = Candidate {
+            id: self.me().clone(),
+            priority: self.config().priority,
+            started_ms: self.config().started_ms,
+            term: 0,
+            leader: None,
+        };
+        let peers = self.live_candidates();
+        let outcome = self.election.decide(&me, &peers);
+        self.beat.send_if_modified(|b| {
+            let changed = b.term != outcome.term || b.leader != outcome.leader;
+            b.term = outcome.term;
+            b.leader = outcome.leader.clone();
+            changed
+        });
+        let mut members: Vec<Member> = self
+            .peers
+            .iter()
+            .filter_map(|(id, p)| {
+                let b = p.beat.as_ref()?;
+                Some(Member {
+                    id: id.clone(),
+                    addr: b.addr,
+                    started_ms: b.started_ms,
+                    priority: b.priority,
+                })
+            })
+            .collect();
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        let view = ClusterView {
+            me: self.me().clone(),
+            addr: self.config().listen,
+            term: outcome.term,
+            leader: outcome.leader,
+            quorum: outcome.quorum,
+            members,
+        };
+        self.args.view.send_if_modified(|v| {
+            if *v == view {
+                false
+            } else {
+                *v = view;
+                true
+            }
+        });
+    }
+
+    /// Addresses worth a dial now.
+    fn due_dials(&mut self) -> Vec<SocketAddr> {
+        let connected: Vec<SocketAddr> = self
+            .peers
+            .values()
+            .filter_map(|p| p.beat.as_ref().map(|b| b.addr))
+            .chain(
+                self.sessions
+                    .values()
+                    .filter_map(|s| s.peer_addr.parse().ok()),
+            )
+            .collect();
+        let me = self.me().clone();
+        let listen = self.config().listen;
+        let mut wanted: Vec<SocketAddr> = self.config().peers.clone();
+        wanted.extend(
+            self.known
+                .iter()
+                .filter(|(id, _)| {
+                    !self.peers.contains_key(*id) && should_dial(me.as_str(), id.as_str())
+                })
+                .map(|(_, addr)| *addr),
+        );
+        let now = Instant::now();
+        let mut due = Vec::new();
+        for addr in wanted {
+            if addr == listen || connected.contains(&addr) || due.contains(&addr) {
+                continue;
+            }
+            let dial = self.dials.entry(addr).or_insert(Dial {
+                failures: 0,
+                next: now,
+                in_flight: false,
+            });
+            if !dial.in_flight && dial.next <= now {
+                dial.in_flight = true;
+                due.push(addr);
+            }
+        }
+        due
+    }
+
+    fn dial(&mut self, myself: &ActorRef<ClusterMsg>) {
+        for addr in self.due_dials() {
+            let server = self.server.clone();
+            let myself = myself.clone();
+            let limit = self.config().dial_timeout;
+            tokio::spawn(async move {
+                let outcome = match tokio::time::timeout(
+                    limit,
+                    ractor_cluster::client_connect(&server, addr),
+                )
+                .await
+                {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer within {limit:?}")),
+                };
+                let _ = myself.cast(ClusterMsg::Dialed(addr, outcome));
+            });
+        }
+    }
+
+    fn remove_peer(&mut self, id: &NodeId, why: &str) {
+        if let Some(peer) = self.peers.remove(id) {
+            peer.monitor.stop(None);
+            tracing::warn!(peer = %id.short(), why, "peer left the cluster");
+            if let Some(b) = &peer.beat
+                && let Some(d) = self.dials.get_mut(&b.addr)
+            {
+                d.next = Instant::now();
+            }
+        }
+    }
+
+    fn details(&self) -> serde_json::Value {
+        let view = self.args.view.borrow().clone();
+        serde_json::json!({
+            "node": self.me().to_string(),
+            "addr": self.config().listen.to_string(),
+            "term": view.term,
+            "leader": view.leader.map(|l| l.to_string()),
+            "peers": view.members.iter().map(|m| m.id.to_string()).collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn backoff(failures: u32) -> Duration {
+    let ms = 250u64.saturating_mul(1 << failures.min(5));
+    Duration::from_millis(ms.min(5000))
+}
+
+impl Actor for ClusterActor {
+    type Msg = ClusterMsg;
+    type State = ClusterState;
+    type Arguments = ClusterArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ClusterMsg>,
+        args: ClusterArgs,
+    ) -> Result<ClusterState, ActorProcessingErr> {
+        let registration = crate::introspect::register(&myself.get_cell(), "cluster");
+        let config = &args.config;
+        let server = NodeServer::new(
+            config.listen.port(),
+            config.cookie.clone(),
+            config.node_id.to_string(),
+            config.listen.ip().to_string(),
+            None,
+            Some(NodeConnectionMode::Isolated),
+        )
+        .with_listen_addr(config.listen.ip());
+        let (server, _) = Actor::spawn_linked(None, server, (), myself.get_cell())
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot listen for cluster connections on {}: {e}",
+                    config.listen
+                )
+            })?;
+        server.cast(NodeServerMessage::SubscribeToEvents {
+            id: "canopy-cluster".into(),
+            subscription: Box::new(Subscription(myself.clone())),
+        })?;
+        let (inbox, _) = Actor::spawn_linked(
+            None,
+            Inbox,
+            InboxArgs {
+                cluster: myself.clone(),
+                incoming: args.incoming.clone(),
+            },
+            myself.get_cell(),
+        )
+        .await?;
+        ractor::pg::join(inbox_group(&config.node_id), vec![inbox.get_cell()]);
+
+        let discovery = match &config.discovery {
+            Some(dc) => {
+                let me = BeaconInfo {
+                    node_id: config.node_id.to_string(),
+                    addr: config.listen,
+                    started_ms: config.started_ms,
+                };
+                match Discovery::start(dc.clone(), me).await {
+                    Ok(mut discovery) => {
+                        let myself = myself.clone();
+                        Some(tokio::spawn(async move {
+                            while let Some(found) = discovery.recv().await {
+                                if myself.cast(ClusterMsg::Discovered(found)).is_err() {
+                                    break;
+                                }
+                            }
+                        }))
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "multicast discovery is off; only --peer addresses are dialed");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+
+        let beat = Beat {
+            from: config.node_id.clone(),
+            seq: 0,
+            addr: config.listen,
+            started_ms: config.started_ms,
+            priority: config.priority,
+            term: 0,
+            leader: None,
+        };
+        let election = Election::new(config.node_id.clone(), config.expect);
+        myself.send_interval(config.heartbeat.interval, || ClusterMsg::Tick);
+        tracing::info!(node = %config.node_id.short(), addr = %config.listen, "cluster membership started");
+        let mut state = ClusterState {
+            args,
+            server,
+            inbox,
+            discovery,
+            election,
+            beat: Arc::new(watch::channel(beat).0),
+            peers: HashMap::new(),
+            sessions: HashMap::new(),
+            known: HashMap::new(),
+            dials: HashMap::new(),
+            registration,
+        };
+        state.elect_and_publish();
+        Ok(state)
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<ClusterMsg>,
+        state: &mut ClusterState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(task) = state.discovery.take() {
+            task.abort();
+        }
+        state.inbox.stop(None);
+        state.server.stop(None);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ClusterMsg>,
+        msg: ClusterMsg,
+        state: &mut ClusterState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ClusterMsg::Tick => {
+                state.dial(&myself);
+                state.elect_and_publish();
+                let details = state.details();
+                state
+                    .registration
+                    .set_details(Arc::new(move || details.clone()));
+            }
+            ClusterMsg::Discovered(found) => {
+                let Ok(id) = found.node_id.parse::<NodeId>() else {
+                    return Ok(());
+                };
+                if id != *state.me() {
+                    state.known.insert(id, found.addr);
+                    state.dial(&myself);
+                }
+            }
+            ClusterMsg::Dialed(addr, outcome) => {
+                if let Some(dial) = state.dials.get_mut(&addr) {
+                    dial.in_flight = false;
+                    dial.failures = dial.failures.saturating_add(1);
+                    dial.next = Instant::now() + backoff(dial.failures);
+                    if let Err(err) = outcome {
+                        tracing::debug!(%addr, %err, "dial failed");
+                    }
+                }
+            }
+            ClusterMsg::Session(event) => handle_session(&myself, state, event).await?,
+            ClusterMsg::Beat(beat) => {
+                if beat.from == *state.me() {
+                    return Ok(());
+                }
+                state.known.insert(beat.from.clone(), beat.addr);
+                if let Some(peer) = state.peers.get_mut(&beat.from) {
+                    let first = peer.beat.is_none();
+                    let _ = peer.monitor.cast(PeerMsg::Beat(beat.clone()));
+                    if let Some(d) = state.dials.get_mut(&beat.addr) {
+                        d.failures = 0;
+                    }
+                    peer.beat = Some(beat);
+                    if first {
+                        state.elect_and_publish();
+                    }
+                }
+            }
+            ClusterMsg::View(reply) => {
+                let _ = reply.send(state.args.view.borrow().clone());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _: ActorRef<ClusterMsg>,
+        evt: SupervisionEvent,
+        state: &mut ClusterState,
+    ) -> Result<(), ActorProcessingErr> {
+        match evt {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                if let Some(id) = monitor_of(state, &cell) {
+                    state.remove_peer(&id, &err.to_string());
+                    state.elect_and_publish();
+                } else if cell.get_id() == state.server.get_id()
+                    || cell.get_id() == state.inbox.get_id()
+                {
+                    return Err(format!(
+                        "the cluster's {} failed: {err}",
+                        cell.get_name().unwrap_or_default()
+                    )
+                    .into());
+                }
+            }
+            SupervisionEvent::ActorTerminated(cell, _, _)
+                if cell.get_id() == state.server.get_id()
+                    || cell.get_id() == state.inbox.get_id() =>
+            {
+                return Err("the cluster's node server or inbox stopped".into());
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn monitor_of(state: &ClusterState, cell: &ActorCell) -> Option<NodeId> {
+    state
+        .peers
+        .iter()
+        .find(|(_, p)| p.monitor.get_id() == cell.get_id())
+        .map(|(id, _)| id.clone())
+}
+
+async fn handle_session(
+    myself: &ActorRef<ClusterMsg>,
+    state: &mut ClusterState,
+    event: SessionEvent,
+) -> Result<(), ActorProcessingErr> {
+    match event {
+        SessionEvent::Opened(info) => {
+            state.sessions.insert(
+                info.actor.get_id(),
+                SessionInfo {
+                    authenticated: false,
+                    peer_addr: info.peer_addr.clone(),
+                },
+            );
+        }
+        SessionEvent::Authenticated(info) => {
+            if let Some(s) = state.sessions.get_mut(&info.actor.get_id()) {
+                s.authenticated = true;
+            }
+        }
+        SessionEvent::Ready(info) => {
+            let Some(id) = peer_id(&info) else {
+                tracing::warn!(addr = %info.peer_addr, "a peer without a valid node id connected; dropping it");
+                info.actor.stop(Some("invalid node id".into()));
+                return Ok(());
+            };
+            if id == *state.me() {
+                info.actor.stop(Some("connection to self".into()));
+                return Ok(());
+            }
+            if let Some(old) = state.peers.remove(&id) {
+                old.monitor.stop(None);
+            }
+            let (monitor, _) = Actor::spawn_linked(
+                None,
+                PeerMonitor,
+                PeerArgs {
+                    peer: id.clone(),
+                    session: info.actor.clone(),
+                    heartbeat: state.config().heartbeat,
+                    beat: state.beat.subscribe(),
+                },
+                myself.get_cell(),
+            )
+            .await?;
+            tracing::info!(peer = %id.short(), addr = %info.peer_addr, "peer connected");
+            state.peers.insert(
+                id,
+                Peer {
+                    session: info.actor.clone(),
+                    monitor,
+                    beat: None,
+                },
+            );
+        }
+        SessionEvent::Disconnected(info) => {
+            let session = state.sessions.remove(&info.actor.get_id());
+            let peer = state
+                .peers
+                .iter()
+                .find(|(_, p)| p.session.get_id() == info.actor.get_id())
+                .map(|(id, _)| id.clone());
+            match (peer, session) {
+                (Some(id), _) => {
+                    state.remove_peer(&id, "its connection closed");
+                    state.elect_and_publish();
+                }
+                (None, Some(s)) if !s.authenticated => {
+                    let duplicate = peer_id(&info).is_some_and(|id| state.peers.contains_key(&id));
+                    if !duplicate {
+                        tracing::warn!(
+                            addr = %s.peer_addr,
+                            "refused a cluster connection that did not authenticate: the other node has a different cookie"
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
