@@ -7,7 +7,10 @@
 //! - [`api`]: the `ApiActor`, the node's HTTP server: OpenAI-compatible chat completions
 //!   (JSON and SSE), models, health, readiness, Prometheus metrics and introspection, talking
 //!   to the rest of the node through the `Backend` trait.
+//! - [`cluster`]: the cluster layer: reports, the replicated plan, the master's placement
+//!   and re-placement, and routing requests to instances on other nodes.
 
 pub mod api;
+pub mod cluster;
 pub mod node;
 pub mod runner;

@@ -4,7 +4,8 @@
 //! shape) and prints one line per actor: name, kind, status, uptime, restarts, and the
 //! details the actor reports (for runners: the OS pid, heartbeat age and current task).
 //! Mailbox depth is not shown: ractor does not expose it. `--json` prints the raw tree;
-//! `--watch` redraws it every interval.
+//! `--watch` redraws it every interval. On a cluster member it shows every node's tree
+//! (`GET /v1/cluster/actors`), the master marked.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -31,9 +32,15 @@ pub struct InspectArgs {
 /// Runs `canopy inspect`.
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     loop {
-        let tree = get_json(&args.url, "/v1/actors")?;
+        // A cluster member answers with every node's tree; a standalone node has only its own.
+        let tree = match get_json(&args.url, "/v1/cluster/actors") {
+            Ok(cluster) if cluster["nodes"].is_array() => cluster,
+            _ => get_json(&args.url, "/v1/actors")?,
+        };
         let out = if args.json {
             serde_json::to_string_pretty(&tree)?
+        } else if let Some(nodes) = tree["nodes"].as_array() {
+            render_cluster(nodes)
         } else {
             render(&tree)
         };
@@ -59,6 +66,29 @@ fn human_ms(ms: u64) -> String {
         60_000..3_600_000 => format!("{}m{}s", ms / 60_000, (ms / 1000) % 60),
         _ => format!("{}h{}m", ms / 3_600_000, (ms / 60_000) % 60),
     }
+}
+
+/// Every node's tree, one after the other, each under a header line.
+pub fn render_cluster(nodes: &[Value]) -> String {
+    let mut out = String::new();
+    for node in nodes {
+        let id = node["node"].as_str().unwrap_or("?");
+        let role = if node["master"].as_bool() == Some(true) {
+            " (master)"
+        } else {
+            ""
+        };
+        let _ = writeln!(out, "node {id}{role}");
+        if node["tree"].is_null() {
+            let why = node["error"].as_str().unwrap_or("no answer");
+            let _ = writeln!(out, "  (tree unavailable: {why})");
+        } else {
+            for l in render(&node["tree"]).lines() {
+                let _ = writeln!(out, "  {l}");
+            }
+        }
+    }
+    out
 }
 
 /// The tree as indented text.

@@ -12,6 +12,7 @@
 mod chat;
 mod client;
 mod inspect;
+mod local_cluster;
 mod model;
 mod runner;
 mod serve;

@@ -28,10 +28,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use canopy_actors::api::ApiConfig;
+use canopy_actors::cluster::{ClusterSetup, ModelResolver};
 use canopy_actors::node::{Node, NodeConfig, Placement, RunnerDefaults};
 use canopy_actors::runner::{RunnerCommand, RunnerEvent};
 use canopy_engine::store::ModelStore;
 use canopy_proto::{LoadSpec, RunnerStatus};
+use canopy_runtime::cluster::ClusterConfig;
+use canopy_runtime::cluster::discovery::DiscoveryConfig;
 use clap::Args;
 use serde::Deserialize;
 
@@ -39,6 +42,9 @@ use crate::model::BarProgress;
 
 /// The API port, exo's.
 pub const DEFAULT_PORT: u16 = 52415;
+
+/// The cluster port.
+pub const DEFAULT_CLUSTER_PORT: u16 = 52416;
 
 /// Options of `canopy up` and `canopy node`.
 #[derive(Debug, Clone, Args)]
@@ -71,6 +77,68 @@ pub struct ServeArgs {
     /// A TOML configuration file (flags and CANOPY_* variables override it).
     #[arg(long, env = "CANOPY_CONFIG")]
     config: Option<PathBuf>,
+    /// Run alone: no cluster membership, no discovery, no data dir.
+    #[arg(long, env = "CANOPY_STANDALONE")]
+    standalone: bool,
+    /// Address the cluster listens on [default: this machine's first non-loopback IPv4
+    /// address, else 127.0.0.1].
+    #[arg(long, env = "CANOPY_CLUSTER_HOST")]
+    cluster_host: Option<IpAddr>,
+    /// Port the cluster listens on [default: 52416].
+    #[arg(long, env = "CANOPY_CLUSTER_PORT")]
+    cluster_port: Option<u16>,
+    /// The cluster cookie; nodes with another cookie are refused [default: generated once
+    /// and kept in the data dir; printed at start so other nodes can join].
+    #[arg(long, env = "CANOPY_COOKIE", hide_env_values = true)]
+    cookie: Option<String>,
+    /// Where the node keeps its identity and cookie [default: the user's data dir, canopy].
+    #[arg(long, env = "CANOPY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// A node to join at HOST:PORT (its cluster address); repeatable. For networks without
+    /// multicast.
+    #[arg(long = "peer", env = "CANOPY_PEERS", value_delimiter = ',')]
+    peers: Vec<SocketAddr>,
+    /// Quorum: no master is elected in a group of fewer than N connected nodes.
+    #[arg(long, env = "CANOPY_EXPECT")]
+    expect: Option<usize>,
+    /// Election priority: the highest leads (then the oldest node) [default: 0].
+    #[arg(long, env = "CANOPY_PRIORITY", allow_negative_numbers = true)]
+    priority: Option<i32>,
+    /// Discovery namespace: nodes only join others of the same namespace [default: canopy].
+    #[arg(long, env = "CANOPY_NAMESPACE")]
+    namespace: Option<String>,
+    /// Do not send or listen for multicast discovery beacons (use --peer).
+    #[arg(long, env = "CANOPY_NO_DISCOVERY")]
+    no_discovery: bool,
+    /// Memory this node offers to model instances, e.g. 8G or 512M [default: what the
+    /// kernel reports available].
+    #[arg(long, env = "CANOPY_MEMORY", value_parser = parse_bytes)]
+    memory: Option<u64>,
+    /// `up` only: start a local cluster of N nodes on loopback (this process is the first;
+    /// the others are child processes on the next API and cluster ports).
+    #[arg(long, env = "CANOPY_NODES")]
+    nodes: Option<usize>,
+}
+
+/// Parses `512M`, `8G`, `1.5GiB`, `1048576`: a byte count with an optional binary suffix.
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size (try 512M or 8G)"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit `{other}` (use K, M, G or T)")),
+    };
+    Ok((number * scale as f64) as u64)
 }
 
 /// The configuration file's keys (all optional).
@@ -106,6 +174,42 @@ struct Settings {
     engine: Option<String>,
     max_queue: usize,
     model_dir: Option<PathBuf>,
+    cluster: Option<ClusterSettings>,
+    nodes: usize,
+}
+
+/// The cluster part of the settings (None when standalone).
+#[derive(Debug, Clone, PartialEq)]
+struct ClusterSettings {
+    listen: SocketAddr,
+    cookie: Option<String>,
+    data_dir: PathBuf,
+    peers: Vec<SocketAddr>,
+    expect: Option<usize>,
+    priority: i32,
+    namespace: String,
+    discovery: bool,
+    memory: Option<u64>,
+}
+
+/// The default cluster address: the first non-loopback IPv4 address of an interface that is
+/// up, else loopback.
+fn default_cluster_host() -> IpAddr {
+    let found = nix::ifaddrs::getifaddrs().ok().and_then(|addrs| {
+        addrs
+            .filter(|a| {
+                a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
+                    && !a
+                        .flags
+                        .contains(nix::net::if_::InterfaceFlags::IFF_LOOPBACK)
+            })
+            .find_map(|a| {
+                a.address
+                    .as_ref()
+                    .and_then(|s| s.as_sockaddr_in().map(|v4| IpAddr::V4(v4.ip())))
+            })
+    });
+    found.unwrap_or(IpAddr::from([127, 0, 0, 1]))
 }
 
 impl Settings {
@@ -123,7 +227,41 @@ impl Settings {
         if instances == 0 {
             anyhow::bail!("--instances must be at least 1");
         }
+        let nodes = args.nodes.unwrap_or(1);
+        if nodes == 0 {
+            anyhow::bail!("--nodes must be at least 1");
+        }
+        let cluster = if args.standalone {
+            None
+        } else {
+            let local = nodes > 1;
+            let cluster_host = args.cluster_host.unwrap_or_else(|| {
+                if local {
+                    IpAddr::from([127, 0, 0, 1])
+                } else {
+                    default_cluster_host()
+                }
+            });
+            Some(ClusterSettings {
+                listen: SocketAddr::new(
+                    cluster_host,
+                    args.cluster_port.unwrap_or(DEFAULT_CLUSTER_PORT),
+                ),
+                cookie: args.cookie,
+                data_dir: args
+                    .data_dir
+                    .unwrap_or_else(canopy_runtime::cluster::identity::default_data_dir),
+                peers: args.peers,
+                expect: args.expect,
+                priority: args.priority.unwrap_or(0),
+                namespace: args.namespace.unwrap_or_else(|| "canopy".into()),
+                discovery: !args.no_discovery && !local,
+                memory: args.memory,
+            })
+        };
         Ok(Self {
+            cluster,
+            nodes,
             addr: SocketAddr::new(host, port),
             model: args
                 .model
@@ -159,9 +297,67 @@ fn fetch_model(name: &str, store: &ModelStore) -> anyhow::Result<(String, PathBu
     Ok((id, path))
 }
 
+/// Resolves placement requests' model names with the model store (downloading catalogue
+/// models on first use); with a non-candle engine, names pass through as they are.
+struct StoreResolver {
+    store: ModelStore,
+    engine: Option<String>,
+    threads: Option<u32>,
+}
+
+impl StoreResolver {
+    fn passthrough(&self) -> bool {
+        self.engine.as_deref().is_some_and(|e| e != "candle")
+    }
+}
+
+impl ModelResolver for StoreResolver {
+    fn resolve(&self, model: &str) -> Result<LoadSpec, String> {
+        let path = if self.passthrough() {
+            PathBuf::from(model)
+        } else {
+            fetch_model(model, &self.store)
+                .map_err(|e| format!("{e:#}"))?
+                .1
+        };
+        Ok(LoadSpec {
+            model: path.display().to_string(),
+            layer_start: None,
+            layer_end: None,
+            threads: self.threads,
+        })
+    }
+
+    fn size_hint(&self, model: &str) -> Option<u64> {
+        if self.passthrough() {
+            return None;
+        }
+        let path = Path::new(model);
+        if path.exists() {
+            return std::fs::metadata(path).ok().map(|m| m.len());
+        }
+        self.store.entry(model).ok().map(|e| e.size_bytes)
+    }
+
+    fn model_id(&self, model: &str) -> String {
+        if self.passthrough() {
+            return model.to_string();
+        }
+        let path = Path::new(model);
+        if path.exists() {
+            return path
+                .file_stem()
+                .map_or_else(|| model.to_string(), |s| s.to_string_lossy().into_owned());
+        }
+        self.store
+            .entry(model)
+            .map_or_else(|_| model.to_string(), |e| e.name.clone())
+    }
+}
+
 /// Runs `canopy up` (`default_model = Some(..)`) or `canopy node` (`None`).
 pub fn run(args: ServeArgs, default_model: Option<&str>) -> anyhow::Result<()> {
-    let settings = Settings::resolve(args, default_model)?;
+    let mut settings = Settings::resolve(args, default_model)?;
     let store = match &settings.model_dir {
         Some(dir) => ModelStore::open(dir.clone()),
         None => ModelStore::open_default().map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -175,11 +371,104 @@ pub fn run(args: ServeArgs, default_model: Option<&str>) -> anyhow::Result<()> {
         (Some(name), _) => Some(fetch_model(name, &store)?),
         (None, _) => None,
     };
+    let resolver = StoreResolver {
+        store,
+        engine: settings.engine.clone(),
+        threads: settings.threads,
+    };
+    let local_nodes = match (&mut settings.cluster, settings.nodes) {
+        (Some(cluster), nodes) if nodes > 1 => {
+            if cluster.cookie.is_none() {
+                let dir = canopy_runtime::cluster::identity::DataDir::open(&cluster.data_dir)?;
+                cluster.cookie = Some(dir.cookie(None)?.value);
+            }
+            let mut passthrough = Vec::new();
+            if let Some(engine) = &settings.engine {
+                passthrough.extend(["--engine".to_string(), engine.clone()]);
+            }
+            if let Some(threads) = settings.threads {
+                passthrough.extend(["--threads".to_string(), threads.to_string()]);
+            }
+            if let Some(dir) = &settings.model_dir {
+                passthrough.extend(["--model-dir".to_string(), dir.display().to_string()]);
+            }
+            passthrough.extend(["--max-queue".to_string(), settings.max_queue.to_string()]);
+            for i in 1..nodes {
+                cluster.peers.push(SocketAddr::new(
+                    cluster.listen.ip(),
+                    cluster.listen.port() + i as u16,
+                ));
+            }
+            Some(crate::local_cluster::spawn(
+                &crate::local_cluster::LocalPlan {
+                    api: settings.addr,
+                    cluster: cluster.listen,
+                    cookie: cluster.cookie.as_deref().unwrap_or_default(),
+                    data_dir: &cluster.data_dir,
+                    nodes,
+                    passthrough,
+                },
+            )?)
+        }
+        (None, nodes) if nodes > 1 => anyhow::bail!("--nodes needs the cluster: drop --standalone"),
+        _ => None,
+    };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    runtime.block_on(serve(settings, model))
+    let outcome = runtime.block_on(serve(settings, model, resolver));
+    if let Some(nodes) = local_nodes {
+        nodes.stop();
+    }
+    outcome
 }
 
-async fn serve(settings: Settings, model: Option<(String, PathBuf)>) -> anyhow::Result<()> {
+/// Opens the data dir and builds the cluster setup.
+fn cluster_setup(
+    cluster: &ClusterSettings,
+    resolver: StoreResolver,
+) -> anyhow::Result<(ClusterSetup, canopy_runtime::cluster::identity::DataDir)> {
+    use canopy_runtime::cluster::identity::DataDir;
+    let dir = DataDir::open(&cluster.data_dir)?;
+    let node_id = dir.node_id()?;
+    let cookie = dir.cookie(cluster.cookie.as_deref())?;
+    if cookie.generated {
+        eprintln!(
+            "generated a cluster cookie (kept in {}): other nodes join with --cookie {}",
+            cluster.data_dir.display(),
+            cookie.value
+        );
+    }
+    let mut config = ClusterConfig::new(node_id, cluster.listen, cookie.value);
+    config.peers = cluster.peers.clone();
+    config.expect = cluster.expect;
+    config.priority = cluster.priority;
+    if cluster.discovery {
+        match cluster.listen.ip() {
+            IpAddr::V4(v4) if !v4.is_loopback() && !v4.is_unspecified() => {
+                let mut discovery = DiscoveryConfig::new(v4);
+                discovery.namespace = cluster.namespace.clone();
+                config.discovery = Some(discovery);
+            }
+            _ => tracing::warn!(
+                listen = %cluster.listen,
+                "multicast discovery needs a non-loopback IPv4 cluster address (--cluster-host); only --peer addresses are dialed"
+            ),
+        }
+    }
+    Ok((
+        ClusterSetup {
+            config,
+            resolver: std::sync::Arc::new(resolver),
+            memory_limit: cluster.memory,
+        },
+        dir,
+    ))
+}
+
+async fn serve(
+    settings: Settings,
+    model: Option<(String, PathBuf)>,
+    resolver: StoreResolver,
+) -> anyhow::Result<()> {
     let mut command = RunnerCommand::current_exe().context("cannot find the canopy executable")?;
     if let Some(engine) = &settings.engine {
         command = command.args(["--engine", engine.as_str()]);
@@ -207,7 +496,19 @@ async fn serve(settings: Settings, model: Option<(String, PathBuf)>) -> anyhow::
         runners,
         placements,
     };
-    let mut node = Node::builder(config).start().await?;
+    let mut builder = Node::builder(config);
+    // The data dir stays locked while the node runs.
+    let mut _data_dir = None;
+    if let Some(cluster) = &settings.cluster {
+        let (setup, dir) = cluster_setup(cluster, resolver)?;
+        eprintln!(
+            "node {} joining the cluster at {}",
+            setup.config.node_id, setup.config.listen
+        );
+        builder = builder.cluster(setup);
+        _data_dir = Some(dir);
+    }
+    let mut node = builder.start().await?;
     let mut events = node.runner_events();
     let addr = node.api_addr().await?;
     let base = format!("http://{addr}");
@@ -295,6 +596,18 @@ mod tests {
             max_queue: None,
             model_dir: None,
             config: None,
+            standalone: true,
+            cluster_host: None,
+            cluster_port: None,
+            cookie: None,
+            data_dir: None,
+            peers: Vec::new(),
+            expect: None,
+            priority: None,
+            namespace: None,
+            no_discovery: false,
+            memory: None,
+            nodes: None,
         }
     }
 

@@ -76,6 +76,7 @@ impl NodeProcess {
             .args(["--port", &port.to_string(), "--host", "127.0.0.1"])
             .env("CANOPY_MODEL_DIR", model_dir())
             .env("CANOPY_LOG", "info")
+            .env("CANOPY_STANDALONE", "true")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -294,3 +295,4 @@ pub fn unique_tag(what: &str) -> String {
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
 }
+pub mod netns;

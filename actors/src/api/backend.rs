@@ -12,6 +12,7 @@ use canopy_proto::GenerateRequest;
 use futures::future::BoxFuture;
 use serde::Serialize;
 
+pub use crate::node::PlaceFailure;
 use crate::runner::{RunnerError, TaskHandle};
 
 /// A model the node can serve, as listed by `GET /v1/models`.
@@ -28,7 +29,7 @@ pub struct ModelInfo {
 }
 
 /// Why a task could not be submitted.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum SubmitError {
     /// No instance of this model is placed anywhere (HTTP 404).
     #[error("the model `{0}` does not exist")]
@@ -78,4 +79,34 @@ pub trait Backend: Send + Sync + 'static {
 
     /// The live actor tree, as served by `GET /v1/actors`.
     fn actors(&self) -> BoxFuture<'static, serde_json::Value>;
+
+    /// Every node's actor tree (`GET /v1/cluster/actors`); `None` without a cluster.
+    fn cluster_actors(&self) -> Option<BoxFuture<'static, serde_json::Value>> {
+        None
+    }
+
+    /// Places model instances (`POST /instances`; the body is passed on as it came).
+    fn place(
+        &self,
+        request: serde_json::Value,
+    ) -> BoxFuture<'static, Result<serde_json::Value, PlaceFailure>> {
+        let _ = request;
+        Box::pin(async { Err(PlaceFailure::unsupported()) })
+    }
+
+    /// Deletes an instance (`DELETE /instances/{id}`).
+    fn delete_instance(&self, instance: String) -> BoxFuture<'static, Result<(), PlaceFailure>> {
+        let _ = instance;
+        Box::pin(async { Err(PlaceFailure::unsupported()) })
+    }
+}
+
+impl PlaceFailure {
+    fn unsupported() -> Self {
+        Self {
+            status: 400,
+            code: "unsupported".into(),
+            message: "this backend cannot place instances".into(),
+        }
+    }
 }

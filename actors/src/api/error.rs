@@ -12,7 +12,7 @@
 //! | body over the limit | 413 | `invalid_request_error` / `request_too_large` |
 //! | every instance at capacity ([`SubmitError::Busy`], [`RunnerError::QueueFull`]) | 429 + `Retry-After` | `rate_limit_error` / `server_busy` |
 //! | runner reported a task error ([`RunnerError::TaskFailed`]) | 500 | `server_error` / `task_failed` |
-//! | runner died ([`RunnerError::RunnerFailed`]) or the task stream vanished | 502 | `server_error` / `runner_failed` |
+//! | runner died ([`RunnerError::RunnerFailed`]), its node left ([`RunnerError::PeerLost`]), or the task stream vanished | 502 | `server_error` / `runner_failed` |
 //! | no Ready instance, runner not ready, shutting down, supervisor gone | 503 + `Retry-After` | `server_error` / `no_ready_instance` |
 //! | this API is shutting down and ends the request | 503 + `Retry-After` | `server_error` / `shutting_down` |
 
@@ -78,6 +78,35 @@ impl ApiError {
     fn with_retry_after(mut self) -> Self {
         self.retry_after = Some(RETRY_AFTER_SECS);
         self
+    }
+
+    /// A failed placement or deletion (`POST /instances`, `DELETE /instances/{id}`).
+    pub(crate) fn placement(failure: crate::node::PlaceFailure) -> Self {
+        let status =
+            StatusCode::from_u16(failure.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let kind = if status.is_client_error() {
+            "invalid_request_error"
+        } else {
+            "server_error"
+        };
+        let code = match failure.code.as_str() {
+            "no_room" => "no_room",
+            "unknown_node" => "unknown_node",
+            "placement_failed" => "placement_failed",
+            "timeout" => "timeout",
+            "no_such_instance" => "no_such_instance",
+            "no_leader" => "no_leader",
+            "invalid" => "invalid",
+            "standalone" => "standalone",
+            "unsupported" => "unsupported",
+            _ => "placement_error",
+        };
+        let err = Self::new(status, kind, failure.message).with_code(code);
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            err.with_retry_after()
+        } else {
+            err
+        }
     }
 
     /// A 400 about the request as a whole (no single parameter to blame).
@@ -199,7 +228,7 @@ impl ApiError {
             )
             .with_code("no_ready_instance")
             .with_retry_after(),
-            RunnerError::RunnerFailed { .. } => {
+            RunnerError::RunnerFailed { .. } | RunnerError::PeerLost { .. } => {
                 Self::new(StatusCode::BAD_GATEWAY, "server_error", err.to_string())
                     .with_code("runner_failed")
             }

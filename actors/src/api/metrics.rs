@@ -217,7 +217,9 @@ impl Metrics {
                     })
                     .inc();
             }
-            RunnerEvent::Started { .. } | RunnerEvent::StatusChanged { .. } => {}
+            RunnerEvent::Started { .. }
+            | RunnerEvent::StatusChanged { .. }
+            | RunnerEvent::LoadFailed { .. } => {}
         }
     }
 

@@ -1,7 +1,8 @@
-//! The operational endpoints: `/health`, `/ready`, `/metrics`, `/state`, `/v1/actors`.
+//! The operational endpoints: `/health`, `/ready`, `/metrics`, `/state`, `/v1/actors`,
+//! `/v1/cluster/actors`, and placement: `POST /instances`, `DELETE /instances/{id}`.
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -44,4 +45,42 @@ pub(crate) async fn state(State(state): State<AppState>) -> Json<Value> {
 /// `GET /v1/actors`: the live actor tree, as the backend describes it.
 pub(crate) async fn actors(State(state): State<AppState>) -> Json<Value> {
     Json(state.backend.actors().await)
+}
+
+/// `GET /v1/cluster/actors`: every node's actor tree (404 on a standalone node).
+pub(crate) async fn cluster_actors(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    match state.backend.cluster_actors() {
+        Some(trees) => Ok(Json(trees.await)),
+        None => Err(ApiError::unknown_url(
+            "GET",
+            "/v1/cluster/actors (this node runs standalone)",
+        )),
+    }
+}
+
+/// `POST /instances`: place instances of a model through the cluster's leader; answered
+/// when they are Ready (201) or with why they could not be placed.
+pub(crate) async fn place(
+    State(state): State<AppState>,
+    super::extract::OpenAiJson(body): super::extract::OpenAiJson<Value>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    state
+        .backend
+        .place(body)
+        .await
+        .map(|placed| (StatusCode::CREATED, Json(placed)))
+        .map_err(ApiError::placement)
+}
+
+/// `DELETE /instances/{id}`: remove an instance from the cluster.
+pub(crate) async fn delete_instance(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    state
+        .backend
+        .delete_instance(id.clone())
+        .await
+        .map(|()| Json(json!({ "deleted": id })))
+        .map_err(ApiError::placement)
 }

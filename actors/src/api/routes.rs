@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::http::{Method, Uri};
 use axum::middleware;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use tokio_util::sync::CancellationToken;
 
 use super::backend::Backend;
@@ -44,6 +44,9 @@ pub fn router(
         .route("/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))
         .route("/state", get(ops::state))
+        .route("/v1/cluster/actors", get(ops::cluster_actors))
+        .route("/instances", post(ops::place))
+        .route("/instances/{id}", delete(ops::delete_instance))
         .fallback(unknown_url)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(

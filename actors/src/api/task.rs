@@ -32,7 +32,11 @@ pub(crate) struct ChatTask {
 
 /// Whether `err` is a runner death before the task produced anything.
 fn died_before_output(err: &RunnerError) -> bool {
-    matches!(err, RunnerError::RunnerFailed { started: false, .. })
+    matches!(
+        err,
+        RunnerError::RunnerFailed { started: false, .. }
+            | RunnerError::PeerLost { started: false, .. }
+    )
 }
 
 impl ChatTask {

@@ -18,7 +18,9 @@ use tokio::task::JoinHandle;
 use super::config::{NodeConfig, Placement, RunnerDefaults};
 use super::router::ModelRouter;
 use crate::api::{ApiActor, ApiArgs, ApiMsg, Backend, Metrics};
+use crate::cluster::{AgentArgs, ClusterAgent, ClusterRoutes, ClusterSetup, Shared};
 use crate::runner::{RunnerEvent, RunnerSupervisor, RunnerSupervisorArgs};
+use canopy_runtime::cluster::{ClusterActor, ClusterHandle, cluster_channels};
 
 /// Why a node could not start or be driven.
 #[derive(Debug, thiserror::Error)]
@@ -48,13 +50,19 @@ impl Node {
     /// A builder for a node with `config`.
     pub fn builder(config: NodeConfig) -> NodeBuilder {
         static NODES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let events = broadcast::channel(1024).0;
+        let metrics = Metrics::new();
+        let tag = NODES
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .to_string();
+        let router = ModelRouter::new(&events, metrics.clone(), tag);
         NodeBuilder {
             config,
             children: Vec::new(),
-            events: broadcast::channel(1024).0,
-            tag: NODES
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                .to_string(),
+            events,
+            router,
+            metrics,
+            cluster: None,
         }
     }
 }
@@ -64,8 +72,9 @@ pub struct NodeBuilder {
     config: NodeConfig,
     children: Vec<ChildSpec>,
     events: broadcast::Sender<RunnerEvent>,
-    /// Distinguishes this node's registry names from another node's in the same process.
-    tag: String,
+    router: ModelRouter,
+    metrics: Metrics,
+    cluster: Option<ClusterSetup>,
 }
 
 /// Receives the node root's death, so the handle can report how the node ended.
@@ -131,7 +140,116 @@ fn runner_child(
     .with_shutdown(Shutdown::Timeout(Duration::from_secs(15)))
 }
 
+/// Starts and stops model instances on this node (under its worker supervisor). The node
+/// handle places through it, and so does the cluster layer. Cheap to clone.
+#[derive(Clone)]
+pub struct Placer {
+    router: ModelRouter,
+    runners: RunnerDefaults,
+    events: broadcast::Sender<RunnerEvent>,
+}
+
+impl Placer {
+    async fn worker(&self) -> Result<ActorRef<SupervisorMsg>, NodeError> {
+        let root: ActorRef<SupervisorMsg> = self.router.root_cell().ok_or(NodeError::Gone)?.into();
+        let children = root
+            .call(SupervisorMsg::WhichChildren, Some(Duration::from_secs(10)))
+            .await
+            .map_err(|_| NodeError::Gone)?;
+        let ractor::rpc::CallResult::Success(children) = children else {
+            return Err(NodeError::Gone);
+        };
+        children
+            .into_iter()
+            .find(|c| c.id == "worker")
+            .and_then(|c| c.cell)
+            .map(ActorRef::from)
+            .ok_or(NodeError::Gone)
+    }
+
+    /// Starts instance `instance` of `model`, loading `load`, under the worker. Answers once
+    /// the runner supervisor has started (its runner loads in the background).
+    pub async fn start(
+        &self,
+        instance: &str,
+        model: &str,
+        load: LoadSpec,
+    ) -> Result<(), NodeError> {
+        let worker = self.worker().await?;
+        self.router.add_instance(instance, model);
+        let spec = runner_child(
+            &self.router.actor_name(instance),
+            instance,
+            load,
+            &self.runners,
+            &self.events,
+        );
+        let answer = worker
+            .call(
+                |reply| SupervisorMsg::StartChild(spec, reply),
+                Some(Duration::from_secs(60)),
+            )
+            .await;
+        match answer {
+            Ok(ractor::rpc::CallResult::Success(Ok(_))) => Ok(()),
+            Ok(ractor::rpc::CallResult::Success(Err(err))) => {
+                self.router.remove_instance(instance);
+                Err(NodeError::Place {
+                    instance: instance.to_string(),
+                    reason: supervisor_error(err),
+                })
+            }
+            _ => {
+                self.router.remove_instance(instance);
+                Err(NodeError::Gone)
+            }
+        }
+    }
+
+    /// Stops instance `instance` (its runner is asked to exit, then killed if it does not)
+    /// and forgets it.
+    pub async fn stop(&self, instance: &str) -> Result<(), NodeError> {
+        let worker = self.worker().await?;
+        let id = self.router.actor_name(instance);
+        let limit = Some(Duration::from_secs(30));
+        let _ = worker
+            .call(
+                |reply| SupervisorMsg::TerminateChild(id.clone(), reply),
+                limit,
+            )
+            .await;
+        let _ = worker
+            .call(|reply| SupervisorMsg::DeleteChild(id.clone(), reply), limit)
+            .await;
+        self.router.remove_instance(instance);
+        Ok(())
+    }
+}
+
 impl NodeBuilder {
+    /// A placer for this node, available before start (for actors added with
+    /// [`NodeBuilder::child`] that start and stop instances).
+    pub fn placer(&self) -> Placer {
+        Placer {
+            router: self.router.clone(),
+            runners: self.config.runners.clone(),
+            events: self.events.clone(),
+        }
+    }
+
+    /// Makes the node a member of a cluster: it starts the cluster actor (membership,
+    /// discovery, heartbeats, election) and the cluster agent (reports, plans, the master
+    /// while elected, remote tasks), and its router serves models placed on other nodes.
+    pub fn cluster(mut self, setup: ClusterSetup) -> Self {
+        self.cluster = Some(setup);
+        self
+    }
+
+    /// The node's router, available before start.
+    pub fn router(&self) -> ModelRouter {
+        self.router.clone()
+    }
+
     /// Adds a user actor to the node's tree, after the built-in children. It is supervised
     /// one_for_one under the node with the restart type and shutdown of its spec, and shows
     /// in `canopy inspect` if it registers itself with `canopy_runtime::introspect`.
@@ -148,14 +266,15 @@ impl NodeBuilder {
 
     /// Starts the node: worker (with the configured placements), API, then user actors.
     pub async fn start(self) -> Result<NodeHandle, NodeError> {
+        let placer = self.placer();
         let NodeBuilder {
             config,
             children,
             events,
-            tag,
+            router,
+            metrics,
+            cluster,
         } = self;
-        let metrics = Metrics::new();
-        let router = ModelRouter::new(&events, metrics.clone(), tag);
 
         let mut worker = SupervisorArgs::new(Strategy::OneForOne)
             .with_kind("worker")
@@ -163,9 +282,14 @@ impl NodeBuilder {
                 max_restarts: 3,
                 period: Duration::from_secs(300),
             });
+        // In a cluster, instance ids must be unique across nodes: they carry the node's id.
+        let infix = cluster
+            .as_ref()
+            .map(|c| format!("{}-", c.config.node_id.short()))
+            .unwrap_or_default();
         for placement in &config.placements {
             for n in 0..placement.instances {
-                let instance = format!("{}-{n}", placement.model);
+                let instance = format!("{}-{infix}{n}", placement.model);
                 router.add_instance(&instance, &placement.model);
                 worker = worker.with_child(runner_child(
                     &router.actor_name(&instance),
@@ -196,8 +320,28 @@ impl NodeBuilder {
 
         let mut root = SupervisorArgs::new(Strategy::OneForOne)
             .with_kind("node")
-            .with_child(ChildSpec::supervisor("worker", worker))
-            .with_child(api);
+            .with_child(ChildSpec::supervisor("worker", worker));
+        let api_addr = Arc::new(std::sync::Mutex::new(None));
+        let mut cluster_handle = None;
+        if let Some(setup) = cluster {
+            let (args, handle, incoming) = cluster_channels(setup.config.clone());
+            let shared = Shared::new(handle.clone(), router.clone());
+            router.set_remote(Arc::new(ClusterRoutes::new(shared.clone())));
+            let agent = AgentArgs {
+                shared,
+                incoming: Arc::new(tokio::sync::Mutex::new(incoming)),
+                router: router.clone(),
+                placer: placer.clone(),
+                resolver: setup.resolver.clone(),
+                api: api_addr.clone(),
+                memory_limit: setup.memory_limit,
+            };
+            root = root
+                .with_child(ChildSpec::actor("cluster", || ClusterActor, args))
+                .with_child(ChildSpec::actor("cluster-agent", || ClusterAgent, agent));
+            cluster_handle = Some(handle);
+        }
+        root = root.with_child(api);
         for child in children {
             root = root.with_child(child);
         }
@@ -228,10 +372,14 @@ impl NodeBuilder {
             router,
             events,
             metrics,
-            runners: config.runners,
+            placer,
+            cluster: cluster_handle,
             done: Some(done_rx),
         };
-        handle.api_addr().await?;
+        let addr = handle.api_addr().await?;
+        if let Ok(mut a) = api_addr.lock() {
+            *a = Some(addr);
+        }
         Ok(handle)
     }
 }
@@ -254,7 +402,8 @@ pub struct NodeHandle {
     router: ModelRouter,
     events: broadcast::Sender<RunnerEvent>,
     metrics: Metrics,
-    runners: RunnerDefaults,
+    placer: Placer,
+    cluster: Option<ClusterHandle>,
     done: Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
 }
 
@@ -309,40 +458,25 @@ impl NodeHandle {
 
     /// Places `instances` new instances of `model` on this node.
     pub async fn place(&self, placement: Placement) -> Result<Vec<String>, NodeError> {
-        let worker: ActorRef<SupervisorMsg> = self.child("worker").await?.into();
         let mut placed = Vec::new();
         for _ in 0..placement.instances {
             let instance = format!("{}-{}", placement.model, rand::random::<u32>());
-            self.router.add_instance(&instance, &placement.model);
-            let spec = runner_child(
-                &self.router.actor_name(&instance),
-                &instance,
-                placement.load.clone(),
-                &self.runners,
-                &self.events,
-            );
-            let answer = worker
-                .call(
-                    |reply| SupervisorMsg::StartChild(spec, reply),
-                    Some(Duration::from_secs(60)),
-                )
-                .await;
-            match answer {
-                Ok(ractor::rpc::CallResult::Success(Ok(_))) => placed.push(instance),
-                Ok(ractor::rpc::CallResult::Success(Err(err))) => {
-                    self.router.remove_instance(&instance);
-                    return Err(NodeError::Place {
-                        instance,
-                        reason: supervisor_error(err),
-                    });
-                }
-                _ => {
-                    self.router.remove_instance(&instance);
-                    return Err(NodeError::Gone);
-                }
-            }
+            self.placer
+                .start(&instance, &placement.model, placement.load.clone())
+                .await?;
+            placed.push(instance);
         }
         Ok(placed)
+    }
+
+    /// The node's cluster membership, when it has one.
+    pub fn cluster(&self) -> Option<&ClusterHandle> {
+        self.cluster.as_ref()
+    }
+
+    /// The node's placer (starts and stops instances here).
+    pub fn placer(&self) -> &Placer {
+        &self.placer
     }
 
     /// Stops the node in order and waits for it (bounded by `timeout`).

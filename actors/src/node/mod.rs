@@ -23,6 +23,6 @@ mod builder;
 mod config;
 mod router;
 
-pub use builder::{Node, NodeBuilder, NodeError, NodeHandle};
+pub use builder::{Node, NodeBuilder, NodeError, NodeHandle, Placer};
 pub use config::{NodeConfig, Placement, RunnerDefaults};
-pub use router::{ModelRouter, runner_actor_name};
+pub use router::{LocalInstance, ModelRouter, PlaceFailure, Remote, runner_actor_name};

@@ -23,6 +23,68 @@ use tokio::sync::{broadcast, watch};
 use crate::api::{Backend, Metrics, ModelInfo, SubmitError};
 use crate::runner::{RunnerError, RunnerEvent, RunnerMsg, TaskHandle};
 
+/// Instances on other nodes: what the cluster layer plugs into the router so that a request
+/// for a model with no Ready instance here is served by one elsewhere.
+pub trait Remote: Send + Sync + 'static {
+    /// Models with an instance on another node.
+    fn models(&self) -> Vec<ModelInfo>;
+
+    /// Whether a model has a Ready instance on another node.
+    fn ready(&self) -> bool;
+
+    /// Submits a task to a Ready instance of `model` on another node.
+    fn submit(
+        &self,
+        model: &str,
+        request: GenerateRequest,
+    ) -> BoxFuture<'static, Result<TaskHandle, SubmitError>>;
+
+    /// The cluster's state for `GET /state`, given this node's own.
+    fn state(&self, local: serde_json::Value) -> BoxFuture<'static, serde_json::Value>;
+
+    /// Every node's actor tree, given this node's own.
+    fn actors(&self, local: serde_json::Value) -> BoxFuture<'static, serde_json::Value>;
+
+    /// Places instances through the cluster's leader (`POST /instances`).
+    fn place(
+        &self,
+        request: serde_json::Value,
+    ) -> BoxFuture<'static, Result<serde_json::Value, PlaceFailure>>;
+
+    /// Deletes an instance through the cluster's leader (`DELETE /instances/{id}`).
+    fn delete(&self, instance: String) -> BoxFuture<'static, Result<(), PlaceFailure>>;
+}
+
+/// Why a placement request failed, with the HTTP status it deserves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlaceFailure {
+    /// The HTTP status code.
+    pub status: u16,
+    /// A short machine-readable code.
+    pub code: String,
+    /// What happened and what to do.
+    pub message: String,
+}
+
+/// One instance on this node, as the cluster layer reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalInstance {
+    /// The instance id.
+    pub id: String,
+    /// Its model.
+    pub model: String,
+    /// Its runner's status.
+    pub status: RunnerStatus,
+    /// The runner's pid.
+    pub pid: Option<u32>,
+    /// Runner restarts.
+    pub restarts: u32,
+    /// The last runner failure.
+    pub last_failure: Option<String>,
+    /// Why its model could not be loaded, if that happened.
+    pub load_error: Option<String>,
+}
+
 /// The registry name of the runner supervisor of `instance` on the node tagged `node_tag`
 /// (ractor's registry is process-wide; the tag keeps two nodes in one process apart).
 pub fn runner_actor_name(node_tag: &str, instance: &str) -> String {
@@ -38,6 +100,7 @@ struct Instance {
     restarts: u32,
     placed_at: u64,
     last_failure: Option<String>,
+    load_error: Option<String>,
 }
 
 #[derive(Default)]
@@ -55,6 +118,7 @@ pub struct ModelRouter {
     root: Arc<Mutex<Option<ActorCell>>>,
     submit_timeout: Duration,
     tag: Arc<str>,
+    remote: Arc<Mutex<Option<Arc<dyn Remote>>>>,
 }
 
 fn now_secs() -> u64 {
@@ -79,6 +143,7 @@ impl ModelRouter {
             root: Arc::new(Mutex::new(None)),
             submit_timeout: Duration::from_secs(60),
             tag: node_tag.into(),
+            remote: Arc::new(Mutex::new(None)),
         };
         let mut rx = events.subscribe();
         let follower = router.clone();
@@ -111,10 +176,65 @@ impl ModelRouter {
         }
     }
 
+    /// The node's root actor, once started.
+    pub(crate) fn root_cell(&self) -> Option<ActorCell> {
+        self.root.lock().ok().and_then(|r| r.clone())
+    }
+
     /// Sets the actor whose tree `GET /v1/actors` reports (the node's root).
     pub fn set_root(&self, root: ActorCell) {
         if let Ok(mut r) = self.root.lock() {
             *r = Some(root);
+        }
+    }
+
+    /// Plugs in the instances of other nodes.
+    pub fn set_remote(&self, remote: Arc<dyn Remote>) {
+        if let Ok(mut r) = self.remote.lock() {
+            *r = Some(remote);
+        }
+        self.notify_changed();
+    }
+
+    fn remote(&self) -> Option<Arc<dyn Remote>> {
+        self.remote.lock().ok().and_then(|r| r.clone())
+    }
+
+    /// Wakes requests waiting for a Ready instance (the cluster calls it when remote
+    /// statuses change).
+    pub fn notify_changed(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Whether `instance` is placed on this node.
+    pub fn has_instance(&self, instance: &str) -> bool {
+        self.lock().instances.contains_key(instance)
+    }
+
+    /// This node's instances.
+    pub fn local_instances(&self) -> Vec<LocalInstance> {
+        self.lock()
+            .instances
+            .iter()
+            .map(|(id, i)| LocalInstance {
+                id: id.clone(),
+                model: i.model.clone(),
+                status: i.status,
+                pid: i.pid,
+                restarts: i.restarts,
+                last_failure: i.last_failure.clone(),
+                load_error: i.load_error.clone(),
+            })
+            .collect()
+    }
+
+    /// The live tree of this node's actors, as JSON.
+    pub fn local_actors(&self) -> serde_json::Value {
+        let root = self.root.lock().ok().and_then(|r| r.clone());
+        match root {
+            Some(root) => serde_json::to_value(canopy_runtime::introspect::tree(&root))
+                .unwrap_or(serde_json::Value::Null),
+            None => serde_json::Value::Null,
         }
     }
 
@@ -129,6 +249,7 @@ impl ModelRouter {
                 restarts: 0,
                 placed_at: now_secs(),
                 last_failure: None,
+                load_error: None,
             },
         );
         self.changed.send_modify(|n| *n += 1);
@@ -166,6 +287,14 @@ impl ModelRouter {
                     if let Some(i) = table.instances.get_mut(instance) {
                         i.pid = Some(*pid);
                         i.restarts = *restarts;
+                    }
+                }
+                RunnerEvent::LoadFailed { instance, error } => {
+                    if let Some(i) = table.instances.get_mut(instance) {
+                        i.status = RunnerStatus::Failed;
+                        i.pid = None;
+                        i.load_error = Some(error.clone());
+                        i.last_failure = Some(format!("cannot load the model: {error}"));
                     }
                 }
                 RunnerEvent::RunnerFailed {
@@ -206,6 +335,37 @@ impl ModelRouter {
     }
 
     async fn submit_now(
+        &self,
+        model: &str,
+        request: &GenerateRequest,
+    ) -> Result<TaskHandle, SubmitError> {
+        let local = self.submit_local(model, request).await;
+        let Some(remote) = self.remote() else {
+            return local;
+        };
+        match local {
+            Err(
+                ref why @ (SubmitError::UnknownModel(_)
+                | SubmitError::NoReadyInstance(_)
+                | SubmitError::Busy(_)),
+            ) => match remote.submit(model, request.clone()).await {
+                Ok(handle) => Ok(handle),
+                // Nothing elsewhere either: the local verdict stands, unless the model is
+                // only known elsewhere.
+                Err(SubmitError::UnknownModel(_)) => local,
+                Err(remote_err) => match why {
+                    SubmitError::UnknownModel(_) => Err(remote_err),
+                    SubmitError::Busy(_) => local,
+                    _ => Err(remote_err),
+                },
+            },
+            other => other,
+        }
+    }
+
+    /// Submits to a Ready instance of `model` on this node only (what a task routed here
+    /// from another node uses, so that it never travels further).
+    pub async fn submit_local(
         &self,
         model: &str,
         request: &GenerateRequest,
@@ -339,14 +499,24 @@ impl Backend for ModelRouter {
             entry.ready |= ready;
             entry.created = entry.created.min(i.placed_at);
         }
+        drop(table);
+        if let Some(remote) = self.remote() {
+            for m in remote.models() {
+                let entry = models.entry(m.id.clone()).or_insert_with(|| m.clone());
+                entry.ready |= m.ready;
+                entry.created = entry.created.min(m.created);
+            }
+        }
         models.into_values().collect()
     }
 
     fn ready(&self) -> bool {
-        self.lock()
+        let local = self
+            .lock()
             .instances
             .values()
-            .any(|i| matches!(i.status, RunnerStatus::Ready | RunnerStatus::Running))
+            .any(|i| matches!(i.status, RunnerStatus::Ready | RunnerStatus::Running));
+        local || self.remote().is_some_and(|r| r.ready())
     }
 
     fn submit(
@@ -362,18 +532,46 @@ impl Backend for ModelRouter {
 
     fn state(&self) -> BoxFuture<'static, serde_json::Value> {
         let state = self.state_json();
-        async move { state }.boxed()
+        match self.remote() {
+            Some(remote) => remote.state(state),
+            None => async move { state }.boxed(),
+        }
     }
 
     fn actors(&self) -> BoxFuture<'static, serde_json::Value> {
-        let root = self.root.lock().ok().and_then(|r| r.clone());
-        async move {
-            match root {
-                Some(root) => serde_json::to_value(canopy_runtime::introspect::tree(&root))
-                    .unwrap_or(serde_json::Value::Null),
-                None => serde_json::Value::Null,
-            }
+        let tree = self.local_actors();
+        async move { tree }.boxed()
+    }
+
+    fn cluster_actors(&self) -> Option<BoxFuture<'static, serde_json::Value>> {
+        let tree = self.local_actors();
+        self.remote().map(|r| r.actors(tree))
+    }
+
+    fn place(
+        &self,
+        request: serde_json::Value,
+    ) -> BoxFuture<'static, Result<serde_json::Value, PlaceFailure>> {
+        match self.remote() {
+            Some(remote) => remote.place(request),
+            None => async { Err(standalone()) }.boxed(),
         }
-        .boxed()
+    }
+
+    fn delete_instance(&self, instance: String) -> BoxFuture<'static, Result<(), PlaceFailure>> {
+        match self.remote() {
+            Some(remote) => remote.delete(instance),
+            None => async { Err(standalone()) }.boxed(),
+        }
+    }
+}
+
+fn standalone() -> PlaceFailure {
+    PlaceFailure {
+        status: 400,
+        code: "standalone".into(),
+        message: "this node runs standalone (--standalone): placing and deleting instances \
+                  needs the cluster; start it without --standalone, or use --model at start"
+            .into(),
     }
 }

@@ -11,7 +11,7 @@ use ractor_cluster::RactorMessage;
 use tokio::sync::mpsc;
 
 /// Why a task could not be run or did not finish.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum RunnerError {
     /// No runner is Ready to take tasks (starting, loading, restarting, or shutting down).
     #[error("runner {instance} is not ready (status {status})")]
@@ -58,10 +58,19 @@ pub enum RunnerError {
     /// The supervisor itself is gone (its mailbox is closed).
     #[error("runner supervisor is gone")]
     SupervisorGone,
+    /// The task ran on another node, and that node left the cluster (died, froze, or was cut
+    /// off) before the task ended.
+    #[error("node {node} serving the task left the cluster")]
+    PeerLost {
+        /// The node.
+        node: String,
+        /// Whether the task had produced any output before.
+        started: bool,
+    },
 }
 
 /// One item of a task's stream. The stream ends after `Done` or `Failed`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum TaskEvent {
     /// A piece of output.
     Chunk(TokenChunk),
@@ -110,6 +119,13 @@ pub enum RunnerEvent {
         pid: u32,
         /// Restarts so far.
         restarts: u32,
+    },
+    /// The runner could not load its model (its supervisor fails next).
+    LoadFailed {
+        /// The instance.
+        instance: String,
+        /// The runner's message.
+        error: String,
     },
     /// The runner process died.
     RunnerFailed {

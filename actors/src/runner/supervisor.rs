@@ -265,6 +265,10 @@ impl RunnerSupervisor {
                     status: RunnerStatus::Failed,
                 });
                 state.set_status(RunnerStatus::Failed);
+                let _ = state.events.send(RunnerEvent::LoadFailed {
+                    instance: instance.clone(),
+                    error: error.clone(),
+                });
                 // Our failure kills the linked process actor, which kills the runner.
                 let _ = myself;
                 return Err(Box::new(RunnerSupervisorError::LoadFailed {

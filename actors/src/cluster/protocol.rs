@@ -1,0 +1,262 @@
+//! The application messages nodes exchange over the cluster (MessagePack inside
+//! `canopy_runtime::cluster` envelopes), and the replicated cluster state they carry.
+//!
+//! Every node reports its instances to the leader ([`NodeReport`]); the leader answers with
+//! the [`Plan`]: where every instance should run, its state, and the statuses the reports
+//! told. Every node keeps the newest plan it has seen, which is what lets any node route a
+//! request to any Ready instance, serve `GET /state`, and — if it becomes leader — pick up
+//! where the old leader stopped without killing anything.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use canopy_proto::{GenerateRequest, RunnerStatus};
+use canopy_runtime::cluster::identity::NodeId;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::api::SubmitError;
+use crate::runner::TaskEvent;
+
+/// One instance as the node running it reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceReport {
+    /// The instance id (unique in the cluster).
+    pub id: String,
+    /// The model it serves.
+    pub model: String,
+    /// Its runner's status.
+    pub status: RunnerStatus,
+    /// The runner's pid.
+    pub pid: Option<u32>,
+    /// Runner restarts so far.
+    pub restarts: u32,
+    /// The last runner failure.
+    pub last_failure: Option<String>,
+    /// Why the instance cannot run on this node (its model cannot be resolved or loaded
+    /// here); the leader places it elsewhere or fails the placement.
+    pub error: Option<String>,
+}
+
+/// What a node tells the leader about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// The node.
+    pub node: NodeId,
+    /// Its HTTP API address.
+    pub api: Option<SocketAddr>,
+    /// Memory it can still give to new instances, in bytes.
+    pub mem_available: u64,
+    /// Its instances (those placed by a plan and those it started itself).
+    pub instances: Vec<InstanceReport>,
+}
+
+/// The lifecycle of a planned instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PlanState {
+    /// It should run on its node.
+    Active,
+    /// It was deleted; any node still running it stops it.
+    Deleted,
+    /// Placement gave up (retry budget spent, or a client's placement failed).
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Where one instance should run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlannedInstance {
+    /// The model.
+    pub model: String,
+    /// The node it is assigned to (None while waiting to be placed again).
+    pub node: Option<NodeId>,
+    /// Its lifecycle state.
+    pub state: PlanState,
+    /// Placement attempts since it last became Ready.
+    pub attempts: u32,
+}
+
+/// A node as the plan lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanNode {
+    /// Its HTTP API address.
+    pub api: Option<SocketAddr>,
+    /// Memory it reported free for new instances.
+    pub mem_available: u64,
+}
+
+/// The cluster state the leader publishes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The leader's term.
+    pub term: u64,
+    /// Bumped by the leader on every change within its term.
+    pub version: u64,
+    /// The leader.
+    pub leader: NodeId,
+    /// Every instance, by id.
+    pub instances: BTreeMap<String, PlannedInstance>,
+    /// The latest report of each live node's instances.
+    pub reports: BTreeMap<NodeId, Vec<InstanceReport>>,
+    /// The live nodes.
+    pub nodes: BTreeMap<NodeId, PlanNode>,
+}
+
+impl Plan {
+    /// An empty plan.
+    pub fn empty(leader: NodeId) -> Self {
+        Self {
+            term: 0,
+            version: 0,
+            leader,
+            instances: BTreeMap::new(),
+            reports: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+        }
+    }
+
+    /// Whether `self` is newer than `other`.
+    pub fn newer_than(&self, other: &Plan) -> bool {
+        (self.term, self.version) > (other.term, other.version)
+    }
+
+    /// The reported state of instance `id` on the node it is assigned to.
+    pub fn status_of(&self, id: &str) -> Option<(&NodeId, &InstanceReport)> {
+        let node = self.instances.get(id)?.node.as_ref()?;
+        let report = self.reports.get(node)?.iter().find(|r| r.id == id)?;
+        Some((node, report))
+    }
+}
+
+/// A request to place instances of a model (`POST /instances`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlaceRequest {
+    /// The model: a catalogue name or a path every chosen node can read.
+    pub model: String,
+    /// How many instances.
+    pub instances: usize,
+    /// A node to place them on (default: the leader chooses by free memory).
+    pub node: Option<NodeId>,
+    /// How long to wait for them to be Ready, in seconds.
+    pub wait_secs: u64,
+}
+
+/// One placed instance, as `POST /instances` answers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placed {
+    /// The instance id.
+    pub id: String,
+    /// The node it runs on.
+    pub node: NodeId,
+}
+
+/// Why a placement or deletion failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum PlaceError {
+    /// No node has the memory the model needs.
+    #[error(
+        "no node has enough free memory for {model}: it needs {needed} bytes, the most any node has is {best} bytes"
+    )]
+    NoRoom {
+        /// The model.
+        model: String,
+        /// Bytes needed.
+        needed: u64,
+        /// The most any node offered.
+        best: u64,
+    },
+    /// The requested node is not a live member.
+    #[error("node {0} is not a live member of the cluster")]
+    UnknownNode(String),
+    /// A node could not start or load the instance.
+    #[error("placing {instance} failed on node {node}: {reason}")]
+    Failed {
+        /// The instance.
+        instance: String,
+        /// The node.
+        node: String,
+        /// Why.
+        reason: String,
+    },
+    /// The instances did not become Ready in time (they were removed again).
+    #[error("the instances did not become ready within {0} s (they were removed)")]
+    Timeout(u64),
+    /// No such instance.
+    #[error("no instance {0}")]
+    NoSuchInstance(String),
+    /// The cluster has no leader now (no quorum, or an election is under way).
+    #[error(
+        "the cluster has no leader right now (an election is under way, or fewer nodes than --expect are connected); try again"
+    )]
+    NoLeader,
+    /// A bad request.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Everything a node sends another over the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AppMsg {
+    /// Worker to leader: this node's instances and memory.
+    Report(NodeReport),
+    /// Leader to everyone: the plan.
+    Plan(Box<Plan>),
+    /// Any node to the leader (call; answer [`PlaceAnswer`]).
+    Place(PlaceRequest),
+    /// Any node to the leader (call; answer [`DeleteAnswer`]).
+    Delete {
+        /// The instance.
+        instance: String,
+    },
+    /// Origin to the node hosting an instance of `model` (call; answer [`SubmitAnswer`]):
+    /// run a task there and stream its events back as [`AppMsg::Event`].
+    Submit {
+        /// The origin's key for the stream.
+        key: u64,
+        /// The model.
+        model: String,
+        /// The request.
+        request: GenerateRequest,
+    },
+    /// Host to origin: an event of stream `key`.
+    Event {
+        /// The stream.
+        key: u64,
+        /// The event.
+        event: TaskEvent,
+    },
+    /// Origin to host: the client went away; cancel stream `key`.
+    Cancel {
+        /// The stream.
+        key: u64,
+    },
+    /// Any node to any node (call; answer: the actor tree as JSON text).
+    Actors,
+}
+
+/// The answer to [`AppMsg::Place`].
+pub type PlaceAnswer = Result<Vec<Placed>, PlaceError>;
+/// The answer to [`AppMsg::Delete`].
+pub type DeleteAnswer = Result<(), PlaceError>;
+/// The answer to [`AppMsg::Submit`].
+pub type SubmitAnswer = Result<(), SubmitError>;
+
+/// Encodes a message or an answer.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    rmp_serde::to_vec_named(value).unwrap_or_default()
+}
+
+/// Decodes a message or an answer; garbage is an error naming what was expected.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    rmp_serde::from_slice(bytes)
+        .map_err(|e| format!("undecodable {}: {e}", std::any::type_name::<T>()))
+}
+
+/// The memory one instance of a model is assumed to need: its file plus a quarter (KV cache
+/// and activations) plus 64 MiB for the runner process; 64 MiB when the size is unknown.
+pub fn need_bytes(file_size: Option<u64>) -> u64 {
+    const BASE: u64 = 64 * 1024 * 1024;
+    file_size.map_or(BASE, |s| s + s / 4 + BASE)
+}

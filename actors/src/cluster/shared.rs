@@ -1,0 +1,540 @@
+//! What the cluster layer shares between its actor and the router: the newest plan this node
+//! has seen, the streams of tasks it sent to other nodes, the tasks it serves for other
+//! nodes, and [`ClusterRoutes`], the router's [`Remote`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use canopy_proto::{GenerateRequest, RunnerStatus};
+use canopy_runtime::cluster::{ClusterHandle, ClusterView, NodeId};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+use super::protocol::{
+    AppMsg, DeleteAnswer, PlaceAnswer, PlaceError, PlaceRequest, Plan, PlanState, SubmitAnswer,
+    decode, encode,
+};
+use crate::api::{ModelInfo, SubmitError};
+use crate::node::{ModelRouter, PlaceFailure, Remote};
+use crate::runner::{RunnerError, TaskEvent, TaskHandle};
+
+/// How long a node waits for another to acknowledge a task.
+const SUBMIT_TIMEOUT: Duration = Duration::from_secs(65);
+
+struct Stream {
+    host: NodeId,
+    tx: mpsc::UnboundedSender<TaskEvent>,
+    started: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    plan: Option<Plan>,
+    streams: HashMap<u64, Stream>,
+    served: HashMap<(NodeId, u64), AbortHandle>,
+}
+
+/// The cluster layer's shared state. Cheap to clone.
+#[derive(Clone)]
+pub struct Shared {
+    cluster: ClusterHandle,
+    router: ModelRouter,
+    inner: Arc<Mutex<Inner>>,
+    next_key: Arc<AtomicU64>,
+    rotation: Arc<AtomicUsize>,
+}
+
+fn is_ready(status: RunnerStatus) -> bool {
+    matches!(status, RunnerStatus::Ready | RunnerStatus::Running)
+}
+
+impl Shared {
+    /// Shared state for a node talking through `cluster`, serving through `router`.
+    pub fn new(cluster: ClusterHandle, router: ModelRouter) -> Self {
+        Self {
+            cluster,
+            router,
+            inner: Arc::new(Mutex::new(Inner::default())),
+            next_key: Arc::new(AtomicU64::new(1)),
+            rotation: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// The cluster handle.
+    pub fn cluster(&self) -> &ClusterHandle {
+        &self.cluster
+    }
+
+    /// The newest plan seen.
+    pub fn plan(&self) -> Option<Plan> {
+        self.lock().plan.clone()
+    }
+
+    /// Stores `plan` if it is newer than the one held; returns whether it was.
+    pub fn offer_plan(&self, plan: Plan) -> bool {
+        let mut inner = self.lock();
+        let newer = inner.plan.as_ref().is_none_or(|old| {
+            plan.newer_than(old) || plan.leader != old.leader && plan.term >= old.term
+        });
+        if newer {
+            inner.plan = Some(plan);
+        }
+        drop(inner);
+        if newer {
+            self.router.notify_changed();
+        }
+        newer
+    }
+
+    /// Hands an event of stream `key` to its waiter.
+    pub fn deliver(&self, key: u64, event: TaskEvent) {
+        let mut inner = self.lock();
+        let end = matches!(event, TaskEvent::Done { .. } | TaskEvent::Failed(_));
+        if let Some(stream) = inner.streams.get_mut(&key) {
+            if matches!(event, TaskEvent::Chunk(_)) {
+                stream.started = true;
+            }
+            let _ = stream.tx.send(event);
+        }
+        if end {
+            inner.streams.remove(&key);
+        }
+    }
+
+    /// Fails every stream served by a node that is no longer in `view`, and stops serving
+    /// every task for an origin that is gone.
+    pub fn forget_lost(&self, view: &ClusterView) {
+        let mut inner = self.lock();
+        let lost: Vec<u64> = inner
+            .streams
+            .iter()
+            .filter(|(_, s)| !view.contains(&s.host))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in lost {
+            if let Some(s) = inner.streams.remove(&key) {
+                tracing::warn!(node = %s.host.short(), "a node serving a task left: failing the task");
+                let _ = s.tx.send(TaskEvent::Failed(RunnerError::PeerLost {
+                    node: s.host.to_string(),
+                    started: s.started,
+                }));
+            }
+        }
+        inner.served.retain(|(origin, _), task| {
+            let keep = view.contains(origin);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+    }
+
+    /// Serves a task another node sent here: submits it locally, answers, and forwards its
+    /// events to `origin` until it ends or `origin` cancels it.
+    pub fn serve(
+        &self,
+        origin: NodeId,
+        key: u64,
+        model: String,
+        request: GenerateRequest,
+        reply: ractor::RpcReplyPort<Vec<u8>>,
+    ) {
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let handle = match shared.router.submit_local(&model, &request).await {
+                Ok(handle) => handle,
+                Err(err) => {
+                    let _ = reply.send(encode(&SubmitAnswer::Err(err)));
+                    return;
+                }
+            };
+            if reply.send(encode(&SubmitAnswer::Ok(()))).is_err() {
+                // The origin gave up waiting: dropping the handle cancels the task.
+                return;
+            }
+            let forward = {
+                let shared = shared.clone();
+                let origin = origin.clone();
+                tokio::spawn(async move {
+                    let mut handle: TaskHandle = handle;
+                    while let Some(event) = handle.next().await {
+                        let end = matches!(event, TaskEvent::Done { .. } | TaskEvent::Failed(_));
+                        let msg = encode(&AppMsg::Event { key, event });
+                        if shared.cluster.send(&origin, msg).is_err() || end {
+                            break;
+                        }
+                    }
+                    shared.lock().served.remove(&(origin, key));
+                })
+            };
+            shared
+                .lock()
+                .served
+                .insert((origin, key), forward.abort_handle());
+        });
+    }
+
+    /// Cancels a task served here for `origin`.
+    pub fn cancel_served(&self, origin: NodeId, key: u64) {
+        if let Some(task) = self.lock().served.remove(&(origin, key)) {
+            task.abort();
+        }
+    }
+
+    async fn submit_remote(
+        self,
+        model: String,
+        request: GenerateRequest,
+    ) -> Result<TaskHandle, SubmitError> {
+        let view = self.cluster.view();
+        let me = view.me.clone();
+        let (known, mut hosts) = {
+            let inner = self.lock();
+            let Some(plan) = &inner.plan else {
+                return Err(SubmitError::UnknownModel(model));
+            };
+            let mut known = false;
+            let mut hosts: Vec<NodeId> = Vec::new();
+            for (id, planned) in &plan.instances {
+                if planned.model != model || planned.state != PlanState::Active {
+                    continue;
+                }
+                known = true;
+                if let Some((node, report)) = plan.status_of(id)
+                    && *node != me
+                    && view.contains(node)
+                    && is_ready(report.status)
+                    && !hosts.contains(node)
+                {
+                    hosts.push(node.clone());
+                }
+            }
+            (known, hosts)
+        };
+        if !known {
+            return Err(SubmitError::UnknownModel(model));
+        }
+        if !hosts.is_empty() {
+            let k = self.rotation.fetch_add(1, Ordering::Relaxed) % hosts.len();
+            hosts.rotate_left(k);
+        }
+        let mut busy = false;
+        for host in hosts {
+            let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.lock().streams.insert(
+                key,
+                Stream {
+                    host: host.clone(),
+                    tx: tx.clone(),
+                    started: false,
+                },
+            );
+            let msg = encode(&AppMsg::Submit {
+                key,
+                model: model.clone(),
+                request: request.clone(),
+            });
+            let answer = self.cluster.call(&host, msg, SUBMIT_TIMEOUT).await;
+            let answer = answer
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| decode::<SubmitAnswer>(&bytes));
+            match answer {
+                Ok(Ok(())) => {
+                    let shared = self.clone();
+                    tokio::spawn(async move {
+                        tx.closed().await;
+                        let gone = shared.lock().streams.remove(&key);
+                        if let Some(stream) = gone {
+                            let _ = shared
+                                .cluster
+                                .send(&stream.host, encode(&AppMsg::Cancel { key }));
+                        }
+                    });
+                    return Ok(TaskHandle {
+                        task_id: key,
+                        events: rx,
+                    });
+                }
+                Ok(Err(err)) => {
+                    self.lock().streams.remove(&key);
+                    match err {
+                        SubmitError::Busy(_) => busy = true,
+                        SubmitError::NoReadyInstance(_) | SubmitError::UnknownModel(_) => {}
+                        other => return Err(other),
+                    }
+                }
+                Err(err) => {
+                    self.lock().streams.remove(&key);
+                    tracing::warn!(node = %host.short(), %err, "a node did not take a task");
+                }
+            }
+        }
+        if busy {
+            Err(SubmitError::Busy(model))
+        } else {
+            Err(SubmitError::NoReadyInstance(model))
+        }
+    }
+
+    fn state_json(&self, local: Value) -> Value {
+        let view = self.cluster.view();
+        let plan = self.plan();
+        let mut nodes = Vec::new();
+        let mut ids: Vec<(&NodeId, Option<std::net::SocketAddr>)> =
+            vec![(&view.me, Some(view.addr))];
+        ids.extend(view.members.iter().map(|m| (&m.id, Some(m.addr))));
+        for (id, addr) in ids {
+            let planned = plan.as_ref().and_then(|p| p.nodes.get(id));
+            nodes.push(json!({
+                "id": id.to_string(),
+                "cluster_addr": addr.map(|a| a.to_string()),
+                "api": planned.and_then(|n| n.api).map(|a| a.to_string()),
+                "mem_available": planned.map(|n| n.mem_available),
+                "master": view.leader.as_ref() == Some(id),
+                "self": *id == view.me,
+            }));
+        }
+        let instances: Vec<Value> = match &plan {
+            Some(plan) => plan
+                .instances
+                .iter()
+                .filter(|(_, p)| p.state != PlanState::Deleted)
+                .map(|(id, p)| {
+                    let report = plan.status_of(id).map(|(_, r)| r);
+                    json!({
+                        "id": id,
+                        "model": p.model,
+                        "node": p.node.as_ref().map(|n| n.to_string()),
+                        "state": match &p.state {
+                            PlanState::Active => "active".to_string(),
+                            PlanState::Deleted => "deleted".to_string(),
+                            PlanState::Failed { reason } => format!("failed: {reason}"),
+                        },
+                        "status": report.map_or_else(|| "Placing".to_string(), |r| r.status.to_string()),
+                        "pid": report.and_then(|r| r.pid),
+                        "restarts": report.map_or(0, |r| r.restarts),
+                        "last_failure": report.and_then(|r| r.last_failure.clone()),
+                        "attempts": p.attempts,
+                    })
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        json!({
+            "node": view.me.to_string(),
+            "master": view.leader.as_ref().map(|l| l.to_string()),
+            "term": view.term,
+            "quorum": view.quorum,
+            "plan_version": plan.as_ref().map(|p| p.version),
+            "nodes": nodes,
+            "instances": instances,
+            "local": local,
+        })
+    }
+}
+
+/// The router's view of other nodes' instances.
+#[derive(Clone)]
+pub struct ClusterRoutes {
+    shared: Shared,
+}
+
+impl ClusterRoutes {
+    /// Routes over `shared`.
+    pub fn new(shared: Shared) -> Self {
+        Self { shared }
+    }
+}
+
+/// The body of `POST /instances`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlaceBody {
+    model: String,
+    #[serde(default = "one")]
+    instances: usize,
+    node: Option<String>,
+    #[serde(default = "default_wait")]
+    wait: u64,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn default_wait() -> u64 {
+    300
+}
+
+fn failure(err: PlaceError) -> PlaceFailure {
+    let (status, code) = match &err {
+        PlaceError::NoRoom { .. } => (507, "no_room"),
+        PlaceError::UnknownNode(_) => (400, "unknown_node"),
+        PlaceError::Failed { .. } => (422, "placement_failed"),
+        PlaceError::Timeout(_) => (504, "timeout"),
+        PlaceError::NoSuchInstance(_) => (404, "no_such_instance"),
+        PlaceError::NoLeader => (503, "no_leader"),
+        PlaceError::Invalid(_) => (400, "invalid"),
+    };
+    PlaceFailure {
+        status,
+        code: code.into(),
+        message: err.to_string(),
+    }
+}
+
+impl Remote for ClusterRoutes {
+    fn models(&self) -> Vec<ModelInfo> {
+        let Some(plan) = self.shared.plan() else {
+            return Vec::new();
+        };
+        let mut models: HashMap<String, ModelInfo> = HashMap::new();
+        for (id, p) in &plan.instances {
+            if p.state != PlanState::Active {
+                continue;
+            }
+            let ready = plan.status_of(id).is_some_and(|(_, r)| is_ready(r.status));
+            let entry = models.entry(p.model.clone()).or_insert_with(|| ModelInfo {
+                id: p.model.clone(),
+                created: canopy_runtime::cluster::now_ms() / 1000,
+                owned_by: "canopy".into(),
+                ready: false,
+            });
+            entry.ready |= ready;
+        }
+        models.into_values().collect()
+    }
+
+    fn ready(&self) -> bool {
+        let view = self.shared.cluster.view();
+        self.shared.plan().is_some_and(|plan| {
+            plan.instances.keys().any(|id| {
+                plan.status_of(id)
+                    .is_some_and(|(node, r)| view.contains(node) && is_ready(r.status))
+            })
+        })
+    }
+
+    fn submit(
+        &self,
+        model: &str,
+        request: GenerateRequest,
+    ) -> BoxFuture<'static, Result<TaskHandle, SubmitError>> {
+        self.shared
+            .clone()
+            .submit_remote(model.to_string(), request)
+            .boxed()
+    }
+
+    fn state(&self, local: Value) -> BoxFuture<'static, Value> {
+        let state = self.shared.state_json(local);
+        async move { state }.boxed()
+    }
+
+    fn actors(&self, local: Value) -> BoxFuture<'static, Value> {
+        let cluster = self.shared.cluster.clone();
+        async move {
+            let view = cluster.view();
+            let mut nodes = vec![json!({
+                "node": view.me.to_string(),
+                "master": view.is_leader(),
+                "tree": local,
+            })];
+            let calls = view.members.iter().map(|m| {
+                let cluster = cluster.clone();
+                let id = m.id.clone();
+                let master = view.leader.as_ref() == Some(&m.id);
+                async move {
+                    let answer = cluster
+                        .call(&id, encode(&AppMsg::Actors), Duration::from_secs(3))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|bytes| decode::<String>(&bytes))
+                        .and_then(|text| serde_json::from_str::<Value>(&text).map_err(|e| e.to_string()));
+                    match answer {
+                        Ok(tree) => json!({ "node": id.to_string(), "master": master, "tree": tree }),
+                        Err(err) => json!({ "node": id.to_string(), "master": master, "tree": null, "error": err }),
+                    }
+                }
+            });
+            nodes.extend(futures::future::join_all(calls).await);
+            json!({ "nodes": nodes })
+        }
+        .boxed()
+    }
+
+    fn place(&self, request: Value) -> BoxFuture<'static, Result<Value, PlaceFailure>> {
+        let cluster = self.shared.cluster.clone();
+        async move {
+            let body: PlaceBody = serde_json::from_value(request)
+                .map_err(|e| failure(PlaceError::Invalid(format!("invalid placement request: {e}"))))?;
+            if body.instances == 0 || body.instances > 64 {
+                return Err(failure(PlaceError::Invalid(
+                    "`instances` must be between 1 and 64".into(),
+                )));
+            }
+            let node = match body.node {
+                Some(n) => Some(n.parse::<NodeId>().map_err(|e| {
+                    failure(PlaceError::Invalid(format!("`node` is not a node id: {e}")))
+                })?),
+                None => None,
+            };
+            let leader = cluster.view().leader.ok_or_else(|| failure(PlaceError::NoLeader))?;
+            let request = PlaceRequest {
+                model: body.model,
+                instances: body.instances,
+                node,
+                wait_secs: body.wait.clamp(1, 3600),
+            };
+            let limit = Duration::from_secs(request.wait_secs + 15);
+            let bytes = cluster
+                .call(&leader, encode(&AppMsg::Place(request)), limit)
+                .await
+                .map_err(|e| failure(PlaceError::Failed {
+                    instance: "-".into(),
+                    node: leader.to_string(),
+                    reason: format!("the leader did not answer: {e}"),
+                }))?;
+            let answer: PlaceAnswer = decode(&bytes).map_err(|e| failure(PlaceError::Invalid(e)))?;
+            let placed = answer.map_err(failure)?;
+            Ok(json!({ "instances": placed.iter().map(|p| json!({ "id": p.id, "node": p.node.to_string() })).collect::<Vec<_>>() }))
+        }
+        .boxed()
+    }
+
+    fn delete(&self, instance: String) -> BoxFuture<'static, Result<(), PlaceFailure>> {
+        let cluster = self.shared.cluster.clone();
+        async move {
+            let leader = cluster
+                .view()
+                .leader
+                .ok_or_else(|| failure(PlaceError::NoLeader))?;
+            let bytes = cluster
+                .call(
+                    &leader,
+                    encode(&AppMsg::Delete { instance }),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|_| failure(PlaceError::NoLeader))?;
+            let answer: DeleteAnswer =
+                decode(&bytes).map_err(|e| failure(PlaceError::Invalid(e)))?;
+            answer.map_err(failure)
+        }
+        .boxed()
+    }
+}

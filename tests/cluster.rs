@@ -1,0 +1,1 @@
+//! Cluster end-to-end tests (being written).
