@@ -1,1 +1,566 @@
-//! Cluster end-to-end tests (being written).
+//! The cluster end to end: real `canopy node` processes, each in a network namespace of its
+//! own on a private bridge with no route out (see `common::netns`), finding each other by
+//! multicast discovery alone. Runners use the scripted engine, so what is tested is the
+//! cluster: formation, election, failure detection, failover, re-placement, partitions,
+//! cross-node routing and the cookie. Skipped (with a message) when not root.
+//!
+//! Every test prints the timings it observes (`--nocapture` shows them); the numbers in the
+//! README come from `just bench-cluster`, which runs these tests and collects them.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::netns::{Fabric, NsNode};
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+const COOKIE: &str = "cluster-test-cookie";
+
+/// A cluster of `n` namespaces, with a data dir per node and a namespace name unique to the
+/// test (so concurrent tests' beacons never meet).
+struct Cluster {
+    fabric: Fabric,
+    dirs: tempfile::TempDir,
+    namespace: String,
+}
+
+impl Cluster {
+    fn new(n: usize) -> Option<Self> {
+        let fabric = Fabric::new(n)?;
+        let namespace = format!("test-{}", fabric.prefix());
+        Some(Self {
+            fabric,
+            dirs: tempfile::tempdir().expect("tempdir"),
+            namespace,
+        })
+    }
+
+    fn start(&self, i: usize, extra: &[&str]) -> NsNode {
+        let addr = self.fabric.addr(i).to_string();
+        let dir = self.dirs.path().join(format!("node-{i}"));
+        let mut args: Vec<String> = [
+            "node",
+            "--host",
+            &addr,
+            "--port",
+            "52415",
+            "--cluster-host",
+            &addr,
+            "--cluster-port",
+            "52416",
+            "--namespace",
+            &self.namespace,
+            "--engine",
+            "scripted",
+            "--data-dir",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(dir.display().to_string());
+        if !extra.contains(&"--cookie") {
+            args.extend(["--cookie".to_string(), COOKIE.to_string()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let node = NsNode::spawn(&self.fabric, i, &args, &[], 52415);
+        assert!(
+            node.wait_http("/health", 200, Duration::from_secs(60)),
+            "node {i} did not come up; log:\n{}",
+            node.log_text()
+        );
+        node
+    }
+}
+
+fn state(node: &NsNode) -> Value {
+    match node.get("/state") {
+        Ok((200, body)) => serde_json::from_str(&body).unwrap_or(Value::Null),
+        _ => Value::Null,
+    }
+}
+
+fn node_id(node: &NsNode) -> String {
+    state(node)["node"].as_str().expect("node id").to_string()
+}
+
+fn peers(node: &NsNode) -> usize {
+    state(node)["nodes"]
+        .as_array()
+        .map_or(0, |n| n.len().saturating_sub(1))
+}
+
+fn master(node: &NsNode) -> Option<String> {
+    state(node)["master"].as_str().map(str::to_string)
+}
+
+/// Waits until `ok` holds, polling; panics with `what` and the nodes' logs after `limit`.
+fn wait_for(
+    limit: Duration,
+    what: &str,
+    nodes: &[&NsNode],
+    mut ok: impl FnMut() -> bool,
+) -> Duration {
+    let start = Instant::now();
+    while !ok() {
+        if start.elapsed() > limit {
+            let logs: Vec<String> = nodes
+                .iter()
+                .map(|n| format!("--- node {}:\n{}", n.index(), tail(&n.log_text(), 60)))
+                .collect();
+            panic!(
+                "timed out after {limit:?} waiting for {what}\n{}",
+                logs.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Whether every node sees `n - 1` peers and all name the same master.
+fn formed(nodes: &[&NsNode]) -> bool {
+    let n = nodes.len();
+    let masters: BTreeSet<Option<String>> = nodes.iter().map(|node| master(node)).collect();
+    nodes.iter().all(|node| peers(node) == n - 1)
+        && masters.len() == 1
+        && masters.iter().next().is_some_and(|m| m.is_some())
+}
+
+fn chat(model: &str, stream: bool) -> Value {
+    json!({
+        "model": model,
+        "stream": stream,
+        "max_tokens": 8,
+        "messages": [{ "role": "user", "content": "hello" }],
+    })
+}
+
+fn place(node: &NsNode, body: Value) -> (u16, Value) {
+    node.post("/instances", &body)
+}
+
+fn instance_status(node: &NsNode, id: &str) -> Option<(String, String)> {
+    let s = state(node);
+    s["instances"]
+        .as_array()?
+        .iter()
+        .find(|i| i["id"] == id)
+        .map(|i| {
+            (
+                i["node"].as_str().unwrap_or_default().to_string(),
+                i["status"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+}
+
+#[test]
+fn two_then_three_nodes_form_by_discovery_alone_with_no_route_out() {
+    let Some(cluster) = Cluster::new(3) else {
+        return;
+    };
+    // No internet: nothing but the bridge's subnet is routable.
+    for i in 0..3 {
+        let out = cluster
+            .fabric
+            .command(i, "ip")
+            .args(["route", "show", "default"])
+            .output()
+            .expect("ip route");
+        assert!(out.stdout.is_empty(), "namespace {i} has a default route");
+    }
+    let t = Instant::now();
+    let a = cluster.start(0, &[]);
+    let b = cluster.start(1, &[]);
+    let two = wait_for(
+        Duration::from_secs(20),
+        "2 nodes to form",
+        &[&a, &b],
+        || formed(&[&a, &b]),
+    );
+    eprintln!(
+        "formation: 2 nodes in {:?} after both were up ({:?} from the first start)",
+        two,
+        t.elapsed()
+    );
+    let t = Instant::now();
+    let c = cluster.start(2, &[]);
+    let three = wait_for(
+        Duration::from_secs(20),
+        "3 nodes to form",
+        &[&a, &b, &c],
+        || formed(&[&a, &b, &c]),
+    );
+    eprintln!(
+        "formation: third node joined in {:?} ({:?} from its start)",
+        three,
+        t.elapsed()
+    );
+    // The oldest node leads, and every API is healthy.
+    assert_eq!(master(&c), Some(node_id(&a)));
+    for node in [&a, &b, &c] {
+        assert_eq!(node.get("/health").expect("health").0, 200);
+    }
+    // The whole cluster's tree is visible from any node.
+    let (status, body) = c.get("/v1/cluster/actors").expect("cluster actors");
+    assert_eq!(status, 200);
+    let trees: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(trees["nodes"].as_array().map(Vec::len), Some(3), "{trees}");
+    assert!(
+        body.contains("peer-monitor") && body.contains("\"master\""),
+        "{body}"
+    );
+}
+
+#[test]
+fn a_request_to_one_node_streams_from_a_model_placed_only_on_another() {
+    let Some(cluster) = Cluster::new(2) else {
+        return;
+    };
+    let a = cluster.start(0, &[]);
+    let b = cluster.start(1, &[]);
+    wait_for(
+        Duration::from_secs(20),
+        "2 nodes to form",
+        &[&a, &b],
+        || formed(&[&a, &b]),
+    );
+    let b_id = node_id(&b);
+
+    // Placement errors come back to the caller.
+    let (status, body) = place(&a, json!({ "model": "scripted", "node": "0".repeat(32) }));
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "unknown_node", "{body}");
+    let (status, body) = place(&a, json!({ "model": "scripted", "instances": 0 }));
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = place(&a, json!({ "modle": "scripted" }));
+    assert_eq!(status, 400, "{body}");
+
+    let t = Instant::now();
+    let (status, body) = place(&a, json!({ "model": "scripted", "node": b_id }));
+    assert_eq!(status, 201, "{body}");
+    eprintln!(
+        "placement on the other node answered Ready in {:?}",
+        t.elapsed()
+    );
+    let id = body["instances"][0]["id"]
+        .as_str()
+        .expect("instance id")
+        .to_string();
+    assert_eq!(body["instances"][0]["node"], b_id.as_str());
+
+    // a routes to b: plain and streaming.
+    wait_for(
+        Duration::from_secs(10),
+        "a to know the model is ready",
+        &[&a],
+        || a.get("/ready").is_ok_and(|(s, _)| s == 200),
+    );
+    let (status, body) = a.post("/v1/chat/completions", &chat("scripted", false));
+    assert_eq!(status, 200, "{body}");
+    let text = body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!text.is_empty(), "{body}");
+
+    let mut events = Vec::new();
+    let status = a.stream(&chat("scripted", true), |data, _| {
+        events.push(data.to_string())
+    });
+    assert_eq!(status, 200);
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(
+        streamed, text,
+        "the stream carries the same text as the plain answer"
+    );
+    let (_, models) = a.get("/v1/models").expect("models");
+    assert!(models.contains("\"scripted\""), "{models}");
+
+    // The instance runs on b only.
+    let b_local = &state(&b)["local"]["instances"];
+    assert!(b_local.to_string().contains(&id), "{b_local}");
+    assert!(!state(&a)["local"]["instances"].to_string().contains(&id));
+
+    // Delete it through a: b stops it, and a request now gets a clear 404.
+    let (status, body) = a.delete(&format!("/instances/{id}"));
+    assert_eq!(status, 200, "{body}");
+    wait_for(
+        Duration::from_secs(10),
+        "b to stop the instance",
+        &[&a, &b],
+        || !state(&b)["local"]["instances"].to_string().contains(&id),
+    );
+    let (status, body) = a.post("/v1/chat/completions", &chat("scripted", false));
+    assert_eq!(status, 404, "{body}");
+    let (status, _) = a.delete(&format!("/instances/{id}"));
+    assert_eq!(status, 404);
+
+    // A node that offers too little memory is not chosen; when none has room, the caller
+    // is told.
+    drop(a);
+    drop(b);
+}
+
+#[test]
+fn placement_without_room_is_refused_with_the_reason() {
+    let Some(cluster) = Cluster::new(1) else {
+        return;
+    };
+    let a = cluster.start(0, &["--memory", "1M"]);
+    wait_for(Duration::from_secs(20), "a master", &[&a], || {
+        master(&a).is_some()
+    });
+    let (status, body) = place(&a, json!({ "model": "scripted" }));
+    assert_eq!(status, 507, "{body}");
+    assert_eq!(body["error"]["code"], "no_room", "{body}");
+    assert!(state(&a)["instances"].as_array().is_none_or(Vec::is_empty));
+}
+
+#[test]
+fn master_killed_a_new_one_takes_over_and_the_lost_instance_is_placed_again() {
+    let Some(cluster) = Cluster::new(3) else {
+        return;
+    };
+    let a = cluster.start(0, &[]);
+    let b = cluster.start(1, &[]);
+    let c = cluster.start(2, &[]);
+    wait_for(
+        Duration::from_secs(20),
+        "3 nodes to form",
+        &[&a, &b, &c],
+        || formed(&[&a, &b, &c]),
+    );
+    let a_id = node_id(&a);
+    assert_eq!(master(&b), Some(a_id.clone()));
+    // One instance on each node.
+    let mut ids = Vec::new();
+    for node in [&a, &b, &c] {
+        let (status, body) = place(&b, json!({ "model": "scripted", "node": node_id(node) }));
+        assert_eq!(status, 201, "{body}");
+        ids.push(body["instances"][0]["id"].as_str().expect("id").to_string());
+    }
+    let on_a = ids[0].clone();
+
+    // Requests keep flowing through b while the master dies.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (failures, served) = std::thread::scope(|s| {
+        let load = s.spawn(|| {
+            let (mut failures, mut served) = (Vec::new(), 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match b.try_post("/v1/chat/completions", &chat("scripted", false)) {
+                    Ok((200, _)) => served += 1,
+                    other => failures.push(format!("{other:?}")),
+                }
+            }
+            (failures, served)
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let mut a = a;
+        let t = Instant::now();
+        a.kill();
+        let b_id = node_id(&b);
+        let failover = wait_for(Duration::from_secs(15), "a new master", &[&b, &c], || {
+            master(&b) == Some(b_id.clone()) && master(&c) == Some(b_id.clone())
+        });
+        eprintln!("master failover (SIGKILL to a new master on every survivor): {failover:?}");
+        let replaced = wait_for(
+            Duration::from_secs(30),
+            "the lost instance to run again",
+            &[&b, &c],
+            || {
+                instance_status(&b, &on_a).is_some_and(|(node, status)| {
+                    node != a_id && (status == "Ready" || status == "Running")
+                })
+            },
+        );
+        eprintln!(
+            "lost instance Ready again elsewhere {:?} after the kill",
+            t.elapsed()
+        );
+        let _ = replaced;
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        load.join().expect("load thread")
+    });
+    // Requests served by b's and c's instances never failed; one that was routed to a's
+    // instance when a died may have failed (502), nothing else.
+    assert!(served > 0);
+    assert!(
+        failures
+            .iter()
+            .all(|f| f.contains("502") || f.contains("503")),
+        "unexpected failures: {failures:?}"
+    );
+    assert!(
+        failures.len() <= 3,
+        "{} failures: {failures:?}",
+        failures.len()
+    );
+    // The instances of b and c kept their nodes: re-election killed nothing.
+    for (id, node) in [(&ids[1], &b), (&ids[2], &c)] {
+        let (on, status) = instance_status(&b, id).expect("still planned");
+        assert_eq!(on, node_id(node), "{id} moved");
+        assert!(status == "Ready" || status == "Running", "{id} is {status}");
+    }
+}
+
+#[test]
+fn a_frozen_node_is_declared_dead_and_rejoins_cleanly_after_sigcont() {
+    let Some(cluster) = Cluster::new(3) else {
+        return;
+    };
+    let a = cluster.start(0, &[]);
+    let b = cluster.start(1, &[]);
+    let c = cluster.start(2, &[]);
+    wait_for(
+        Duration::from_secs(20),
+        "3 nodes to form",
+        &[&a, &b, &c],
+        || formed(&[&a, &b, &c]),
+    );
+    let c_id = node_id(&c);
+
+    c.signal(Signal::SIGSTOP).expect("SIGSTOP");
+    let detect = wait_for(
+        Duration::from_secs(10),
+        "the frozen node to be declared dead",
+        &[&a, &b],
+        || peers(&a) == 1 && peers(&b) == 1,
+    );
+    eprintln!("frozen peer (SIGSTOP) declared dead after {detect:?}");
+    assert!(detect < Duration::from_secs(5), "detection took {detect:?}");
+    assert!(!state(&a)["nodes"].to_string().contains(&c_id));
+
+    c.signal(Signal::SIGCONT).expect("SIGCONT");
+    let rejoin = wait_for(
+        Duration::from_secs(20),
+        "the node to rejoin",
+        &[&a, &b, &c],
+        || formed(&[&a, &b, &c]),
+    );
+    eprintln!("rejoined {rejoin:?} after SIGCONT");
+    // No duplicate node and one state: three distinct ids everywhere, one master, one term.
+    let states: Vec<Value> = [&a, &b, &c].iter().map(|n| state(n)).collect();
+    for s in &states {
+        let ids: BTreeSet<&str> = s["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .filter_map(|n| n["id"].as_str())
+            .collect();
+        assert_eq!(ids.len(), 3, "{s}");
+        assert!(ids.contains(c_id.as_str()));
+    }
+    let terms: BTreeSet<u64> = states.iter().filter_map(|s| s["term"].as_u64()).collect();
+    assert_eq!(terms.len(), 1, "{states:?}");
+}
+
+#[test]
+fn a_partitioned_minority_never_elects_and_the_cluster_heals_to_one_master() {
+    let Some(cluster) = Cluster::new(3) else {
+        return;
+    };
+    let a = cluster.start(0, &["--expect", "2"]);
+    let b = cluster.start(1, &["--expect", "2"]);
+    let c = cluster.start(2, &["--expect", "2"]);
+    wait_for(
+        Duration::from_secs(20),
+        "3 nodes to form",
+        &[&a, &b, &c],
+        || formed(&[&a, &b, &c]),
+    );
+    assert_eq!(master(&c), Some(node_id(&a)));
+
+    // Cut the master off: it is the minority now.
+    cluster.fabric.cut(0);
+    let b_id = node_id(&b);
+    let t = Instant::now();
+    wait_for(
+        Duration::from_secs(15),
+        "the majority to elect",
+        &[&a, &b, &c],
+        || master(&b) == Some(b_id.clone()) && master(&c) == Some(b_id.clone()),
+    );
+    eprintln!(
+        "majority elected a new master {:?} after the cut",
+        t.elapsed()
+    );
+    // The minority has no master, and keeps having none.
+    wait_for(
+        Duration::from_secs(10),
+        "the minority to step down",
+        &[&a],
+        || master(&a).is_none(),
+    );
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(3) {
+        assert_eq!(master(&a), None, "the minority elected: {}", state(&a));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    cluster.fabric.heal(0);
+    let t = Instant::now();
+    wait_for(
+        Duration::from_secs(30),
+        "one cluster again",
+        &[&a, &b, &c],
+        || formed(&[&a, &b, &c]),
+    );
+    eprintln!("healed to one master in {:?}", t.elapsed());
+    let states: Vec<Value> = [&a, &b, &c].iter().map(|n| state(n)).collect();
+    let masters: BTreeSet<&str> = states.iter().filter_map(|s| s["master"].as_str()).collect();
+    let terms: BTreeSet<u64> = states.iter().filter_map(|s| s["term"].as_u64()).collect();
+    assert_eq!(masters.len(), 1, "{states:?}");
+    assert_eq!(terms.len(), 1, "{states:?}");
+}
+
+#[test]
+fn a_node_with_the_wrong_cookie_is_refused() {
+    let Some(cluster) = Cluster::new(3) else {
+        return;
+    };
+    let a = cluster.start(0, &[]);
+    let b = cluster.start(1, &[]);
+    wait_for(
+        Duration::from_secs(20),
+        "2 nodes to form",
+        &[&a, &b],
+        || formed(&[&a, &b]),
+    );
+    let intruder = cluster.start(2, &["--cookie", "not-the-cookie"]);
+    let intruder_id = node_id(&intruder);
+    // Give discovery several rounds to try.
+    std::thread::sleep(Duration::from_secs(4));
+    for node in [&a, &b] {
+        let s = state(node);
+        assert_eq!(peers(node), 1, "{s}");
+        assert!(!s.to_string().contains(&intruder_id), "{s}");
+    }
+    assert_eq!(peers(&intruder), 0);
+    let refused = [&a, &b, &intruder]
+        .iter()
+        .any(|n| n.log_text().contains("different cookie"));
+    assert!(refused, "no node logged the refusal");
+    // The cluster itself is unharmed.
+    assert!(formed(&[&a, &b]));
+}

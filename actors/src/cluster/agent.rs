@@ -139,7 +139,8 @@ impl AgentState {
                 });
             }
         }
-        let available = mem_available();
+        // Rounded to 16 MiB, so that small fluctuations do not change the plan.
+        let available = mem_available() & !((16 << 20) - 1);
         let mem_available = match self.args.memory_limit {
             Some(limit) => available.min(limit.saturating_sub(committed)),
             None => available,

@@ -35,6 +35,8 @@ pub const RETRY_BUDGET: u32 = 5;
 /// How often the master reconciles and (at least) republishes the plan.
 const TICK: Duration = Duration::from_millis(500);
 const REPUBLISH: Duration = Duration::from_secs(1);
+/// How long a placement waits for a live node's first report.
+const REPORT_GRACE: Duration = Duration::from_secs(3);
 
 /// Messages of the [`MasterActor`].
 #[derive(RactorMessage)]
@@ -78,6 +80,9 @@ pub struct MasterState {
     plan: Plan,
     reports: HashMap<NodeId, NodeReport>,
     pending: Vec<Pending>,
+    /// Placement requests that arrived before every live node had reported (a node that
+    /// just joined): retried on each tick, for up to [`REPORT_GRACE`].
+    deferred: Vec<(PlaceRequest, RpcReplyPort<Vec<u8>>, Instant)>,
     retries: HashMap<String, Retry>,
     dirty: bool,
     published: Instant,
@@ -429,6 +434,21 @@ impl MasterState {
         }
     }
 
+    /// Places now if every live node has reported (or the grace is over), else defers.
+    fn place_or_defer(
+        &mut self,
+        request: PlaceRequest,
+        reply: RpcReplyPort<Vec<u8>>,
+        since: Instant,
+    ) {
+        let unreported = self.alive().iter().any(|n| !self.reports.contains_key(n));
+        if unreported && since.elapsed() < REPORT_GRACE {
+            self.deferred.push((request, reply, since));
+        } else {
+            self.place(request, reply);
+        }
+    }
+
     fn place(&mut self, request: PlaceRequest, reply: RpcReplyPort<Vec<u8>>) {
         let model = self.args.resolver.model_id(&request.model);
         let mut chosen = Vec::new();
@@ -518,6 +538,7 @@ impl Actor for MasterActor {
             plan,
             reports: HashMap::new(),
             pending: Vec::new(),
+            deferred: Vec::new(),
             retries: HashMap::new(),
             dirty: true,
             published: Instant::now(),
@@ -548,9 +569,16 @@ impl Actor for MasterActor {
             MasterMsg::Report(report) => {
                 state.reports.insert(report.node.clone(), report);
             }
-            MasterMsg::Place(request, reply) => state.place(request, reply),
+            MasterMsg::Place(request, reply) => {
+                state.place_or_defer(request, reply, Instant::now())
+            }
             MasterMsg::Delete(id, reply) => state.delete(id, reply),
-            MasterMsg::Tick => state.reconcile(),
+            MasterMsg::Tick => {
+                state.reconcile();
+                for (request, reply, since) in std::mem::take(&mut state.deferred) {
+                    state.place_or_defer(request, reply, since);
+                }
+            }
         }
         Ok(())
     }
