@@ -564,3 +564,98 @@ fn a_node_with_the_wrong_cookie_is_refused() {
     // The cluster itself is unharmed.
     assert!(formed(&[&a, &b]));
 }
+
+/// Two free consecutive loopback ports.
+fn free_pair() -> u16 {
+    loop {
+        let p = common::free_port();
+        if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+}
+
+#[test]
+fn up_with_nodes_starts_a_local_cluster_that_serves_from_every_node_and_stops_cleanly() {
+    let (api, cluster) = (free_pair(), free_pair());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tag = common::unique_tag("up-nodes");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_canopy"))
+        .args([
+            "up", "--nodes", "2", "--engine", "scripted", "--model", "scripted",
+        ])
+        .args([
+            "--port",
+            &api.to_string(),
+            "--cluster-port",
+            &cluster.to_string(),
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("CANOPY_TEST_TAG", &tag)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("canopy up starts");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let second = format!("http://127.0.0.1:{}", api + 1);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = agent.get(format!("{second}/ready")).call()
+            && r.status() == 200
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second node never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The second node has no instance of its own: it routes to the first.
+    let mut r = agent
+        .post(format!("{second}/v1/chat/completions"))
+        .send_json(chat("scripted", false))
+        .expect("request");
+    assert_eq!(r.status(), 200);
+    let body: Value = r.body_mut().read_json().expect("json");
+    assert!(
+        body["choices"][0]["message"]["content"].is_string(),
+        "{body}"
+    );
+    let mut r = agent
+        .get(format!("http://127.0.0.1:{api}/state"))
+        .call()
+        .expect("state");
+    let s: Value = r.body_mut().read_json().expect("json");
+    assert_eq!(s["nodes"].as_array().map(Vec::len), Some(2), "{s}");
+
+    // Ctrl-C stops both nodes and every runner.
+    let started = common::processes_with_env("CANOPY_TEST_TAG", &tag);
+    assert!(started.len() >= 3, "two nodes and a runner: {started:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "canopy up did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    for pid in started {
+        assert!(
+            common::wait_gone(pid, Duration::from_secs(10)),
+            "{pid} left behind"
+        );
+    }
+}

@@ -364,6 +364,7 @@ fn a_canopy_node_serves_http_inside_its_namespace() {
                 &fabric.addr(i).to_string(),
                 "--port",
                 &port.to_string(),
+                "--standalone",
             ]
             .iter()
             .map(|s| s.to_string())

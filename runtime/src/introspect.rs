@@ -9,7 +9,9 @@
 //!
 //! [`tree`] walks ractor's real supervision links down from a root actor and joins them with
 //! the registrations, so the tree shown by `canopy inspect` is exactly what runs: nothing is
-//! hard-coded. An actor that did not register still appears, with kind `actor`. Mailbox depth
+//! hard-coded. Remote actors (another node's actors, as seen through a cluster session) are
+//! left out: they show in their own node's tree. An actor that did not register still
+//! appears, with kind `actor`. Mailbox depth
 //! is not reported: ractor does not expose the length of an actor's message queue.
 
 use std::collections::HashMap;
@@ -142,7 +144,14 @@ pub fn tree(root: &ActorCell) -> ActorReport {
             uptime_ms,
             restarts,
             details: details.map_or(serde_json::Value::Null, |f| f()),
-            children: cell.get_children().iter().map(tree).collect(),
+            // Remote actors (stand-ins for another node's actors, children of a cluster
+            // session) belong to that node's tree, not this one's.
+            children: cell
+                .get_children()
+                .iter()
+                .filter(|c| c.get_id().is_local())
+                .map(tree)
+                .collect(),
         }
     };
     cell_report(root)

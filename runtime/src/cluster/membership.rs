@@ -389,6 +389,7 @@ struct Peer {
     session: ActorRef<NodeSessionMessage>,
     monitor: ActorRef<PeerMsg>,
     beat: Option<Beat>,
+    _session_registration: crate::introspect::Registration,
 }
 
 struct SessionInfo {
@@ -409,6 +410,7 @@ pub struct ClusterState {
     inbox: ActorRef<InboxMsg>,
     discovery: Option<JoinHandle<()>>,
     election: Election,
+    _server_registration: crate::introspect::Registration,
     beat: Arc<watch::Sender<Beat>>,
     peers: HashMap<NodeId, Peer>,
     sessions: HashMap<ActorId, SessionInfo>,
@@ -621,6 +623,12 @@ impl Actor for ClusterActor {
                     config.listen
                 )
             })?;
+        let server_registration = crate::introspect::register(&server.get_cell(), "node-server");
+        {
+            let listen = config.listen.to_string();
+            server_registration
+                .set_details(Arc::new(move || serde_json::json!({ "listen": listen })));
+        }
         server.cast(NodeServerMessage::SubscribeToEvents {
             id: "canopy-cluster".into(),
             subscription: Box::new(Subscription(myself.clone())),
@@ -682,6 +690,7 @@ impl Actor for ClusterActor {
             inbox,
             discovery,
             election,
+            _server_registration: server_registration,
             beat: Arc::new(watch::channel(beat).0),
             peers: HashMap::new(),
             sessions: HashMap::new(),
@@ -852,12 +861,20 @@ async fn handle_session(
             )
             .await?;
             tracing::info!(peer = %id.short(), addr = %info.peer_addr, "peer connected");
+            let registration = crate::introspect::register(&info.actor.get_cell(), "node-session");
+            {
+                let (peer, addr) = (id.to_string(), info.peer_addr.clone());
+                registration.set_details(Arc::new(
+                    move || serde_json::json!({ "peer": peer, "addr": addr }),
+                ));
+            }
             state.peers.insert(
                 id,
                 Peer {
                     session: info.actor.clone(),
                     monitor,
                     beat: None,
+                    _session_registration: registration,
                 },
             );
         }
