@@ -36,3 +36,7 @@ bench-engine:
             || { echo "building llama.cpp failed; benchmarking Canopy alone" >&2; LLAMA_BENCH=; }
     fi
     LLAMA_BENCH="$LLAMA_BENCH" cargo bench -p canopy-engine --bench engine
+
+# Soak: a 3-node cluster (network namespaces, root) on a saturated machine must declare no peer dead; CANOPY_SOAK_SECS (default 120).
+soak-cluster:
+    cargo test -p canopy --test cluster -- --ignored --nocapture no_false_peer_deaths

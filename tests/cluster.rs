@@ -659,3 +659,63 @@ fn up_with_nodes_starts_a_local_cluster_that_serves_from_every_node_and_stops_cl
         );
     }
 }
+
+/// Soak: three nodes while every core is saturated, with requests flowing across nodes; no
+/// peer may be declared dead. Ignored by default (it runs for `CANOPY_SOAK_SECS`, default
+/// 120 s): `just soak-cluster`.
+#[test]
+#[ignore = "a long soak; run with `just soak-cluster`"]
+fn no_false_peer_deaths_on_a_saturated_machine() {
+    let Some(cluster) = Cluster::new(3) else {
+        return;
+    };
+    let secs: u64 = std::env::var("CANOPY_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    let a = cluster.start(0, &[]);
+    let b = cluster.start(1, &[]);
+    let c = cluster.start(2, &[]);
+    wait_for(
+        Duration::from_secs(20),
+        "3 nodes to form",
+        &[&a, &b, &c],
+        || formed(&[&a, &b, &c]),
+    );
+    let (status, body) = place(&a, json!({ "model": "scripted", "node": node_id(&c) }));
+    assert_eq!(status, 201, "{body}");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let served = std::thread::scope(|s| {
+        for _ in 0..cores * 2 {
+            s.spawn(|| {
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            });
+        }
+        let load = s.spawn(|| {
+            let mut served = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((200, _)) = a.try_post("/v1/chat/completions", &chat("scripted", false)) {
+                    served += 1;
+                }
+            }
+            served
+        });
+        std::thread::sleep(Duration::from_secs(secs));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        load.join().expect("load")
+    });
+    let deaths: usize = [&a, &b, &c]
+        .iter()
+        .map(|n| n.log_text().matches("missed its heartbeats").count())
+        .sum();
+    eprintln!(
+        "soak: {secs} s with {} busy threads on {cores} cores, {served} cross-node requests, {deaths} false peer deaths",
+        cores * 2
+    );
+    assert_eq!(deaths, 0);
+    assert!(formed(&[&a, &b, &c]));
+}
