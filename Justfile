@@ -40,3 +40,11 @@ bench-engine:
 # Soak: a 3-node cluster (network namespaces, root) on a saturated machine must declare no peer dead; CANOPY_SOAK_SECS (default 120).
 soak-cluster:
     cargo test -p canopy --test cluster -- --ignored --nocapture no_false_peer_deaths
+
+# Cluster numbers with real processes in network namespaces (needs root): formation, failure detection (kill -9, SIGSTOP), master failover, cross-node vs local request.
+bench-cluster:
+    cargo bench -p canopy --bench cluster
+
+# Remote actor messaging between two nodes over loopback TCP: call round trip and cast throughput.
+bench-messaging:
+    cargo bench -p canopy-runtime --bench cluster_messaging

@@ -119,6 +119,7 @@ pub struct ModelRouter {
     submit_timeout: Duration,
     tag: Arc<str>,
     remote: Arc<Mutex<Option<Arc<dyn Remote>>>>,
+    metrics: Metrics,
 }
 
 fn now_secs() -> u64 {
@@ -144,6 +145,7 @@ impl ModelRouter {
             submit_timeout: Duration::from_secs(60),
             tag: node_tag.into(),
             remote: Arc::new(Mutex::new(None)),
+            metrics: metrics.clone(),
         };
         let mut rx = events.subscribe();
         let follower = router.clone();
@@ -255,9 +257,10 @@ impl ModelRouter {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    /// Forgets an instance (it was removed).
+    /// Forgets an instance (it was removed), its per-instance gauges included.
     pub fn remove_instance(&self, instance: &str) {
         self.lock().instances.remove(instance);
+        self.metrics.forget_instance(instance);
         self.changed.send_modify(|n| *n += 1);
     }
 

@@ -276,7 +276,26 @@ pub fn should_dial(me: &str, peer: &str) -> bool {
 pub struct Discovery {
     rx: mpsc::Receiver<Discovered>,
     tasks: Vec<JoinHandle<()>>,
+    announce: Arc<tokio::sync::Notify>,
 }
+
+/// Asks a running [`Discovery`] to send its beacon now, out of turn. The cluster actor uses
+/// it when it hears a node that must dial it (the node with the smaller id) but has not: that
+/// node may have started just after our last beacon, and would otherwise wait a whole
+/// interval to hear of us. Announcements are coalesced and spaced at least
+/// [`MIN_ANNOUNCE_SPACING`] apart, so a flood of beacons cannot turn into a flood of ours.
+#[derive(Debug, Clone)]
+pub struct Announcer(Arc<tokio::sync::Notify>);
+
+impl Announcer {
+    /// Sends this node's beacon as soon as the spacing allows.
+    pub fn announce(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// The shortest gap between two beacons sent out of turn.
+pub const MIN_ANNOUNCE_SPACING: Duration = Duration::from_millis(100);
 
 impl Discovery {
     /// Opens the multicast socket and starts sending and receiving beacons in background tasks.
@@ -312,11 +331,13 @@ impl Discovery {
             addr = %me.addr,
             "multicast discovery started"
         );
+        let announce = Arc::new(tokio::sync::Notify::new());
         let sender = tokio::spawn(send_loop(
             Arc::clone(&socket),
             config.group,
             beacon,
             config.interval,
+            Arc::clone(&announce),
         ));
         let receiver = tokio::spawn(receive_loop(
             socket,
@@ -327,14 +348,21 @@ impl Discovery {
         Ok(Discovery {
             rx,
             tasks: vec![sender, receiver],
+            announce,
         })
     }
 
     /// The next beacon of another node of the same namespace (see the module docs for the
     /// semantics: about one per peer per interval, dropped when this is not called often enough).
+    /// See [`Discovery::announcer`] for sending this node's beacon out of turn.
     /// Cancel-safe, so it can be a `tokio::select!` branch. `None` only once discovery has stopped.
     pub async fn recv(&mut self) -> Option<Discovered> {
         self.rx.recv().await
+    }
+
+    /// A handle that makes this discovery send its beacon now.
+    pub fn announcer(&self) -> Announcer {
+        Announcer(Arc::clone(&self.announce))
     }
 }
 
@@ -390,18 +418,30 @@ fn open_socket(config: &DiscoveryConfig) -> Result<UdpSocket, DiscoveryError> {
     UdpSocket::from_std(socket.into()).map_err(err("registering the socket with tokio"))
 }
 
-/// Sends `beacon` to `group` every `interval`, starting now; errors are logged and retried.
+/// Sends `beacon` to `group` every `interval`, starting now, and out of turn when `announce`
+/// is notified (at most once per [`MIN_ANNOUNCE_SPACING`]); errors are logged and retried.
 async fn send_loop(
     socket: Arc<UdpSocket>,
     group: SocketAddrV4,
     beacon: Vec<u8>,
     interval: Duration,
+    announce: Arc<tokio::sync::Notify>,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut limiter = LogLimiter::new();
+    let mut last = tokio::time::Instant::now();
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = announce.notified() => {
+                let since = last.elapsed();
+                if since < MIN_ANNOUNCE_SPACING {
+                    tokio::time::sleep(MIN_ANNOUNCE_SPACING - since).await;
+                }
+            }
+        }
+        last = tokio::time::Instant::now();
         let Err(error) = socket.send_to(&beacon, SocketAddr::V4(group)).await else {
             continue;
         };

@@ -38,7 +38,9 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::discovery::{BeaconInfo, Discovered, Discovery, DiscoveryConfig, should_dial};
+use super::discovery::{
+    Announcer, BeaconInfo, Discovered, Discovery, DiscoveryConfig, should_dial,
+};
 use super::election::{Candidate, Election};
 use super::identity::NodeId;
 use super::peer::{PeerArgs, PeerHeartbeat, PeerMonitor, PeerMsg};
@@ -409,6 +411,7 @@ pub struct ClusterState {
     server: ActorRef<NodeServerMessage>,
     inbox: ActorRef<InboxMsg>,
     discovery: Option<JoinHandle<()>>,
+    announcer: Option<Announcer>,
     election: Election,
     _server_registration: crate::introspect::Registration,
     beat: Arc<watch::Sender<Beat>>,
@@ -645,6 +648,7 @@ impl Actor for ClusterActor {
         .await?;
         ractor::pg::join(inbox_group(&config.node_id), vec![inbox.get_cell()]);
 
+        let mut announcer = None;
         let discovery = match &config.discovery {
             Some(dc) => {
                 let me = BeaconInfo {
@@ -654,6 +658,7 @@ impl Actor for ClusterActor {
                 };
                 match Discovery::start(dc.clone(), me).await {
                     Ok(mut discovery) => {
+                        announcer = Some(discovery.announcer());
                         let myself = myself.clone();
                         Some(tokio::spawn(async move {
                             while let Some(found) = discovery.recv().await {
@@ -689,6 +694,7 @@ impl Actor for ClusterActor {
             server,
             inbox,
             discovery,
+            announcer,
             election,
             _server_registration: server_registration,
             beat: Arc::new(watch::channel(beat).0),
@@ -735,6 +741,14 @@ impl Actor for ClusterActor {
                     return Ok(());
                 };
                 if id != *state.me() {
+                    // A node that should dial us but is not connected may not have heard of
+                    // us yet: answer with our beacon now rather than at the next interval.
+                    if !state.peers.contains_key(&id)
+                        && !should_dial(state.me().as_str(), id.as_str())
+                        && let Some(announcer) = &state.announcer
+                    {
+                        announcer.announce();
+                    }
                     state.known.insert(id, found.addr);
                     state.dial(&myself);
                 }
