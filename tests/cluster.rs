@@ -719,3 +719,38 @@ fn no_false_peer_deaths_on_a_saturated_machine() {
     assert_eq!(deaths, 0);
     assert!(formed(&[&a, &b, &c]));
 }
+
+#[test]
+fn a_restarted_node_is_the_same_node_not_a_ghost() {
+    let Some(cluster) = Cluster::new(2) else {
+        return;
+    };
+    let a = cluster.start(0, &[]);
+    let mut b = cluster.start(1, &[]);
+    wait_for(
+        Duration::from_secs(20),
+        "2 nodes to form",
+        &[&a, &b],
+        || formed(&[&a, &b]),
+    );
+    let b_id = node_id(&b);
+    b.kill();
+    wait_for(Duration::from_secs(10), "a to see b gone", &[&a], || {
+        peers(&a) == 0
+    });
+    // Same data dir: same id, and a sees exactly two nodes again.
+    let b = cluster.start(1, &[]);
+    assert_eq!(node_id(&b), b_id);
+    wait_for(Duration::from_secs(20), "b to rejoin", &[&a, &b], || {
+        formed(&[&a, &b])
+    });
+    let s = state(&a);
+    let ids: Vec<&str> = s["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 2, "{s}");
+    assert!(ids.contains(&b_id.as_str()), "{s}");
+}
