@@ -754,3 +754,82 @@ fn a_restarted_node_is_the_same_node_not_a_ghost() {
     assert_eq!(ids.len(), 2, "{s}");
     assert!(ids.contains(&b_id.as_str()), "{s}");
 }
+
+#[test]
+fn placing_a_missing_model_or_a_garbage_file_fails_with_the_reason_and_leaves_nothing() {
+    let Some(cluster) = Cluster::new(1) else {
+        return;
+    };
+    // The real engine (no --engine scripted): the node resolves and loads what it is given.
+    let dir = cluster.dirs.path().join("node-0");
+    let addr = cluster.fabric.addr(0).to_string();
+    let garbage = cluster.dirs.path().join("garbage.gguf");
+    std::fs::write(&garbage, b"GGUF but not really a model").expect("write");
+    let args: Vec<String> = [
+        "node",
+        "--host",
+        &addr,
+        "--port",
+        "52415",
+        "--cluster-host",
+        &addr,
+        "--namespace",
+        &cluster.namespace,
+        "--cookie",
+        COOKIE,
+        "--data-dir",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([dir.display().to_string()])
+    .chain([
+        "--model-dir".to_string(),
+        cluster.dirs.path().join("models").display().to_string(),
+    ])
+    .collect();
+    let a = NsNode::spawn(&cluster.fabric, 0, &args, &[], 52415);
+    assert!(
+        a.wait_http("/health", 200, Duration::from_secs(60)),
+        "{}",
+        a.log_text()
+    );
+    wait_for(Duration::from_secs(20), "a master", &[&a], || {
+        master(&a).is_some()
+    });
+
+    let (status, body) = place(&a, json!({ "model": "no-such-model", "wait": 60 }));
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "placement_failed", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no-such-model"),
+        "{body}"
+    );
+
+    let (status, body) = place(
+        &a,
+        json!({ "model": garbage.display().to_string(), "wait": 60 }),
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cannot load"),
+        "{body}"
+    );
+    // Nothing is left placed or running, and the node still serves.
+    wait_for(Duration::from_secs(10), "no instance left", &[&a], || {
+        state(&a)["local"]["instances"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+    assert!(
+        state(&a)["instances"].as_array().is_some_and(Vec::is_empty),
+        "{}",
+        state(&a)
+    );
+    assert_eq!(a.get("/health").expect("health").0, 200);
+}

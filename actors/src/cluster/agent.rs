@@ -115,10 +115,11 @@ impl AgentState {
         let mut instances: Vec<InstanceReport> = Vec::new();
         let mut committed = 0;
         for i in &local {
-            committed += need_bytes(self.args.resolver.size_hint(&i.model));
+            committed += need_bytes(self.args.resolver.size_hint(&i.source));
             instances.push(InstanceReport {
                 id: i.id.clone(),
                 model: i.model.clone(),
+                source: i.source.clone(),
                 status: i.status,
                 pid: i.pid,
                 restarts: i.restarts,
@@ -131,6 +132,7 @@ impl AgentState {
                 instances.push(InstanceReport {
                     id: id.clone(),
                     model: model.clone(),
+                    source: model.clone(),
                     status: canopy_proto::RunnerStatus::Failed,
                     pid: None,
                     restarts: 0,
@@ -179,7 +181,7 @@ impl AgentState {
             let mine = p.state == PlanState::Active && p.node.as_ref() == Some(&me);
             let here = self.args.router.has_instance(id);
             if mine && !here && !self.starting.contains(id) && !self.errors.contains_key(id) {
-                self.start(myself, id.clone(), p.model.clone());
+                self.start(myself, id.clone(), p.model.clone(), p.source.clone());
             } else if here && !mine {
                 tracing::info!(instance = %id, "the plan moves or deletes this instance: stopping it here");
                 self.stop(id);
@@ -192,7 +194,7 @@ impl AgentState {
         });
     }
 
-    fn start(&mut self, myself: &ActorRef<AgentMsg>, id: String, model: String) {
+    fn start(&mut self, myself: &ActorRef<AgentMsg>, id: String, model: String, source: String) {
         tracing::info!(instance = %id, %model, "starting an instance the plan assigns here");
         self.starting.insert(id.clone());
         let resolver = self.args.resolver.clone();
@@ -200,8 +202,7 @@ impl AgentState {
         let myself = myself.clone();
         tokio::spawn(async move {
             let resolved = {
-                let model = model.clone();
-                tokio::task::spawn_blocking(move || resolver.resolve(&model))
+                tokio::task::spawn_blocking(move || resolver.resolve(&source))
                     .await
                     .unwrap_or_else(|e| Err(format!("resolving the model panicked: {e}")))
             };

@@ -131,7 +131,7 @@ impl MasterState {
                     && p.node.as_ref() == Some(node)
                     && !report.instances.iter().any(|r| &r.id == *id)
             })
-            .map(|(_, p)| need_bytes(self.args.resolver.size_hint(&p.model)))
+            .map(|(_, p)| need_bytes(self.args.resolver.size_hint(&p.source)))
             .sum();
         Some(report.mem_available.saturating_sub(promised))
     }
@@ -219,25 +219,30 @@ impl MasterState {
                     continue;
                 }
                 match self.plan.instances.get(&inst.id) {
-                    None => adopted.push((inst.id.clone(), inst.model.clone(), node.clone())),
+                    None => adopted.push((inst.clone(), node.clone())),
                     Some(p)
                         if p.state == PlanState::Active
                             && p.node.as_ref().is_none_or(|n| !alive.contains(n)) =>
                     {
-                        adopted.push((inst.id.clone(), inst.model.clone(), node.clone()))
+                        adopted.push((inst.clone(), node.clone()))
                     }
                     _ => {}
                 }
             }
         }
-        for (id, model, node) in adopted {
-            tracing::info!(instance = %id, node = %node.short(), "adopting a running instance");
-            let entry = self.plan.instances.entry(id).or_insert(PlannedInstance {
-                model,
-                node: None,
-                state: PlanState::Active,
-                attempts: 0,
-            });
+        for (inst, node) in adopted {
+            tracing::info!(instance = %inst.id, node = %node.short(), "adopting a running instance");
+            let entry = self
+                .plan
+                .instances
+                .entry(inst.id)
+                .or_insert(PlannedInstance {
+                    model: inst.model,
+                    source: inst.source,
+                    node: None,
+                    state: PlanState::Active,
+                    attempts: 0,
+                });
             entry.node = Some(node);
             self.dirty = true;
         }
@@ -294,8 +299,8 @@ impl MasterState {
                     if retry.next <= now {
                         let excluded = retry.excluded.clone();
                         let chosen = self
-                            .choose(&p.model, None, &excluded)
-                            .or_else(|_| self.choose(&p.model, None, &[]));
+                            .choose(&p.source, None, &excluded)
+                            .or_else(|_| self.choose(&p.source, None, &[]));
                         match chosen {
                             Ok(node) => {
                                 tracing::info!(instance = %id, node = %node.short(), "placing");
@@ -453,7 +458,7 @@ impl MasterState {
         let model = self.args.resolver.model_id(&request.model);
         let mut chosen = Vec::new();
         for n in 0..request.instances {
-            match self.choose(&model, request.node.as_ref(), &[]) {
+            match self.choose(&request.model, request.node.as_ref(), &[]) {
                 Ok(node) => {
                     let id = format!("{}-{:06x}", slug(&model), rand::random::<u32>() & 0xff_ffff);
                     // Promise the memory at once, so the next instance of this request
@@ -462,6 +467,7 @@ impl MasterState {
                         id.clone(),
                         PlannedInstance {
                             model: model.clone(),
+                            source: request.model.clone(),
                             node: Some(node.clone()),
                             state: PlanState::Active,
                             attempts: 0,

@@ -25,6 +25,8 @@ pub struct InstanceReport {
     pub id: String,
     /// The model it serves.
     pub model: String,
+    /// What it loads (a path or a catalogue name), so that it can run elsewhere too.
+    pub source: String,
     /// Its runner's status.
     pub status: RunnerStatus,
     /// The runner's pid.
@@ -68,8 +70,11 @@ pub enum PlanState {
 /// Where one instance should run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlannedInstance {
-    /// The model.
+    /// The model id clients use.
     pub model: String,
+    /// What a node resolves to run it (the placement request's model: a catalogue name or
+    /// a path).
+    pub source: String,
     /// The node it is assigned to (None while waiting to be placed again).
     pub node: Option<NodeId>,
     /// Its lifecycle state.
@@ -171,7 +176,7 @@ pub enum PlaceError {
     #[error("node {0} is not a live member of the cluster")]
     UnknownNode(String),
     /// A node could not start or load the instance.
-    #[error("placing {instance} failed on node {node}: {reason}")]
+    #[error("placing {instance} failed: {reason}")]
     Failed {
         /// The instance.
         instance: String,

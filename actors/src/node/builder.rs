@@ -176,7 +176,7 @@ impl Placer {
         load: LoadSpec,
     ) -> Result<(), NodeError> {
         let worker = self.worker().await?;
-        self.router.add_instance(instance, model);
+        self.router.add_instance(instance, model, &load.model);
         let spec = runner_child(
             &self.router.actor_name(instance),
             instance,
@@ -290,7 +290,7 @@ impl NodeBuilder {
         for placement in &config.placements {
             for n in 0..placement.instances {
                 let instance = format!("{}-{infix}{n}", placement.model);
-                router.add_instance(&instance, &placement.model);
+                router.add_instance(&instance, &placement.model, &placement.load.model);
                 worker = worker.with_child(runner_child(
                     &router.actor_name(&instance),
                     &instance,

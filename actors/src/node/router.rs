@@ -83,6 +83,8 @@ pub struct LocalInstance {
     pub last_failure: Option<String>,
     /// Why its model could not be loaded, if that happened.
     pub load_error: Option<String>,
+    /// What it loads (a path or a catalogue name).
+    pub source: String,
 }
 
 /// The registry name of the runner supervisor of `instance` on the node tagged `node_tag`
@@ -101,6 +103,7 @@ struct Instance {
     placed_at: u64,
     last_failure: Option<String>,
     load_error: Option<String>,
+    source: String,
 }
 
 #[derive(Default)]
@@ -226,6 +229,7 @@ impl ModelRouter {
                 restarts: i.restarts,
                 last_failure: i.last_failure.clone(),
                 load_error: i.load_error.clone(),
+                source: i.source.clone(),
             })
             .collect()
     }
@@ -240,8 +244,9 @@ impl ModelRouter {
         }
     }
 
-    /// Records a newly placed instance of `model`.
-    pub fn add_instance(&self, instance: &str, model: &str) {
+    /// Records a newly placed instance of `model`, loaded from `source` (a path or a
+    /// catalogue name: what another node would resolve to run it too).
+    pub fn add_instance(&self, instance: &str, model: &str, source: &str) {
         self.lock().instances.insert(
             instance.to_string(),
             Instance {
@@ -252,6 +257,7 @@ impl ModelRouter {
                 placed_at: now_secs(),
                 last_failure: None,
                 load_error: None,
+                source: source.to_string(),
             },
         );
         self.changed.send_modify(|n| *n += 1);
