@@ -74,6 +74,21 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Starts nodes `0..N` with `extra` flags and waits until they form one cluster.
+    fn start_formed<const N: usize>(&self, extra: &[&str]) -> [NsNode; N] {
+        let nodes: [NsNode; N] = std::array::from_fn(|i| self.start(i, extra));
+        let refs: Vec<&NsNode> = nodes.iter().collect();
+        wait_for(
+            Duration::from_secs(20),
+            &format!("{N} nodes to form"),
+            &refs,
+            || formed(&refs),
+        );
+        nodes
+    }
+}
+
 fn state(node: &NsNode) -> Value {
     match node.get("/state") {
         Ok((200, body)) => serde_json::from_str(&body).unwrap_or(Value::Null),
@@ -223,14 +238,7 @@ fn a_request_to_one_node_streams_from_a_model_placed_only_on_another() {
     let Some(cluster) = Cluster::new(2) else {
         return;
     };
-    let a = cluster.start(0, &[]);
-    let b = cluster.start(1, &[]);
-    wait_for(
-        Duration::from_secs(20),
-        "2 nodes to form",
-        &[&a, &b],
-        || formed(&[&a, &b]),
-    );
+    let [a, b] = cluster.start_formed::<2>(&[]);
     let b_id = node_id(&b);
 
     // Placement errors come back to the caller.
@@ -341,15 +349,7 @@ fn master_killed_a_new_one_takes_over_and_the_lost_instance_is_placed_again() {
     let Some(cluster) = Cluster::new(3) else {
         return;
     };
-    let a = cluster.start(0, &[]);
-    let b = cluster.start(1, &[]);
-    let c = cluster.start(2, &[]);
-    wait_for(
-        Duration::from_secs(20),
-        "3 nodes to form",
-        &[&a, &b, &c],
-        || formed(&[&a, &b, &c]),
-    );
+    let [a, b, c] = cluster.start_formed::<3>(&[]);
     let a_id = node_id(&a);
     assert_eq!(master(&b), Some(a_id.clone()));
     // One instance on each node.
@@ -429,15 +429,7 @@ fn a_frozen_node_is_declared_dead_and_rejoins_cleanly_after_sigcont() {
     let Some(cluster) = Cluster::new(3) else {
         return;
     };
-    let a = cluster.start(0, &[]);
-    let b = cluster.start(1, &[]);
-    let c = cluster.start(2, &[]);
-    wait_for(
-        Duration::from_secs(20),
-        "3 nodes to form",
-        &[&a, &b, &c],
-        || formed(&[&a, &b, &c]),
-    );
+    let [a, b, c] = cluster.start_formed::<3>(&[]);
     let c_id = node_id(&c);
 
     c.signal(Signal::SIGSTOP).expect("SIGSTOP");
@@ -480,15 +472,7 @@ fn a_partitioned_minority_never_elects_and_the_cluster_heals_to_one_master() {
     let Some(cluster) = Cluster::new(3) else {
         return;
     };
-    let a = cluster.start(0, &["--expect", "2"]);
-    let b = cluster.start(1, &["--expect", "2"]);
-    let c = cluster.start(2, &["--expect", "2"]);
-    wait_for(
-        Duration::from_secs(20),
-        "3 nodes to form",
-        &[&a, &b, &c],
-        || formed(&[&a, &b, &c]),
-    );
+    let [a, b, c] = cluster.start_formed::<3>(&["--expect", "2"]);
     assert_eq!(master(&c), Some(node_id(&a)));
 
     // Cut the master off: it is the minority now.
@@ -539,14 +523,7 @@ fn a_node_with_the_wrong_cookie_is_refused() {
     let Some(cluster) = Cluster::new(3) else {
         return;
     };
-    let a = cluster.start(0, &[]);
-    let b = cluster.start(1, &[]);
-    wait_for(
-        Duration::from_secs(20),
-        "2 nodes to form",
-        &[&a, &b],
-        || formed(&[&a, &b]),
-    );
+    let [a, b] = cluster.start_formed::<2>(&[]);
     let intruder = cluster.start(2, &["--cookie", "not-the-cookie"]);
     let intruder_id = node_id(&intruder);
     // Give discovery several rounds to try.
@@ -673,15 +650,7 @@ fn no_false_peer_deaths_on_a_saturated_machine() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(120);
-    let a = cluster.start(0, &[]);
-    let b = cluster.start(1, &[]);
-    let c = cluster.start(2, &[]);
-    wait_for(
-        Duration::from_secs(20),
-        "3 nodes to form",
-        &[&a, &b, &c],
-        || formed(&[&a, &b, &c]),
-    );
+    let [a, b, c] = cluster.start_formed::<3>(&[]);
     let (status, body) = place(&a, json!({ "model": "scripted", "node": node_id(&c) }));
     assert_eq!(status, 201, "{body}");
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -725,14 +694,7 @@ fn a_restarted_node_is_the_same_node_not_a_ghost() {
     let Some(cluster) = Cluster::new(2) else {
         return;
     };
-    let a = cluster.start(0, &[]);
-    let mut b = cluster.start(1, &[]);
-    wait_for(
-        Duration::from_secs(20),
-        "2 nodes to form",
-        &[&a, &b],
-        || formed(&[&a, &b]),
-    );
+    let [a, mut b] = cluster.start_formed::<2>(&[]);
     let b_id = node_id(&b);
     b.kill();
     wait_for(Duration::from_secs(10), "a to see b gone", &[&a], || {

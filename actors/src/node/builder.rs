@@ -152,19 +152,7 @@ pub struct Placer {
 impl Placer {
     async fn worker(&self) -> Result<ActorRef<SupervisorMsg>, NodeError> {
         let root: ActorRef<SupervisorMsg> = self.router.root_cell().ok_or(NodeError::Gone)?.into();
-        let children = root
-            .call(SupervisorMsg::WhichChildren, Some(Duration::from_secs(10)))
-            .await
-            .map_err(|_| NodeError::Gone)?;
-        let ractor::rpc::CallResult::Success(children) = children else {
-            return Err(NodeError::Gone);
-        };
-        children
-            .into_iter()
-            .find(|c| c.id == "worker")
-            .and_then(|c| c.cell)
-            .map(ActorRef::from)
-            .ok_or(NodeError::Gone)
+        supervisor_child(&root, "worker").await.map(ActorRef::from)
     }
 
     /// Starts instance `instance` of `model`, loading `load`, under the worker. Answers once
@@ -384,6 +372,22 @@ impl NodeBuilder {
     }
 }
 
+/// The running child `id` of supervisor `sup`.
+async fn supervisor_child(sup: &ActorRef<SupervisorMsg>, id: &str) -> Result<ActorCell, NodeError> {
+    let children = sup
+        .call(SupervisorMsg::WhichChildren, Some(Duration::from_secs(10)))
+        .await
+        .map_err(|_| NodeError::Gone)?;
+    let ractor::rpc::CallResult::Success(children) = children else {
+        return Err(NodeError::Gone);
+    };
+    children
+        .into_iter()
+        .find(|c| c.id == id)
+        .and_then(|c| c.cell)
+        .ok_or(NodeError::Gone)
+}
+
 /// The innermost useful message of a start failure (supervisors wrap their children's).
 fn start_error(err: ractor::SpawnErr) -> String {
     let mut message = err.to_string();
@@ -429,19 +433,7 @@ impl NodeHandle {
     }
 
     async fn child(&self, id: &str) -> Result<ActorCell, NodeError> {
-        let children = self
-            .root
-            .call(SupervisorMsg::WhichChildren, Some(Duration::from_secs(10)))
-            .await
-            .map_err(|_| NodeError::Gone)?;
-        let ractor::rpc::CallResult::Success(children) = children else {
-            return Err(NodeError::Gone);
-        };
-        children
-            .into_iter()
-            .find(|c| c.id == id)
-            .and_then(|c| c.cell)
-            .ok_or(NodeError::Gone)
+        supervisor_child(&self.root, id).await
     }
 
     /// Where the API listens (the real port when configured with port 0).
