@@ -592,6 +592,17 @@ impl ClusterState {
     }
 }
 
+/// The innermost message of an error chain (ractor wraps start failures in layers).
+fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        message = s.to_string();
+        source = s.source();
+    }
+    message
+}
+
 fn backoff(failures: u32) -> Duration {
     let ms = 250u64.saturating_mul(1 << failures.min(5));
     Duration::from_millis(ms.min(5000))
@@ -622,8 +633,10 @@ impl Actor for ClusterActor {
             .await
             .map_err(|e| {
                 format!(
-                    "cannot listen for cluster connections on {}: {e}",
-                    config.listen
+                    "cannot listen for cluster connections on {}: {} (another node on this \
+                     address? pass another --cluster-port)",
+                    config.listen,
+                    innermost(&e)
                 )
             })?;
         let server_registration = crate::introspect::register(&server.get_cell(), "node-server");
