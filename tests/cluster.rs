@@ -795,3 +795,72 @@ fn placing_a_missing_model_or_a_garbage_file_fails_with_the_reason_and_leaves_no
     );
     assert_eq!(a.get("/health").expect("health").0, 200);
 }
+
+fn local_status(node: &NsNode, id: &str) -> Option<String> {
+    state(node)["local"]["instances"]
+        .as_array()?
+        .iter()
+        .find(|i| i["instance"] == id)
+        .and_then(|i| i["status"].as_str().map(str::to_string))
+}
+
+#[test]
+fn a_cross_node_stream_is_cancelled_when_its_client_leaves_and_fails_fast_when_its_node_dies() {
+    let Some(cluster) = Cluster::new(2) else {
+        return;
+    };
+    let [a, b] = cluster.start_formed::<2>(&[]);
+    let (status, body) = place(&a, json!({ "model": "scripted", "node": node_id(&b) }));
+    assert_eq!(status, 201, "{body}");
+    let id = body["instances"][0]["id"].as_str().expect("id").to_string();
+    wait_for(Duration::from_secs(10), "a to route to b", &[&a], || {
+        a.get("/ready").is_ok_and(|(s, _)| s == 200)
+    });
+    // A long stream (50 s if nobody stops it).
+    let long = json!({
+        "model": "scripted",
+        "stream": true,
+        "max_tokens": 1000,
+        "messages": [{ "role": "user", "content": "tokens=1000 delay_ms=50" }],
+    });
+
+    // The client goes away after three chunks: b's runner stops the task.
+    let mut seen = 0;
+    let status = a.stream_while(&long, |_, _| {
+        seen += 1;
+        seen < 3
+    });
+    assert_eq!(status, 200);
+    let left = Instant::now();
+    let idle = wait_for(
+        Duration::from_secs(5),
+        "b's runner to drop the task",
+        &[&a, &b],
+        || local_status(&b, &id).as_deref() == Some("Ready"),
+    );
+    eprintln!(
+        "cross-node cancellation reached b's runner {:?} after the client left",
+        idle.max(left.elapsed())
+    );
+
+    // b dies mid-stream: a's client gets an error event and [DONE] at once.
+    let mut events: Vec<(String, Instant)> = Vec::new();
+    let mut killed_at = None;
+    let status = a.stream_while(&long, |data, at| {
+        events.push((data.to_string(), at));
+        if events.len() == 3 {
+            b.signal(Signal::SIGKILL).expect("SIGKILL");
+            killed_at = Some(Instant::now());
+        }
+        true
+    });
+    assert_eq!(status, 200);
+    let killed_at = killed_at.expect("the stream produced 3 events");
+    let (last, ended) = events.last().cloned().expect("events");
+    assert_eq!(last, "[DONE]", "{events:?}");
+    let error = events.iter().any(|(e, _)| e.contains("\"error\""));
+    assert!(error, "no error event before [DONE]: {events:?}");
+    let took = ended.duration_since(killed_at);
+    eprintln!("stream from a dead node ended {took:?} after the kill");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}

@@ -603,10 +603,26 @@ impl NsNode {
     /// # Panics
     ///
     /// When the request cannot be sent (with the node's log).
-    pub fn stream(&self, body: &Value, on_event: impl FnMut(&str, Instant) + Send) -> u16 {
+    pub fn stream(&self, body: &Value, mut on_event: impl FnMut(&str, Instant) + Send) -> u16 {
+        self.stream_while(body, |data, at| {
+            on_event(data, at);
+            true
+        })
+    }
+
+    /// Like [`NsNode::stream`], but stops reading (and drops the connection: the client goes
+    /// away) as soon as `on_event` returns false.
+    ///
+    /// # Panics
+    ///
+    /// When the request cannot be sent (with the node's log).
+    pub fn stream_while(
+        &self,
+        body: &Value,
+        mut on_event: impl FnMut(&str, Instant) -> bool + Send,
+    ) -> u16 {
         let url = format!("{}/v1/chat/completions", self.base());
         let timeout = self.timeout;
-        let mut on_event = on_event;
         let result = self.in_ns(|| {
             let r = Self::agent(timeout)
                 .post(&url)
@@ -615,8 +631,10 @@ impl NsNode {
             let status = r.status().as_u16();
             let reader = BufReader::new(r.into_body().into_reader());
             for line in reader.lines().map_while(Result::ok) {
-                if let Some(data) = line.strip_prefix("data: ") {
-                    on_event(data, Instant::now());
+                if let Some(data) = line.strip_prefix("data: ")
+                    && !on_event(data, Instant::now())
+                {
+                    break;
                 }
             }
             Ok(status)
