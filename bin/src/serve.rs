@@ -297,6 +297,12 @@ fn fetch_model(name: &str, store: &ModelStore) -> anyhow::Result<(String, PathBu
     Ok((id, path))
 }
 
+/// Whether `engine` (None: the runner's default) loads GGUF files, so that model names go
+/// through the model store; the scripted test engine names its models itself.
+fn engine_reads_gguf(engine: Option<&str>) -> bool {
+    engine != Some("scripted")
+}
+
 /// Resolves placement requests' model names with the model store (downloading catalogue
 /// models on first use); with a non-candle engine, names pass through as they are.
 struct StoreResolver {
@@ -307,7 +313,7 @@ struct StoreResolver {
 
 impl StoreResolver {
     fn passthrough(&self) -> bool {
-        self.engine.as_deref().is_some_and(|e| e != "candle")
+        !engine_reads_gguf(self.engine.as_deref())
     }
 }
 
@@ -365,7 +371,7 @@ pub fn run(args: ServeArgs, default_model: Option<&str>) -> anyhow::Result<()> {
     let model = match (&settings.model, settings.engine.as_deref()) {
         // The model store holds GGUF files; other engines (the scripted test engine) name
         // their models themselves.
-        (Some(name), Some(engine)) if engine != "candle" => {
+        (Some(name), engine) if !engine_reads_gguf(engine) => {
             Some((name.clone(), PathBuf::from(name)))
         }
         (Some(name), _) => Some(fetch_model(name, &store)?),

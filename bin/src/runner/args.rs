@@ -10,7 +10,8 @@ use super::fault::FaultSpec;
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunnerArgs {
     /// The inference engine to host: `candle` (llama-family GGUF on the CPU), `candle-cuda`
-    /// in `cuda` builds, or `scripted`, the deterministic test engine.
+    /// in `cuda` builds, `mlx` in `mlx` builds (Apple MLX; macOS on Apple Silicon), or
+    /// `scripted`, the deterministic test engine.
     #[arg(long, value_name = "ENGINE", default_value = "candle")]
     pub engine: EngineKind,
 
