@@ -409,10 +409,10 @@ fn write_python_json(
 
 /// A number as Python prints it in JSON (`1`, `1.0`, `0.5`).
 fn python_number(value: &Value) -> String {
-    if let Ok(i) = i64::try_from(value.clone()) {
-        if value.as_i64().is_some() {
-            return i.to_string();
-        }
+    if let Ok(i) = i64::try_from(value.clone())
+        && value.as_i64().is_some()
+    {
+        return i.to_string();
     }
     match f64::try_from(value.clone()) {
         Ok(f) if f.is_finite() && f.fract() == 0.0 && f.abs() < 1e16 => format!("{f:.1}"),

@@ -559,7 +559,7 @@ fn check_tensor_extents(content: &Content, file_len: u64) -> Result<(), GgufProb
     for (name, info) in &content.tensor_infos {
         let elems = info.shape.elem_count() as u64;
         let block = info.ggml_dtype.block_size() as u64;
-        if block == 0 || elems % block != 0 {
+        if block == 0 || !elems.is_multiple_of(block) {
             return Err(GgufProblem::Malformed {
                 detail: format!(
                     "tensor {name:?} has {elems} elements, not a multiple of the {:?} block size {block}",

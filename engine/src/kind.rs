@@ -17,6 +17,10 @@ pub enum EngineKind {
     /// [`CandleEngine`](crate::CandleEngine) on the first CUDA GPU (`cuda` feature builds).
     #[cfg(feature = "cuda")]
     CandleCuda,
+    /// [`MlxEngine`](crate::mlx::MlxEngine): Apple MLX on an Apple Silicon Mac (`mlx` feature
+    /// builds; elsewhere its `load` fails and says why).
+    #[cfg(feature = "mlx")]
+    Mlx,
     /// [`ScriptedEngine`]: the deterministic test engine (no model).
     Scripted,
 }
@@ -27,6 +31,8 @@ impl EngineKind {
         EngineKind::Candle,
         #[cfg(feature = "cuda")]
         EngineKind::CandleCuda,
+        #[cfg(feature = "mlx")]
+        EngineKind::Mlx,
         EngineKind::Scripted,
     ];
 
@@ -36,6 +42,8 @@ impl EngineKind {
             EngineKind::Candle => "candle",
             #[cfg(feature = "cuda")]
             EngineKind::CandleCuda => "candle-cuda",
+            #[cfg(feature = "mlx")]
+            EngineKind::Mlx => "mlx",
             EngineKind::Scripted => "scripted",
         }
     }
@@ -48,6 +56,8 @@ impl EngineKind {
             EngineKind::Candle => Box::new(CandleEngine::new(Backend::Cpu)),
             #[cfg(feature = "cuda")]
             EngineKind::CandleCuda => Box::new(CandleEngine::new(Backend::Cuda)),
+            #[cfg(feature = "mlx")]
+            EngineKind::Mlx => Box::new(crate::mlx::MlxEngine::new()),
             EngineKind::Scripted => Box::new(ScriptedEngine::with_hooks(hooks)),
         }
     }

@@ -14,6 +14,10 @@
 //!   for supervision and chaos tests.
 //! - [`CandleEngine`] (`candle`, the default): llama-family GGUF models run with candle,
 //!   through Canopy's own layer-shardable llama forward ([`llama`]).
+//! - `MlxEngine` (`mlx`, with the `mlx` feature): the same GGUF models run with Apple's MLX
+//!   (mlx-rs) on an Apple Silicon Mac's GPU. Only macOS on Apple Silicon builds the real
+//!   engine; on other targets the feature builds a stand-in whose `load` says so (see the
+//!   `mlx` module).
 //!
 //! [`FaultHooks`] is the small handle a host shares with its engine so that the test engine can
 //! reach host-level faults (freezing the heartbeat) without depending on the host.
@@ -28,6 +32,8 @@ pub mod gguf;
 pub mod hooks;
 pub mod kind;
 pub mod llama;
+#[cfg(feature = "mlx")]
+pub mod mlx;
 pub mod sampling;
 pub mod scripted;
 pub mod store;

@@ -640,14 +640,13 @@ impl Actor for ProcessActor {
         }
         // Stopped by our supervisor while the child runs: terminate it, in order.
         state.signal(Signal::SIGTERM);
-        if let Some(mut owner) = state.owner_task.take() {
-            if tokio::time::timeout(state.spec.term_grace, &mut owner)
+        if let Some(mut owner) = state.owner_task.take()
+            && tokio::time::timeout(state.spec.term_grace, &mut owner)
                 .await
                 .is_err()
-            {
-                state.signal(Signal::SIGKILL);
-                let _ = tokio::time::timeout(Duration::from_secs(5), owner).await;
-            }
+        {
+            state.signal(Signal::SIGKILL);
+            let _ = tokio::time::timeout(Duration::from_secs(5), owner).await;
         }
         Ok(())
     }

@@ -396,18 +396,19 @@ impl RunnerSupervisor {
                 }
             }
             RunnerMsg::Restart(generation) => {
-                if generation == state.generation && state.runner.is_none() {
-                    if let Err(err) = Self::start_runner(myself, state).await {
-                        // A runner that cannot even be spawned counts as another failure.
-                        Self::on_runner_death(
-                            myself,
-                            state,
-                            FailureReason::Killed {
-                                why: format!("cannot start runner: {err}"),
-                            },
-                            Vec::new(),
-                        )?;
-                    }
+                if generation == state.generation
+                    && state.runner.is_none()
+                    && let Err(err) = Self::start_runner(myself, state).await
+                {
+                    // A runner that cannot even be spawned counts as another failure.
+                    Self::on_runner_death(
+                        myself,
+                        state,
+                        FailureReason::Killed {
+                            why: format!("cannot start runner: {err}"),
+                        },
+                        Vec::new(),
+                    )?;
                 }
             }
             RunnerMsg::CheckStalls => {

@@ -81,14 +81,16 @@ impl Attention {
             (v.as_str(), kv_width),
         ];
         let qkv = Projection::load(weights, &parts, config.n_embd, options.fuse_projections)?;
-        let output = weights.qtensor(
+        let output = Linear::load(
+            weights,
             &format!("blk.{layer}.attn_output.weight"),
-            &[config.n_embd, q_width],
+            config.n_embd,
+            q_width,
         )?;
         let device = weights.device().clone();
         Ok(Self {
             qkv,
-            output: Linear::from_qtensor(output)?,
+            output,
             rope: rope.clone(),
             cache: KvCache::new(
                 config.n_head_kv,

@@ -11,23 +11,38 @@
 //! the rows are bit-identical to the rows of [`QTensor::dequantize`]. No type needs a
 //! full-dequantization fallback.
 //!
+//! A Q4_1 table on CPU is held as a [`Q41Matrix`] instead (Canopy's kernel layout, read
+//! straight from the file), whose rows dequantize with candle's `to_float` arithmetic.
+//!
 //! Models with tied embeddings (no `output.weight`) use the same table as their output head:
-//! [`QuantizedEmbedding::output_head`] wraps the shared tensor in a [`QMatMul`] without copying
-//! it.
+//! [`QuantizedEmbedding::output_head`] wraps the shared table in a [`Linear`] without copying
+//! it, so the table is in memory once.
 
+use std::io::{Read, Seek};
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 
-use super::linear::Linear;
+use super::linear::{Linear, own_kernel_enabled};
+use super::q4_1::Q41Matrix;
+use super::weights::WeightReader;
 use candle_core::{Device, Tensor};
 
 use super::error::{LlamaError, Result};
 
+/// The stored table.
+#[derive(Debug, Clone)]
+enum Table {
+    /// Any block type, gathered by candle.
+    Candle(Arc<QTensor>),
+    /// Q4_1 in Canopy's kernel layout (CPU).
+    Q41(Arc<Q41Matrix>),
+}
+
 /// A `[vocab, n_embd]` embedding table whose rows are dequantized on demand.
 #[derive(Debug, Clone)]
 pub struct QuantizedEmbedding {
-    table: Arc<QTensor>,
+    table: Table,
     vocab_size: usize,
     n_embd: usize,
 }
@@ -37,10 +52,37 @@ impl QuantizedEmbedding {
     pub fn new(table: Arc<QTensor>) -> Result<Self> {
         let (vocab_size, n_embd) = table.shape().dims2()?;
         Ok(Self {
-            table,
+            table: Table::Candle(table),
             vocab_size,
             n_embd,
         })
+    }
+
+    /// Wraps a `[vocab, n_embd]` Q4_1 table in Canopy's kernel layout.
+    pub fn from_q4_1(table: Arc<Q41Matrix>) -> Self {
+        Self {
+            vocab_size: table.rows(),
+            n_embd: table.cols(),
+            table: Table::Q41(table),
+        }
+    }
+
+    /// Loads the `[vocab, n_embd]` table `name`: a Q4_1 table on CPU straight into Canopy's
+    /// kernel layout, any other as a candle tensor.
+    pub fn load<R: Read + Seek>(
+        weights: &mut WeightReader<'_, R>,
+        name: &str,
+        vocab: usize,
+        n_embd: usize,
+    ) -> Result<Self> {
+        let dtype = weights.info(name, &[vocab, n_embd])?.ggml_dtype;
+        if dtype == GgmlDType::Q4_1 && own_kernel_enabled(weights.device()) {
+            let (_, bytes) = weights.raw(name, &[vocab, n_embd])?;
+            if let Some(table) = Q41Matrix::from_bytes(vocab, n_embd, &bytes) {
+                return Ok(Self::from_q4_1(Arc::new(table)));
+            }
+        }
+        Self::new(Arc::new(weights.qtensor(name, &[vocab, n_embd])?))
     }
 
     /// Number of rows (tokens).
@@ -55,17 +97,27 @@ impl QuantizedEmbedding {
 
     /// Block type of the stored table.
     pub fn dtype(&self) -> GgmlDType {
-        self.table.dtype()
+        match &self.table {
+            Table::Candle(t) => t.dtype(),
+            Table::Q41(_) => GgmlDType::Q4_1,
+        }
     }
 
     /// Device the table lives on.
     pub fn device(&self) -> Device {
-        self.table.device()
+        match &self.table {
+            Table::Candle(t) => t.device(),
+            Table::Q41(_) => Device::Cpu,
+        }
     }
 
-    /// The shared quantized table.
-    pub fn table(&self) -> &Arc<QTensor> {
-        &self.table
+    /// The shared quantized table when candle holds it (`None` for a Q4_1 table in Canopy's
+    /// kernel layout).
+    pub fn candle_table(&self) -> Option<&Arc<QTensor>> {
+        match &self.table {
+            Table::Candle(t) => Some(t),
+            Table::Q41(_) => None,
+        }
     }
 
     /// Embeds `tokens` into a `[tokens.len(), n_embd]` f32 tensor, dequantizing only their rows.
@@ -82,14 +134,37 @@ impl QuantizedEmbedding {
                 vocab_size: self.vocab_size,
             });
         }
-        let ids = Tensor::new(tokens, &self.table.device())?;
-        Ok(self.table.embedding(&ids)?)
+        match &self.table {
+            Table::Candle(table) => {
+                let ids = Tensor::new(tokens, &table.device())?;
+                Ok(table.embedding(&ids)?)
+            }
+            Table::Q41(table) => {
+                let mut out = vec![0f32; tokens.len() * self.n_embd];
+                for (&t, row) in tokens.iter().zip(out.chunks_exact_mut(self.n_embd)) {
+                    table.dequantize_row(t as usize, row);
+                }
+                Ok(Tensor::from_vec(
+                    out,
+                    (tokens.len(), self.n_embd),
+                    &Device::Cpu,
+                )?)
+            }
+        }
     }
 
-    /// The table as a tied output head: a [`QMatMul`] computing `x @ tableᵀ` (logits), sharing
+    /// The table as a tied output head: a [`Linear`] computing `x @ tableᵀ` (logits), sharing
     /// the table's memory.
     pub fn output_head(&self) -> Result<Linear> {
-        Ok(Linear::from_arc(Arc::clone(&self.table))?)
+        Ok(match &self.table {
+            // A Q4_1 table held by candle stays with candle's matmul (same bits): repacking it
+            // for Canopy's kernel would be a second copy.
+            Table::Candle(table) if table.dtype() == GgmlDType::Q4_1 => {
+                Linear::Candle(QMatMul::from_arc(Arc::clone(table))?)
+            }
+            Table::Candle(table) => Linear::from_arc(Arc::clone(table))?,
+            Table::Q41(table) => Linear::Q41(Arc::clone(table)),
+        })
     }
 }
 
@@ -140,6 +215,35 @@ mod tests {
                 assert_eq!(got, want, "{dtype:?} row {t}");
             }
         }
+    }
+
+    #[test]
+    fn q4_1_table_embeds_like_candle_and_shares_its_head() {
+        let src = table(20, 256);
+        let q = QTensor::quantize(&src, GgmlDType::Q4_1).expect("quantize");
+        let ours =
+            QuantizedEmbedding::from_q4_1(Arc::new(Q41Matrix::from_qtensor(&q).expect("q41")));
+        let candle = QuantizedEmbedding::new(Arc::new(q)).expect("candle");
+        assert_eq!(ours.dtype(), GgmlDType::Q4_1);
+        assert!(ours.candle_table().is_none());
+        let tokens = [19u32, 0, 7, 7];
+        let a: Vec<f32> = ours
+            .forward(&tokens)
+            .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
+            .expect("ours");
+        let b: Vec<f32> = candle
+            .forward(&tokens)
+            .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
+            .expect("candle");
+        assert_eq!(a, b);
+        let (Ok(Linear::Q41(head)), Table::Q41(table)) = (ours.output_head(), &ours.table) else {
+            panic!("a Q4_1 table's head is the Q4_1 kernel");
+        };
+        assert!(Arc::ptr_eq(&head, table), "the head shares the table");
+        assert!(matches!(
+            ours.forward(&[20]),
+            Err(LlamaError::TokenOutOfRange { .. })
+        ));
     }
 
     #[test]

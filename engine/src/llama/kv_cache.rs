@@ -1,20 +1,28 @@
-//! [`KvCache`]: one attention layer's keys and values, preallocated and written in place.
+//! [`KvCache`]: one attention layer's keys and values, written in place.
 //!
-//! The cache holds `[1, n_kv_head, capacity, head_dim]` buffers allocated once when the shard
-//! loads. A forward at positions `index_pos..index_pos + seq` writes its keys/values into those
-//! rows with `slice_set` (no concatenation, no reallocation per step) and reads back the
-//! `0..index_pos + seq` prefix as strided views. Writing at an `index_pos` below the cached
-//! length rewinds the cache (later positions are dropped), which is how a caller restarts or
-//! edits a sequence; writing past the cached length would leave a hole and is refused by the
-//! shard.
+//! The cache holds `[1, n_kv_head, allocated, head_dim]` buffers. A forward at positions
+//! `index_pos..index_pos + seq` writes its keys/values into those rows with `slice_set` (no
+//! concatenation per step) and reads back the `0..index_pos + seq` prefix as strided views.
+//! Writing at an `index_pos` below the cached length rewinds the cache (later positions are
+//! dropped), which is how a caller restarts or edits a sequence; writing past the cached length
+//! would leave a hole and is refused by the shard.
 //!
-//! On CPU the buffers come from zeroed allocations, which the OS maps lazily: a 4096-position
-//! cache only occupies memory as positions are written. On GPUs the full capacity is reserved
-//! at load time, so running out of memory happens then rather than mid-generation.
+//! On CPU the buffers start small ([`INITIAL_POSITIONS`]) and double, up to the capacity, when
+//! a forward needs more rows (the kept prefix is copied once per doubling, so the cost per
+//! position stays constant). Memory then follows the positions actually in use instead of
+//! relying on the allocator handing out lazily-mapped zero pages for a full-capacity buffer:
+//! a recycled heap block is zeroed eagerly, which made every layer's whole 4096-position cache
+//! resident (tens of MiB for a small model) as soon as a model was loaded a second time in the
+//! same process. Values are copied exactly, so growth cannot change any result. On GPUs the
+//! full capacity is reserved at load time, so running out of memory happens then rather than
+//! mid-generation.
 
 use candle_core::{DType, Device, Tensor};
 
 use super::error::{LlamaError, Result};
+
+/// Positions a CPU cache allocates at first (it doubles from there, up to its capacity).
+pub const INITIAL_POSITIONS: usize = 256;
 
 /// Keys and values of one attention layer for positions `0..len()`.
 ///
@@ -25,10 +33,12 @@ pub struct KvCache {
     v: Tensor,
     len: usize,
     capacity: usize,
+    allocated: usize,
 }
 
 impl KvCache {
-    /// Allocates a cache for `capacity` positions of `n_kv_head` heads of width `head_dim`.
+    /// A cache for up to `capacity` positions of `n_kv_head` heads of width `head_dim`: all of
+    /// it allocated now on a GPU, [`INITIAL_POSITIONS`] of it (growing on demand) on CPU.
     pub fn new(
         n_kv_head: usize,
         head_dim: usize,
@@ -36,13 +46,43 @@ impl KvCache {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let shape = (1, n_kv_head, capacity, head_dim);
+        let allocated = if device.is_cpu() {
+            capacity.min(INITIAL_POSITIONS)
+        } else {
+            capacity
+        };
+        let shape = (1, n_kv_head, allocated, head_dim);
         Ok(Self {
             k: Tensor::zeros(shape, dtype, device)?,
             v: Tensor::zeros(shape, dtype, device)?,
             len: 0,
             capacity,
+            allocated,
         })
+    }
+
+    /// Positions the buffers hold now (at most [`KvCache::capacity`]).
+    pub fn allocated(&self) -> usize {
+        self.allocated
+    }
+
+    /// Reallocates the buffers for at least `positions` positions (doubling), keeping the
+    /// first `keep` positions.
+    fn grow(&mut self, positions: usize, keep: usize) -> Result<()> {
+        let allocated = positions
+            .max(self.allocated.saturating_mul(2))
+            .min(self.capacity);
+        let (_, n_kv_head, _, head_dim) = self.k.dims4()?;
+        let shape = (1, n_kv_head, allocated, head_dim);
+        let (dtype, device) = (self.k.dtype(), self.k.device().clone());
+        let k = Tensor::zeros(shape, dtype, &device)?;
+        let v = Tensor::zeros(shape, dtype, &device)?;
+        if keep > 0 {
+            k.slice_set(&self.k.narrow(2, 0, keep)?.contiguous()?, 2, 0)?;
+            v.slice_set(&self.v.narrow(2, 0, keep)?.contiguous()?, 2, 0)?;
+        }
+        (self.k, self.v, self.allocated) = (k, v, allocated);
+        Ok(())
     }
 
     /// Positions currently cached.
@@ -85,6 +125,9 @@ impl KvCache {
                 end,
                 capacity: self.capacity,
             });
+        }
+        if end > self.allocated {
+            self.grow(end, index_pos)?;
         }
         self.k.slice_set(&k.contiguous()?, 2, index_pos)?;
         self.v.slice_set(&v.contiguous()?, 2, index_pos)?;
@@ -137,6 +180,43 @@ mod tests {
             .and_then(|h| h.to_vec1())
             .expect("row");
         assert_eq!(row, [1.0, 1.0, 1.0, 1.0, 5.0, 5.0, 5.0, 5.0]);
+    }
+
+    #[test]
+    fn grows_on_cpu_and_keeps_the_prefix() {
+        let mut cache = KvCache::new(2, 4, 1000, DType::F32, &Device::Cpu).expect("cache");
+        assert_eq!(cache.allocated(), INITIAL_POSITIONS);
+        let first = Tensor::arange(0f32, (2 * 200 * 4) as f32, &Device::Cpu)
+            .and_then(|t| t.reshape((1, 2, 200, 4)))
+            .expect("first");
+        cache.append(0, &first, &first).expect("prefill");
+        let (k, v) = cache
+            .append(200, &filled(7.0, 100), &filled(-7.0, 100))
+            .expect("grow");
+        assert_eq!(cache.allocated(), 2 * INITIAL_POSITIONS);
+        assert_eq!(k.dims(), &[1, 2, 300, 4]);
+        let prefix = |t: &Tensor| {
+            t.narrow(2, 0, 200)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("prefix")
+        };
+        let want = first
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("want");
+        assert_eq!(prefix(&k), want);
+        assert_eq!(prefix(&v), want);
+        let tail: Vec<f32> = v
+            .narrow(2, 200, 100)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("tail");
+        assert!(tail.iter().all(|&x| x == -7.0));
+        cache
+            .append(300, &filled(1.0, 700), &filled(1.0, 700))
+            .expect("up to the capacity");
+        assert_eq!(cache.allocated(), 1000);
     }
 
     #[test]

@@ -32,14 +32,13 @@ impl Mlp {
         let up = format!("blk.{layer}.ffn_up.weight");
         let parts = [(gate.as_str(), config.n_ff), (up.as_str(), config.n_ff)];
         let gate_up = Projection::load(weights, &parts, config.n_embd, fuse)?;
-        let down = weights.qtensor(
+        let down = Linear::load(
+            weights,
             &format!("blk.{layer}.ffn_down.weight"),
-            &[config.n_embd, config.n_ff],
+            config.n_embd,
+            config.n_ff,
         )?;
-        Ok(Self {
-            gate_up,
-            down: Linear::from_qtensor(down)?,
-        })
+        Ok(Self { gate_up, down })
     }
 
     /// Applies the network to `x` (`[.., n_embd]`).

@@ -14,8 +14,11 @@
 //! - [`weights`] — [`WeightReader`], reads named, shape-checked tensors;
 //! - [`embedding`] — [`QuantizedEmbedding`], the token table kept quantized;
 //! - [`rope`] — [`RotaryEmbedding`], cos/sin tables;
-//! - [`kv_cache`] — [`KvCache`], preallocated, written in place;
+//! - [`kv_cache`] — [`KvCache`], written in place, grown on demand on CPU;
 //! - [`projection`] — [`Projection`], fused Q/K/V and gate/up matmuls;
+//! - [`linear`] — [`linear::Linear`], one quantized matmul, by the fastest exact kernel;
+//! - [`q4_1`], [`q8_0`] — Canopy's CPU kernels for Q4_1 and Q8_0 weights, bit-identical to
+//!   candle's (Q4_1 weights are kept only in the kernel's layout, one copy);
 //! - [`attention`], [`mlp`], [`block`] — one transformer layer ([`GqaMode`]);
 //! - [`options`] — [`LoadOptions`];
 //! - [`head`] — [`OutputHead`], final norm and vocabulary projection;
@@ -40,6 +43,7 @@ pub mod mlp;
 pub mod options;
 pub mod projection;
 pub mod q4_1;
+pub mod q8_0;
 pub mod rope;
 pub mod shard;
 pub mod weights;

@@ -49,21 +49,19 @@ impl Projection {
         in_width: usize,
         fuse: bool,
     ) -> Result<Self> {
-        if fuse && parts.len() > 1 && Self::fusable(weights, parts, in_width)? {
-            if let Some(stacked) = weights.stacked_rows(parts, in_width)? {
-                return Ok(Self::Fused {
-                    matmul: Linear::from_qtensor(stacked)?,
-                    widths: parts.iter().map(|(_, w)| *w).collect(),
-                });
-            }
+        if fuse
+            && parts.len() > 1
+            && Self::fusable(weights, parts, in_width)?
+            && let Some(matmul) = Linear::load_stacked(weights, parts, in_width)?
+        {
+            return Ok(Self::Fused {
+                matmul,
+                widths: parts.iter().map(|(_, w)| *w).collect(),
+            });
         }
         let matmuls = parts
             .iter()
-            .map(|(name, out)| {
-                Ok(Linear::from_qtensor(
-                    weights.qtensor(name, &[*out, in_width])?,
-                )?)
-            })
+            .map(|(name, out)| Linear::load(weights, name, *out, in_width))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self::Separate(matmuls))
     }

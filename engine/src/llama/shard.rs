@@ -19,7 +19,6 @@
 
 use std::io::{Read, Seek};
 use std::ops::Range;
-use std::sync::Arc;
 
 use super::linear::Linear;
 use candle_core::quantized::gguf_file::Content;
@@ -127,8 +126,12 @@ impl LlamaShard {
         let mut weights = WeightReader::new(content, reader, device);
 
         let embedding = if is_first {
-            let table = weights.qtensor("token_embd.weight", &[vocab, n_embd])?;
-            Some(QuantizedEmbedding::new(Arc::new(table))?)
+            Some(QuantizedEmbedding::load(
+                &mut weights,
+                "token_embd.weight",
+                vocab,
+                n_embd,
+            )?)
         } else {
             None
         };
@@ -161,14 +164,12 @@ impl LlamaShard {
                 config.rms_norm_eps,
             )?;
             let projection = if weights.contains("output.weight") {
-                Linear::from_qtensor(weights.qtensor("output.weight", &[vocab, n_embd])?)?
+                Linear::load(&mut weights, "output.weight", vocab, n_embd)?
             } else {
                 tracing::debug!("no output.weight: the output head is tied to token_embd.weight");
                 match &embedding {
                     Some(embedding) => embedding.output_head()?,
-                    None => Linear::from_qtensor(
-                        weights.qtensor("token_embd.weight", &[vocab, n_embd])?,
-                    )?,
+                    None => Linear::load(&mut weights, "token_embd.weight", vocab, n_embd)?,
                 }
             };
             Some(OutputHead::new(norm, projection))

@@ -5,11 +5,16 @@
 //! layers `i..j` touches the bytes of its own blocks (plus the embedding or head when it owns
 //! them) and nothing else. Shapes are candle's (row-major, `[out, in]` for matrices), i.e. the
 //! reverse of the order GGUF lists them in.
+//!
+//! On CPU a tensor's bytes are read straight into its final block vector (candle's own path
+//! reads them into a byte buffer and then copies that into the blocks, two copies of the
+//! tensor at once: 60 MB for the embedding table of SmolLM2-135M).
 
 use std::io::{Read, Seek, SeekFrom};
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo};
-use candle_core::quantized::{GgmlDType, QTensor, ggml_file};
+use candle_core::quantized::k_quants::{self, GgmlType};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 
 use super::error::{LlamaError, Result};
@@ -63,10 +68,89 @@ impl<'a, R: Read + Seek> WeightReader<'a, R> {
 
     /// Reads tensor `name`, which must have shape `expected`, in its stored (quantized) form.
     pub fn qtensor(&mut self, name: &str, expected: &[usize]) -> Result<QTensor> {
-        self.info(name, expected)?;
+        let info = self.info(name, expected)?;
+        if self.device.is_cpu() {
+            let n = info.shape.elem_count();
+            let direct = match info.ggml_dtype {
+                GgmlDType::F32 => self.read_blocks::<f32>(name, n)?,
+                GgmlDType::F16 => self.read_blocks::<half::f16>(name, n)?,
+                GgmlDType::BF16 => self.read_blocks::<half::bf16>(name, n)?,
+                GgmlDType::Q4_0 => self.read_blocks::<k_quants::BlockQ4_0>(name, n)?,
+                GgmlDType::Q4_1 => self.read_blocks::<k_quants::BlockQ4_1>(name, n)?,
+                GgmlDType::Q5_0 => self.read_blocks::<k_quants::BlockQ5_0>(name, n)?,
+                GgmlDType::Q5_1 => self.read_blocks::<k_quants::BlockQ5_1>(name, n)?,
+                GgmlDType::Q8_0 => self.read_blocks::<k_quants::BlockQ8_0>(name, n)?,
+                GgmlDType::Q2K => self.read_blocks::<k_quants::BlockQ2K>(name, n)?,
+                GgmlDType::Q3K => self.read_blocks::<k_quants::BlockQ3K>(name, n)?,
+                GgmlDType::Q4K => self.read_blocks::<k_quants::BlockQ4K>(name, n)?,
+                GgmlDType::Q5K => self.read_blocks::<k_quants::BlockQ5K>(name, n)?,
+                GgmlDType::Q6K => self.read_blocks::<k_quants::BlockQ6K>(name, n)?,
+                _ => None,
+            };
+            if let Some(storage) = direct {
+                return QTensor::new(storage, info.shape.clone()).map_err(|e| read_error(name, e));
+            }
+        }
         self.content
             .tensor(self.reader, name, &self.device)
             .map_err(|e| read_error(name, e))
+    }
+
+    /// The `elems` values of `name` read straight into a vector of `T` blocks (CPU storage);
+    /// `None` when `T`'s size is not the file's block size (then candle's path reads it).
+    fn read_blocks<T: GgmlType + 'static>(
+        &mut self,
+        name: &str,
+        elems: usize,
+    ) -> Result<Option<QStorage>> {
+        let dtype = T::DTYPE;
+        if std::mem::size_of::<T>() != dtype.type_size()
+            || !elems.is_multiple_of(dtype.block_size())
+        {
+            return Ok(None);
+        }
+        let mut blocks = vec![T::zeros(); elems / dtype.block_size()];
+        // SAFETY: GGML block types are `repr(C)` structs of f16/bf16/f32 scalars and byte
+        // arrays with no padding (their size equals the file's block size, checked above), so
+        // every byte pattern is a valid value; the slice covers exactly the vector's elements.
+        // candle's own loader reinterprets file bytes as these types the same way.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(
+                blocks.as_mut_ptr() as *mut u8,
+                blocks.len() * std::mem::size_of::<T>(),
+            )
+        };
+        self.read_into(name, bytes)?;
+        Ok(Some(QStorage::Cpu(Box::new(blocks))))
+    }
+
+    /// Reads the data of `name` (exactly `buf.len()` bytes) into `buf`, checking that it lies
+    /// inside the file.
+    fn read_into(&mut self, name: &str, buf: &mut [u8]) -> Result<()> {
+        let info =
+            self.content
+                .tensor_infos
+                .get(name)
+                .ok_or_else(|| LlamaError::MissingTensor {
+                    name: name.to_string(),
+                })?;
+        let size = buf.len();
+        let start = self.content.tensor_data_offset.saturating_add(info.offset);
+        let io = |e: std::io::Error| LlamaError::TensorRead {
+            name: name.to_string(),
+            reason: e.to_string(),
+        };
+        let file_size = self.reader.seek(SeekFrom::End(0)).map_err(io)?;
+        if start.saturating_add(size as u64) > file_size {
+            return Err(LlamaError::TensorRead {
+                name: name.to_string(),
+                reason: format!(
+                    "needs {size} bytes at offset {start}, but the file ends at {file_size}"
+                ),
+            });
+        }
+        self.reader.seek(SeekFrom::Start(start)).map_err(io)?;
+        self.reader.read_exact(buf).map_err(io)
     }
 
     /// Reads the vector `name` (`[len]`) dequantized to f32 (norm weights, rope factors).
@@ -87,36 +171,14 @@ impl<'a, R: Read + Seek> WeightReader<'a, R> {
             });
         }
         let size = elems / dtype.block_size() * dtype.type_size();
-        let start = self.content.tensor_data_offset.saturating_add(info.offset);
-        let io = |e: std::io::Error| LlamaError::TensorRead {
-            name: name.to_string(),
-            reason: e.to_string(),
-        };
-        let file_size = self.reader.seek(SeekFrom::End(0)).map_err(io)?;
-        if start.saturating_add(size as u64) > file_size {
-            return Err(LlamaError::TensorRead {
-                name: name.to_string(),
-                reason: format!(
-                    "needs {size} bytes at offset {start}, but the file ends at {file_size}"
-                ),
-            });
-        }
         let mut bytes = vec![0u8; size];
-        self.reader.seek(SeekFrom::Start(start)).map_err(io)?;
-        self.reader.read_exact(&mut bytes).map_err(io)?;
+        self.read_into(name, &mut bytes)?;
         Ok((dtype, bytes))
     }
 
-    /// Reads matrices `[rows_i, cols]` that share one block type and stacks their rows into one
-    /// `[Σ rows_i, cols]` quantized tensor; `None` when their block types differ.
-    ///
-    /// Stacking is exact: a quantized matrix is stored row by row, whole blocks per row, so
-    /// the stacked tensor holds each part's blocks unchanged.
-    pub fn stacked_rows(
-        &mut self,
-        parts: &[(&str, usize)],
-        cols: usize,
-    ) -> Result<Option<QTensor>> {
+    /// The block type shared by matrices `parts` (`(name, rows_i)`, each `[rows_i, cols]`), or
+    /// `None` when their types differ (or there are none).
+    pub fn common_dtype(&self, parts: &[(&str, usize)], cols: usize) -> Result<Option<GgmlDType>> {
         let mut dtype = None;
         for (name, rows) in parts {
             let info = self.info(name, &[*rows, cols])?;
@@ -126,19 +188,54 @@ impl<'a, R: Read + Seek> WeightReader<'a, R> {
                 Some(_) => {}
             }
         }
-        let Some(dtype) = dtype else {
+        Ok(dtype)
+    }
+
+    /// Reads matrices `[rows_i, cols]` that share one block type and stacks their bytes into
+    /// those of one `[Σ rows_i, cols]` matrix; `None` when their block types differ.
+    ///
+    /// Stacking is exact: a quantized matrix is stored row by row, whole blocks per row, so
+    /// the stacked bytes hold each part's blocks unchanged.
+    pub fn stacked_raw(
+        &mut self,
+        parts: &[(&str, usize)],
+        cols: usize,
+    ) -> Result<Option<(GgmlDType, Vec<u8>)>> {
+        let Some(dtype) = self.common_dtype(parts, cols)? else {
             return Ok(None);
         };
         let mut bytes = Vec::new();
         for (name, rows) in parts {
             let (_, part) = self.raw(name, &[*rows, cols])?;
-            bytes.extend_from_slice(&part);
+            if bytes.is_empty() {
+                bytes = part;
+            } else {
+                bytes.extend_from_slice(&part);
+            }
         }
+        Ok(Some((dtype, bytes)))
+    }
+
+    /// Reads matrices `[rows_i, cols]` that share one block type and stacks their rows into one
+    /// `[Σ rows_i, cols]` quantized tensor; `None` when their block types differ.
+    pub fn stacked_rows(
+        &mut self,
+        parts: &[(&str, usize)],
+        cols: usize,
+    ) -> Result<Option<QTensor>> {
+        let Some((dtype, bytes)) = self.stacked_raw(parts, cols)? else {
+            return Ok(None);
+        };
         let rows: usize = parts.iter().map(|(_, rows)| rows).sum();
         let names = parts.iter().map(|(n, _)| *n).collect::<Vec<_>>().join("+");
-        ggml_file::qtensor_from_ggml(dtype, &bytes, vec![rows, cols], &self.device)
-            .map(Some)
-            .map_err(|e| read_error(&names, e))
+        candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            &bytes,
+            vec![rows, cols],
+            &self.device,
+        )
+        .map(Some)
+        .map_err(|e| read_error(&names, e))
     }
 }
 

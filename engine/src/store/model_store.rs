@@ -193,10 +193,10 @@ impl ModelStore {
     pub fn resolve(&self, name_or_path: &str) -> Result<PathBuf, StoreError> {
         let as_path = Path::new(name_or_path);
         let on_disk = fs::metadata(as_path);
-        if let Ok(meta) = &on_disk {
-            if meta.is_file() {
-                return Ok(as_path.to_path_buf());
-            }
+        if let Ok(meta) = &on_disk
+            && meta.is_file()
+        {
+            return Ok(as_path.to_path_buf());
         }
         if let Some(entry) = self.catalogue.get(name_or_path) {
             return self.cached(entry);

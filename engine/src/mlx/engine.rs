@@ -1,0 +1,235 @@
+//! [`MlxEngine`]: the [`Engine`] that runs an [`MlxLlama`].
+//!
+//! Loading and generating follow the candle engine step for step, so that the two behave the
+//! same to a runner: chat prompts are rendered with the model's template, prefill runs the
+//! whole prompt at once, then tokens are sampled one by one and streamed as chunks of whole
+//! UTF-8 text; generation stops at an end-of-generation token, at `max_tokens`, or before a
+//! stop sequence (never emitted); cancellation is checked between tokens.
+
+use std::ops::ControlFlow;
+
+use candle_core::Tensor;
+use canopy_proto::{
+    FinishReason, GenerateParams, GenerateRequest, LoadSpec, Phase, Prompt, TokenChunk, Usage,
+};
+
+use super::model::MlxLlama;
+use super::stop::StopFilter;
+use crate::chat::ChatTemplate;
+use crate::gguf::GgufFile;
+use crate::llama::LlamaConfig;
+use crate::sampling::Sampler;
+use crate::tokenizer::GgufTokenizer;
+use crate::{Engine, EngineError, GenerateOutcome, GenerateSink};
+
+struct Loaded {
+    model: MlxLlama,
+    tokenizer: GgufTokenizer,
+    template: ChatTemplate,
+}
+
+/// The MLX GGUF engine. See the [module docs](super).
+#[derive(Default)]
+pub struct MlxEngine {
+    loaded: Option<Loaded>,
+}
+
+impl std::fmt::Debug for MlxEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MlxEngine")
+            .field("loaded", &self.loaded.is_some())
+            .finish()
+    }
+}
+
+impl MlxEngine {
+    /// An engine with no model loaded. MLX computes on its default device: the GPU where
+    /// Metal is available, else the CPU.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The loaded model's tokenizer, if any.
+    pub fn tokenizer(&self) -> Option<&GgufTokenizer> {
+        self.loaded.as_ref().map(|l| &l.tokenizer)
+    }
+
+    /// The loaded model, if any (for tests and tools that drive the forward directly).
+    pub fn model_mut(&mut self) -> Option<&mut MlxLlama> {
+        self.loaded.as_mut().map(|l| &mut l.model)
+    }
+
+    /// The text a prompt is fed to the model as (chat turns rendered with the template).
+    pub fn prompt_text(&self, prompt: &Prompt) -> Result<String, EngineError> {
+        let loaded = self.loaded.as_ref().ok_or(EngineError::NotLoaded)?;
+        match prompt {
+            Prompt::Text(text) => Ok(text.clone()),
+            Prompt::Chat(messages) => Ok(loaded.template.render(messages, true)?),
+        }
+    }
+}
+
+fn logits_tensor(logits: Vec<f32>) -> Result<Tensor, EngineError> {
+    let n = logits.len();
+    Tensor::from_vec(logits, n, &candle_core::Device::Cpu)
+        .map_err(|e| EngineError::Generate(format!("unusable logits: {e}")))
+}
+
+impl Engine for MlxEngine {
+    fn load(
+        &mut self,
+        spec: &LoadSpec,
+        progress: &mut dyn FnMut(u32, u32),
+    ) -> Result<(), EngineError> {
+        self.loaded = None;
+        if let Some(threads) = spec.threads {
+            tracing::debug!(
+                threads,
+                "the mlx engine has no thread-count setting; ignored"
+            );
+        }
+        let file = GgufFile::open(&spec.model)?;
+        let config =
+            LlamaConfig::from_gguf(file.content()).map_err(|e| e.into_load_error(&spec.model))?;
+        let start = spec.layer_start.map_or(0, |s| s as usize);
+        let end = spec.layer_end.map_or(config.n_layer, |e| e as usize);
+        if (start, end) != (0, config.n_layer) {
+            return Err(EngineError::InvalidModel {
+                model: spec.model.clone(),
+                reason: format!(
+                    "the mlx engine loads whole models only (layers 0..{}), not the layer range \
+                     {start}..{end}; pipeline shards run on `--engine candle`",
+                    config.n_layer
+                ),
+            });
+        }
+        let tokenizer = GgufTokenizer::from_gguf(&file)?;
+        let template = ChatTemplate::from_gguf_or_chatml(&file)?;
+        let model = MlxLlama::load(&file, &spec.model, progress)?;
+        tracing::info!(
+            model = %spec.model,
+            layers = model.config().n_layer,
+            vocab = tokenizer.vocab_size(),
+            "model loaded (mlx)"
+        );
+        self.loaded = Some(Loaded {
+            model,
+            tokenizer,
+            template,
+        });
+        Ok(())
+    }
+
+    fn warm_up(&mut self) -> Result<(), EngineError> {
+        struct Quiet;
+        impl GenerateSink for Quiet {
+            fn phase(&mut self, _: Phase) {}
+            fn chunk(&mut self, _: TokenChunk) -> ControlFlow<()> {
+                ControlFlow::Continue(())
+            }
+            fn cancelled(&self) -> bool {
+                false
+            }
+        }
+        if self.loaded.is_none() {
+            return Err(EngineError::NotLoaded);
+        }
+        let request = GenerateRequest {
+            prompt: Prompt::Text("Hello".into()),
+            params: GenerateParams {
+                max_tokens: 2,
+                ..GenerateParams::default()
+            },
+        };
+        self.generate(&request, &mut Quiet).map(|_| ())
+    }
+
+    fn generate(
+        &mut self,
+        request: &GenerateRequest,
+        sink: &mut dyn GenerateSink,
+    ) -> Result<GenerateOutcome, EngineError> {
+        let text = self.prompt_text(&request.prompt)?;
+        let loaded = self.loaded.as_mut().ok_or(EngineError::NotLoaded)?;
+        let params = &request.params;
+        let prompt = loaded.tokenizer.encode(&text, true)?;
+        if prompt.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        let room = loaded.model.max_context();
+        if prompt.len() >= room {
+            return Err(EngineError::InvalidRequest(format!(
+                "the prompt has {} tokens; this model instance holds at most {room}",
+                prompt.len()
+            )));
+        }
+        let max_tokens = (params.max_tokens as usize).min(room - prompt.len());
+        let mut sampler = Sampler::new(params)?;
+        let mut stream = loaded.tokenizer.stream();
+        let mut stops = StopFilter::new(&params.stop);
+        let usage = |completion: usize| Usage {
+            prompt_tokens: prompt.len() as u32,
+            completion_tokens: completion as u32,
+        };
+
+        loaded.model.clear_kv_cache();
+        sink.phase(Phase::Prefill);
+        let mut logits = logits_tensor(loaded.model.forward(&prompt, 0)?)?;
+        let mut generated = 0usize;
+        let mut finish = FinishReason::Length;
+        while generated < max_tokens {
+            if sink.cancelled() {
+                finish = FinishReason::Cancelled;
+                break;
+            }
+            let next = sampler.sample(&logits)?;
+            if loaded.tokenizer.is_eos(next) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            generated += 1;
+            let piece = stream.push(next).unwrap_or_default();
+            let (text, stopped) = stops.push(&piece);
+            let chunk = TokenChunk {
+                index: (generated - 1) as u32,
+                text,
+                token_ids: vec![next],
+            };
+            if let ControlFlow::Break(()) = sink.chunk(chunk) {
+                finish = FinishReason::Cancelled;
+                break;
+            }
+            if stopped {
+                finish = FinishReason::Stop;
+                break;
+            }
+            if generated == 1 {
+                sink.phase(Phase::Decode);
+            }
+            if generated < max_tokens {
+                let pos = prompt.len() + generated - 1;
+                logits = logits_tensor(loaded.model.forward(&[next], pos)?)?;
+            }
+        }
+        if finish != FinishReason::Cancelled {
+            // Whatever was held back (a partial stop sequence, an unfinished character).
+            let rest = {
+                let tail = stream.finish();
+                let (mut out, _) = stops.push(&tail);
+                out.push_str(&stops.finish());
+                out
+            };
+            if !rest.is_empty() {
+                let _ = sink.chunk(TokenChunk {
+                    index: generated as u32,
+                    text: rest,
+                    token_ids: Vec::new(),
+                });
+            }
+        }
+        Ok(GenerateOutcome {
+            finish_reason: finish,
+            usage: usage(generated),
+        })
+    }
+}

@@ -1,0 +1,73 @@
+//! [`StopFilter`]: holds back generated text that could still turn into a stop sequence.
+//!
+//! The same logic as the candle engine's (private) filter in `candle_engine.rs`, kept here so
+//! that the two engines stop identically without this module reaching into that file; the two
+//! copies are meant to become one shared module.
+
+/// Holds back text that could still turn into a stop sequence.
+pub(super) struct StopFilter<'a> {
+    stops: &'a [String],
+    held: String,
+}
+
+impl<'a> StopFilter<'a> {
+    pub(super) fn new(stops: &'a [String]) -> Self {
+        Self {
+            stops,
+            held: String::new(),
+        }
+    }
+
+    /// Adds `text`; returns what may be emitted now, and whether a stop sequence was hit
+    /// (then the returned text is everything before it and generation must end).
+    pub(super) fn push(&mut self, text: &str) -> (String, bool) {
+        self.held.push_str(text);
+        let hit = self
+            .stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min();
+        if let Some(at) = hit {
+            let out = self.held[..at].to_string();
+            self.held.clear();
+            return (out, true);
+        }
+        // Keep the longest suffix that is a proper prefix of some stop sequence.
+        let mut keep = 0;
+        for stop in self.stops {
+            for (i, _) in stop.char_indices().skip(1) {
+                if self.held.ends_with(&stop[..i]) {
+                    keep = keep.max(i);
+                }
+            }
+        }
+        let cut = self.held.len() - keep;
+        let out = self.held[..cut].to_string();
+        self.held.drain(..cut);
+        (out, false)
+    }
+
+    /// Everything still held back.
+    pub(super) fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopFilter;
+
+    #[test]
+    fn holds_back_prefixes_and_cuts_at_the_stop() {
+        let stops = vec!["\nUser:".to_string(), "END".to_string()];
+        let mut f = StopFilter::new(&stops);
+        assert_eq!(f.push("Hello"), ("Hello".to_string(), false));
+        assert_eq!(f.push(" wor\nUs"), (" wor".to_string(), false));
+        assert_eq!(f.push("er: hi"), (String::new(), true));
+        let mut f = StopFilter::new(&stops);
+        assert_eq!(f.push("EN"), (String::new(), false));
+        assert_eq!(f.push("x"), ("ENx".to_string(), false));
+        assert_eq!(f.push("abcEND tail"), ("abc".to_string(), true));
+    }
+}
