@@ -281,3 +281,37 @@ fn requests_beyond_capacity_get_429() {
     drop(dir);
     node.interrupt_and_check();
 }
+
+#[test]
+fn up_with_a_model_that_cannot_load_says_why_at_once_and_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let garbage = dir.path().join("broken.gguf");
+    std::fs::write(&garbage, b"GGUF this is not a model").expect("write");
+    let tag = common::unique_tag("cannot-load");
+    let started = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_canopy"))
+        .args([
+            "up",
+            "--standalone",
+            "--port",
+            &common::free_port().to_string(),
+        ])
+        .arg("--model")
+        .arg(&garbage)
+        .env("CANOPY_TEST_TAG", &tag)
+        .env("RUST_BACKTRACE", "0")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("canopy up runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.starts_with("Error: cannot load broken"), "{last}");
+    assert!(last.contains(&garbage.display().to_string()), "{last}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(common::processes_with_env("CANOPY_TEST_TAG", &tag).is_empty());
+}

@@ -522,20 +522,28 @@ async fn serve(
     if let Some((id, _)) = &model {
         eprintln!("loading {id}...");
         // Wait for the first instance to be Ready (or the node to fail) before saying so.
+        // A model that cannot load at all (a garbage file, a backend without its device) is
+        // said at once, with the runner's reason, rather than after the restarts run out.
         let ready = async {
             loop {
                 match events.recv().await {
                     Ok(RunnerEvent::StatusChanged {
                         status: RunnerStatus::Ready,
                         ..
-                    }) => return true,
+                    }) => return Ok(()),
+                    Ok(RunnerEvent::LoadFailed { error, .. }) => return Err(error),
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(_) => return false,
+                    Err(_) => return Ok(()),
                 }
             }
         };
         tokio::select! {
-            _ = ready => {}
+            loaded = ready => {
+                if let Err(error) = loaded {
+                    let _ = node.shutdown(Duration::from_secs(30)).await;
+                    anyhow::bail!("cannot load {id}: {error}");
+                }
+            }
             outcome = node.wait() => return node_ended(outcome),
             _ = shutdown_signal() => return stop(node).await,
         }

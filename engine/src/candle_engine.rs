@@ -39,11 +39,11 @@ pub enum Backend {
 }
 
 impl Backend {
-    fn device(self) -> Result<Device, EngineError> {
+    fn device(self, model: &str) -> Result<Device, EngineError> {
         match self {
             Backend::Cpu => Ok(Device::Cpu),
             Backend::Cuda => Device::new_cuda(0).map_err(|e| EngineError::LoadFailed {
-                model: String::new(),
+                model: model.to_string(),
                 reason: format!(
                     "cannot use CUDA ({e}); is this build made with the `cuda` feature and is \
                      a GPU visible?"
@@ -152,7 +152,7 @@ impl Engine for CandleEngine {
         progress: &mut dyn FnMut(u32, u32),
     ) -> Result<(), EngineError> {
         self.loaded = None;
-        let device = self.backend.device()?;
+        let device = self.backend.device(&spec.model)?;
         let file = GgufFile::open(&spec.model)?;
         let tokenizer = GgufTokenizer::from_gguf(&file)?;
         let template = ChatTemplate::from_gguf_or_chatml(&file)?;
