@@ -48,3 +48,7 @@ bench-cluster:
 # Remote actor messaging between two nodes over loopback TCP: call round trip and cast throughput.
 bench-messaging:
     cargo bench -p canopy-runtime --bench cluster_messaging
+
+# The MLX engine's tests on Linux (MLX's CPU backend through a patched mlx-sys; see scripts/mlx-linux/test.sh).
+test-mlx-linux *args:
+    scripts/mlx-linux/test.sh {{args}}
