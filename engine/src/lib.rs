@@ -36,6 +36,7 @@ pub mod llama;
 pub mod mlx;
 pub mod sampling;
 pub mod scripted;
+mod stop;
 pub mod store;
 pub mod tokenizer;
 

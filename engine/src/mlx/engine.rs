@@ -14,7 +14,7 @@ use canopy_proto::{
 };
 
 use super::model::MlxLlama;
-use super::stop::StopFilter;
+use crate::stop::StopFilter;
 use crate::chat::ChatTemplate;
 use crate::gguf::GgufFile;
 use crate::llama::LlamaConfig;

@@ -84,7 +84,6 @@ where_mlx_runs! {
     mod engine;
     pub mod kv_cache;
     pub mod model;
-    mod stop;
     pub mod weights;
 
     pub use engine::MlxEngine;

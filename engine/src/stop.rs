@@ -1,17 +1,15 @@
-//! [`StopFilter`]: holds back generated text that could still turn into a stop sequence.
-//!
-//! The same logic as the candle engine's (private) filter in `candle_engine.rs`, kept here so
-//! that the two engines stop identically without this module reaching into that file; the two
-//! copies are meant to become one shared module.
+//! [`StopFilter`]: holds back generated text that could still turn into a stop sequence, so
+//! that a stop sequence split across tokens is never streamed. Every engine that reads GGUF
+//! models (candle, mlx) stops through this one filter, so they stop identically.
 
 /// Holds back text that could still turn into a stop sequence.
-pub(super) struct StopFilter<'a> {
+pub(crate) struct StopFilter<'a> {
     stops: &'a [String],
     held: String,
 }
 
 impl<'a> StopFilter<'a> {
-    pub(super) fn new(stops: &'a [String]) -> Self {
+    pub(crate) fn new(stops: &'a [String]) -> Self {
         Self {
             stops,
             held: String::new(),
@@ -20,7 +18,7 @@ impl<'a> StopFilter<'a> {
 
     /// Adds `text`; returns what may be emitted now, and whether a stop sequence was hit
     /// (then the returned text is everything before it and generation must end).
-    pub(super) fn push(&mut self, text: &str) -> (String, bool) {
+    pub(crate) fn push(&mut self, text: &str) -> (String, bool) {
         self.held.push_str(text);
         let hit = self
             .stops
@@ -48,8 +46,8 @@ impl<'a> StopFilter<'a> {
         (out, false)
     }
 
-    /// Everything still held back.
-    pub(super) fn finish(&mut self) -> String {
+    /// Whatever is still held back (the generation ended without a stop sequence).
+    pub(crate) fn finish(&mut self) -> String {
         std::mem::take(&mut self.held)
     }
 }
@@ -59,7 +57,7 @@ mod tests {
     use super::StopFilter;
 
     #[test]
-    fn holds_back_prefixes_and_cuts_at_the_stop() {
+    fn stop_filter_holds_back_prefixes_and_cuts_at_the_stop() {
         let stops = vec!["\nUser:".to_string(), "END".to_string()];
         let mut f = StopFilter::new(&stops);
         assert_eq!(f.push("Hello"), ("Hello".to_string(), false));
@@ -69,5 +67,12 @@ mod tests {
         assert_eq!(f.push("EN"), (String::new(), false));
         assert_eq!(f.push("x"), ("ENx".to_string(), false));
         assert_eq!(f.push("abcEND tail"), ("abc".to_string(), true));
+    }
+
+    #[test]
+    fn stop_filter_without_stops_passes_everything() {
+        let mut f = StopFilter::new(&[]);
+        assert_eq!(f.push("a"), ("a".to_string(), false));
+        assert_eq!(f.finish(), "");
     }
 }
