@@ -16,16 +16,13 @@
 use std::ops::{ControlFlow, Range};
 
 use candle_core::Device;
-use canopy_proto::{
-    FinishReason, GenerateParams, GenerateRequest, LoadSpec, Phase, Prompt, TokenChunk, Usage,
-};
+use canopy_proto::{GenerateParams, GenerateRequest, LoadSpec, Phase, Prompt, TokenChunk};
 
 use crate::chat::ChatTemplate;
+use crate::generation::run_generation;
 use crate::gguf::GgufFile;
 use crate::llama::config::LlamaConfig;
 use crate::llama::shard::{LlamaShard, ShardInput};
-use crate::sampling::Sampler;
-use crate::stop::StopFilter;
 use crate::tokenizer::GgufTokenizer;
 use crate::{Engine, EngineError, GenerateOutcome, GenerateSink};
 
@@ -172,85 +169,17 @@ impl Engine for CandleEngine {
                 loaded.model
             )));
         }
-        let params = &request.params;
         let prompt = loaded.tokenizer.encode(&text, true)?;
-        if prompt.is_empty() {
-            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
-        }
-        let room = loaded.shard.max_context();
-        if prompt.len() >= room {
-            return Err(EngineError::InvalidRequest(format!(
-                "the prompt has {} tokens; this model instance holds at most {room}",
-                prompt.len()
-            )));
-        }
-        let max_tokens = (params.max_tokens as usize).min(room - prompt.len());
-        let mut sampler = Sampler::new(params)?;
-        let mut stream = loaded.tokenizer.stream();
-        let mut stops = StopFilter::new(&params.stop);
-        let usage = |completion: usize| Usage {
-            prompt_tokens: prompt.len() as u32,
-            completion_tokens: completion as u32,
-        };
-
         loaded.shard.clear_kv_cache();
-        sink.phase(Phase::Prefill);
-        let mut logits = loaded.shard.forward(ShardInput::Tokens(&prompt), 0)?;
-        let mut generated = 0usize;
-        let mut finish = FinishReason::Length;
-        while generated < max_tokens {
-            if sink.cancelled() {
-                finish = FinishReason::Cancelled;
-                break;
-            }
-            let next = sampler.sample(&logits)?;
-            if loaded.tokenizer.is_eos(next) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            generated += 1;
-            let piece = stream.push(next).unwrap_or_default();
-            let (text, stopped) = stops.push(&piece);
-            let chunk = TokenChunk {
-                index: (generated - 1) as u32,
-                text,
-                token_ids: vec![next],
-            };
-            if let ControlFlow::Break(()) = sink.chunk(chunk) {
-                finish = FinishReason::Cancelled;
-                break;
-            }
-            if stopped {
-                finish = FinishReason::Stop;
-                break;
-            }
-            if generated == 1 {
-                sink.phase(Phase::Decode);
-            }
-            if generated < max_tokens {
-                let pos = prompt.len() + generated - 1;
-                logits = loaded.shard.forward(ShardInput::Tokens(&[next]), pos)?;
-            }
-        }
-        if finish != FinishReason::Cancelled {
-            // Whatever was held back (a partial stop sequence, an unfinished character).
-            let rest = {
-                let tail = stream.finish();
-                let (mut out, _) = stops.push(&tail);
-                out.push_str(&stops.finish());
-                out
-            };
-            if !rest.is_empty() {
-                let _ = sink.chunk(TokenChunk {
-                    index: generated as u32,
-                    text: rest,
-                    token_ids: Vec::new(),
-                });
-            }
-        }
-        Ok(GenerateOutcome {
-            finish_reason: finish,
-            usage: usage(generated),
-        })
+        let shard = &mut loaded.shard;
+        let room = shard.max_context();
+        run_generation(
+            &prompt,
+            room,
+            &request.params,
+            &loaded.tokenizer,
+            sink,
+            |tokens, pos| Ok(shard.forward(ShardInput::Tokens(tokens), pos)?),
+        )
     }
 }

@@ -28,6 +28,7 @@ pub mod candle_engine;
 pub mod chat;
 pub mod engine;
 pub mod error;
+mod generation;
 pub mod gguf;
 pub mod hooks;
 pub mod kind;

@@ -1,0 +1,103 @@
+//! The generation loop every GGUF engine shares: sampling, EOS, max tokens, stop sequences
+//! (through [`StopFilter`]), whole-UTF-8 streaming, phases and cancellation between tokens.
+//! An engine supplies only its forward pass.
+
+use std::ops::ControlFlow;
+
+use candle_core::Tensor;
+use canopy_proto::{FinishReason, GenerateParams, Phase, TokenChunk, Usage};
+
+use crate::sampling::Sampler;
+use crate::stop::StopFilter;
+use crate::tokenizer::GgufTokenizer;
+use crate::{EngineError, GenerateOutcome, GenerateSink};
+
+/// Generates after the encoded `prompt`, in a model that holds at most `room` positions.
+///
+/// `forward(tokens, pos)` runs the model over `tokens` placed from position `pos` (the KV
+/// cache must be empty before the call) and returns the last position's logits.
+pub(crate) fn run_generation(
+    prompt: &[u32],
+    room: usize,
+    params: &GenerateParams,
+    tokenizer: &GgufTokenizer,
+    sink: &mut dyn GenerateSink,
+    mut forward: impl FnMut(&[u32], usize) -> Result<Tensor, EngineError>,
+) -> Result<GenerateOutcome, EngineError> {
+    if prompt.is_empty() {
+        return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+    }
+    if prompt.len() >= room {
+        return Err(EngineError::InvalidRequest(format!(
+            "the prompt has {} tokens; this model instance holds at most {room}",
+            prompt.len()
+        )));
+    }
+    let max_tokens = (params.max_tokens as usize).min(room - prompt.len());
+    let mut sampler = Sampler::new(params)?;
+    let mut stream = tokenizer.stream();
+    let mut stops = StopFilter::new(&params.stop);
+    let usage = |completion: usize| Usage {
+        prompt_tokens: prompt.len() as u32,
+        completion_tokens: completion as u32,
+    };
+
+    sink.phase(Phase::Prefill);
+    let mut logits = forward(prompt, 0)?;
+    let mut generated = 0usize;
+    let mut finish = FinishReason::Length;
+    while generated < max_tokens {
+        if sink.cancelled() {
+            finish = FinishReason::Cancelled;
+            break;
+        }
+        let next = sampler.sample(&logits)?;
+        if tokenizer.is_eos(next) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        generated += 1;
+        let piece = stream.push(next).unwrap_or_default();
+        let (text, stopped) = stops.push(&piece);
+        let chunk = TokenChunk {
+            index: (generated - 1) as u32,
+            text,
+            token_ids: vec![next],
+        };
+        if let ControlFlow::Break(()) = sink.chunk(chunk) {
+            finish = FinishReason::Cancelled;
+            break;
+        }
+        if stopped {
+            finish = FinishReason::Stop;
+            break;
+        }
+        if generated == 1 {
+            sink.phase(Phase::Decode);
+        }
+        if generated < max_tokens {
+            let pos = prompt.len() + generated - 1;
+            logits = forward(&[next], pos)?;
+        }
+    }
+    if finish != FinishReason::Cancelled {
+        // Whatever was held back (a partial stop sequence, an unfinished character).
+        let rest = {
+            let tail = stream.finish();
+            let (mut out, _) = stops.push(&tail);
+            out.push_str(&stops.finish());
+            out
+        };
+        if !rest.is_empty() {
+            let _ = sink.chunk(TokenChunk {
+                index: generated as u32,
+                text: rest,
+                token_ids: Vec::new(),
+            });
+        }
+    }
+    Ok(GenerateOutcome {
+        finish_reason: finish,
+        usage: usage(generated),
+    })
+}
