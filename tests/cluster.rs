@@ -12,59 +12,31 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::netns::{Fabric, NsNode};
+use common::netns::{NodeCluster, NsNode};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-const COOKIE: &str = "cluster-test-cookie";
+/// The test's nodes: a [`NodeCluster`] whose nodes run the scripted engine.
+struct Cluster(NodeCluster);
 
-/// A cluster of `n` namespaces, with a data dir per node and a namespace name unique to the
-/// test (so concurrent tests' beacons never meet).
-struct Cluster {
-    fabric: Fabric,
-    dirs: tempfile::TempDir,
-    namespace: String,
+impl std::ops::Deref for Cluster {
+    type Target = NodeCluster;
+
+    fn deref(&self) -> &NodeCluster {
+        &self.0
+    }
 }
 
 impl Cluster {
     fn new(n: usize) -> Option<Self> {
-        let fabric = Fabric::new(n)?;
-        let namespace = format!("test-{}", fabric.prefix());
-        Some(Self {
-            fabric,
-            dirs: tempfile::tempdir().expect("tempdir"),
-            namespace,
-        })
+        NodeCluster::new(n, "test").map(Cluster)
     }
 
+    /// Starts node `i` (scripted engine, then `extra`) and waits until it serves HTTP.
     fn start(&self, i: usize, extra: &[&str]) -> NsNode {
-        let addr = self.fabric.addr(i).to_string();
-        let dir = self.dirs.path().join(format!("node-{i}"));
-        let mut args: Vec<String> = [
-            "node",
-            "--host",
-            &addr,
-            "--port",
-            "52415",
-            "--cluster-host",
-            &addr,
-            "--cluster-port",
-            "52416",
-            "--namespace",
-            &self.namespace,
-            "--engine",
-            "scripted",
-            "--data-dir",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.push(dir.display().to_string());
-        if !extra.contains(&"--cookie") {
-            args.extend(["--cookie".to_string(), COOKIE.to_string()]);
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let node = NsNode::spawn(&self.fabric, i, &args, &[], 52415);
+        let mut flags = vec!["--engine", "scripted"];
+        flags.extend_from_slice(extra);
+        let node = self.spawn(i, &flags);
         assert!(
             node.wait_http("/health", 200, Duration::from_secs(60)),
             "node {i} did not come up; log:\n{}",
@@ -723,33 +695,10 @@ fn placing_a_missing_model_or_a_garbage_file_fails_with_the_reason_and_leaves_no
         return;
     };
     // The real engine (no --engine scripted): the node resolves and loads what it is given.
-    let dir = cluster.dirs.path().join("node-0");
-    let addr = cluster.fabric.addr(0).to_string();
     let garbage = cluster.dirs.path().join("garbage.gguf");
     std::fs::write(&garbage, b"GGUF but not really a model").expect("write");
-    let args: Vec<String> = [
-        "node",
-        "--host",
-        &addr,
-        "--port",
-        "52415",
-        "--cluster-host",
-        &addr,
-        "--namespace",
-        &cluster.namespace,
-        "--cookie",
-        COOKIE,
-        "--data-dir",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([dir.display().to_string()])
-    .chain([
-        "--model-dir".to_string(),
-        cluster.dirs.path().join("models").display().to_string(),
-    ])
-    .collect();
-    let a = NsNode::spawn(&cluster.fabric, 0, &args, &[], 52415);
+    let models = cluster.dirs.path().join("models").display().to_string();
+    let a = cluster.spawn(0, &["--model-dir", &models]);
     assert!(
         a.wait_http("/health", 200, Duration::from_secs(60)),
         "{}",

@@ -35,16 +35,10 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::netns::{Fabric, NsNode};
+use common::netns::{NodeCluster, NsNode};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-/// The cluster cookie of every node.
-const COOKIE: &str = "cluster-bench-cookie";
-/// The API port of every node (each has its own namespace).
-const API_PORT: u16 = 52415;
-/// The cluster port of every node.
-const CLUSTER_PORT: u16 = 52416;
 /// How often the cluster's state is polled.
 const POLL: Duration = Duration::from_millis(20);
 /// The longest any one observed transition may take before the repetition is given up.
@@ -65,60 +59,22 @@ fn reps() -> usize {
         .max(1)
 }
 
-/// A fabric of `n` namespaces with a data dir per node and a discovery namespace unique to
-/// it (so beacons of earlier repetitions never meet this one's).
-struct Cluster {
-    /// The namespaces.
-    fabric: Fabric,
-    /// The nodes' data dirs live under it.
-    dirs: tempfile::TempDir,
-    /// The discovery namespace.
-    namespace: String,
-}
+/// The nodes of one repetition: a [`NodeCluster`] whose discovery namespace is unique to it
+/// (so beacons of earlier repetitions never meet this one's).
+struct Cluster(NodeCluster);
 
 impl Cluster {
     /// A fresh fabric of `n` nodes, or `None` without root.
     fn new(n: usize) -> Option<Self> {
-        let fabric = Fabric::new(n)?;
-        let namespace = format!("bench-{}", fabric.prefix());
-        Some(Self {
-            fabric,
-            dirs: tempfile::tempdir().expect("tempdir"),
-            namespace,
-        })
-    }
-
-    /// Spawns `canopy node` in namespace `i` with `extra` arguments; does not wait.
-    fn spawn(&self, i: usize, extra: &[String]) -> NsNode {
-        let addr = self.fabric.addr(i).to_string();
-        let dir = self.dirs.path().join(format!("node-{i}"));
-        let mut args: Vec<String> = vec![
-            "node".into(),
-            "--host".into(),
-            addr.clone(),
-            "--port".into(),
-            API_PORT.to_string(),
-            "--cluster-host".into(),
-            addr,
-            "--cluster-port".into(),
-            CLUSTER_PORT.to_string(),
-            "--namespace".into(),
-            self.namespace.clone(),
-            "--data-dir".into(),
-            dir.display().to_string(),
-            "--cookie".into(),
-            COOKIE.into(),
-        ];
-        args.extend(extra.iter().cloned());
-        NsNode::spawn(&self.fabric, i, &args, &[], API_PORT)
+        NodeCluster::new(n, "bench").map(Cluster)
     }
 
     /// Spawns every node at once and waits until they form: the nodes and the formation
     /// time from the first spawn (`None` when they did not form within [`LIMIT`]).
-    fn form(&self, extra: &[String]) -> (Vec<NsNode>, Option<Duration>) {
+    fn form(&self, extra: &[&str]) -> (Vec<NsNode>, Option<Duration>) {
         let t = Instant::now();
-        let nodes: Vec<NsNode> = (0..self.fabric.nodes())
-            .map(|i| self.spawn(i, extra))
+        let nodes: Vec<NsNode> = (0..self.0.fabric.nodes())
+            .map(|i| self.0.spawn(i, extra))
             .collect();
         let all: Vec<&NsNode> = nodes.iter().collect();
         let formed = wait(t, "formation", &all, || formed(&all));
@@ -246,7 +202,7 @@ enum Failure {
 /// on it: the time from the signal to the survivors' agreement.
 fn failure_rep(failure: Failure, formation: &mut Samples) -> Option<Duration> {
     let cluster = Cluster::new(3)?;
-    let scripted = ["--engine".to_string(), "scripted".to_string()];
+    let scripted = ["--engine", "scripted"];
     let (mut nodes, formed) = cluster.form(&scripted);
     formation.time(formed);
     formed?;
@@ -396,12 +352,8 @@ fn cross_node(reps: usize) -> CrossNode {
         out.skipped = Some("no fabric".into());
         return out;
     };
-    let extra = [
-        "--threads".to_string(),
-        "2".to_string(),
-        "--model-dir".to_string(),
-        common::model_dir().display().to_string(),
-    ];
+    let models = common::model_dir().display().to_string();
+    let extra = ["--threads", "2", "--model-dir", &models];
     let (mut nodes, formed) = cluster.form(&extra);
     if formed.is_none() {
         out.skipped = Some("the 2 nodes did not form".into());
@@ -512,12 +464,12 @@ fn main() {
     let reps = reps();
     let began = Instant::now();
     // Probe for root (and namespace support) once, before anything else.
-    if Fabric::new(1).is_none() {
+    if common::netns::Fabric::new(1).is_none() {
         println!("skipping: needs root for network namespaces");
         return;
     }
 
-    let scripted = ["--engine".to_string(), "scripted".to_string()];
+    let scripted = ["--engine", "scripted"];
     let mut form2 = Samples::default();
     let mut form3 = Samples::default();
     for _ in 0..reps {

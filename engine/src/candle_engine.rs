@@ -13,13 +13,13 @@
 //! A runner holding only some layers can load them, but cannot generate on its own: that
 //! takes a pipeline of shards across runners, which the cluster drives.
 
-use std::ops::{ControlFlow, Range};
+use std::ops::Range;
 
 use candle_core::Device;
-use canopy_proto::{GenerateParams, GenerateRequest, LoadSpec, Phase, Prompt, TokenChunk};
+use canopy_proto::{GenerateRequest, LoadSpec, Prompt};
 
 use crate::chat::ChatTemplate;
-use crate::generation::run_generation;
+use crate::generation::{self, prompt_text, run_generation};
 use crate::gguf::GgufFile;
 use crate::llama::config::LlamaConfig;
 use crate::llama::shard::{LlamaShard, ShardInput};
@@ -81,10 +81,7 @@ impl CandleEngine {
     /// The text a prompt is fed to the model as (chat turns rendered with the template).
     pub fn prompt_text(&self, prompt: &Prompt) -> Result<String, EngineError> {
         let loaded = self.loaded.as_ref().ok_or(EngineError::NotLoaded)?;
-        match prompt {
-            Prompt::Text(text) => Ok(text.clone()),
-            Prompt::Chat(messages) => Ok(loaded.template.render(messages, true)?),
-        }
+        prompt_text(&loaded.template, prompt)
     }
 }
 
@@ -128,30 +125,13 @@ impl Engine for CandleEngine {
     }
 
     fn warm_up(&mut self) -> Result<(), EngineError> {
-        struct Quiet;
-        impl GenerateSink for Quiet {
-            fn phase(&mut self, _: Phase) {}
-            fn chunk(&mut self, _: TokenChunk) -> ControlFlow<()> {
-                ControlFlow::Continue(())
-            }
-            fn cancelled(&self) -> bool {
-                false
-            }
-        }
         let Some(loaded) = &self.loaded else {
             return Err(EngineError::NotLoaded);
         };
         if !(loaded.shard.is_first() && loaded.shard.is_last()) {
             return Ok(());
         }
-        let request = GenerateRequest {
-            prompt: Prompt::Text("Hello".into()),
-            params: GenerateParams {
-                max_tokens: 2,
-                ..GenerateParams::default()
-            },
-        };
-        self.generate(&request, &mut Quiet).map(|_| ())
+        generation::warm_up(self)
     }
 
     fn generate(

@@ -5,12 +5,46 @@
 use std::ops::ControlFlow;
 
 use candle_core::Tensor;
-use canopy_proto::{FinishReason, GenerateParams, Phase, TokenChunk, Usage};
+use canopy_proto::{
+    FinishReason, GenerateParams, GenerateRequest, Phase, Prompt, TokenChunk, Usage,
+};
 
+use crate::chat::ChatTemplate;
 use crate::sampling::Sampler;
 use crate::stop::StopFilter;
 use crate::tokenizer::GgufTokenizer;
-use crate::{EngineError, GenerateOutcome, GenerateSink};
+use crate::{Engine, EngineError, GenerateOutcome, GenerateSink};
+
+/// The text a prompt stands for: plain text as it is, a chat rendered with the model's
+/// template (the assistant's turn opened).
+pub(crate) fn prompt_text(template: &ChatTemplate, prompt: &Prompt) -> Result<String, EngineError> {
+    match prompt {
+        Prompt::Text(text) => Ok(text.clone()),
+        Prompt::Chat(messages) => Ok(template.render(messages, true)?),
+    }
+}
+
+/// Warms a loaded engine up: a 2-token generation whose output goes nowhere.
+pub(crate) fn warm_up(engine: &mut dyn Engine) -> Result<(), EngineError> {
+    struct Quiet;
+    impl GenerateSink for Quiet {
+        fn phase(&mut self, _: Phase) {}
+        fn chunk(&mut self, _: TokenChunk) -> ControlFlow<()> {
+            ControlFlow::Continue(())
+        }
+        fn cancelled(&self) -> bool {
+            false
+        }
+    }
+    let request = GenerateRequest {
+        prompt: Prompt::Text("Hello".into()),
+        params: GenerateParams {
+            max_tokens: 2,
+            ..GenerateParams::default()
+        },
+    };
+    engine.generate(&request, &mut Quiet).map(|_| ())
+}
 
 /// Generates after the encoded `prompt`, in a model that holds at most `room` positions.
 ///

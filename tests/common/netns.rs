@@ -710,3 +710,75 @@ impl Drop for NsNode {
         self.kill();
     }
 }
+
+/// The API port of every node a [`NodeCluster`] starts (each node has a namespace of its own).
+pub const NODE_API_PORT: u16 = 52415;
+/// The cluster port of every node a [`NodeCluster`] starts.
+pub const NODE_CLUSTER_PORT: u16 = 52416;
+/// The cookie of every node a [`NodeCluster`] starts, unless its flags name another.
+pub const NODE_COOKIE: &str = "cluster-test-cookie";
+
+/// `canopy node` processes in a [`Fabric`]: a data dir per node and a discovery namespace
+/// unique to this cluster, so that the beacons of concurrent tests (or of earlier bench
+/// repetitions) never meet.
+pub struct NodeCluster {
+    /// The namespaces.
+    pub fabric: Fabric,
+    /// The nodes' data dirs (`node-<i>`) live under it.
+    pub dirs: tempfile::TempDir,
+    /// The discovery namespace.
+    pub namespace: String,
+}
+
+impl NodeCluster {
+    /// A fresh fabric of `n` nodes whose discovery namespace starts with `label`, or `None`
+    /// where network namespaces cannot be made (see [`Fabric::new`]).
+    pub fn new(n: usize, label: &str) -> Option<Self> {
+        let fabric = Fabric::new(n)?;
+        let namespace = format!("{label}-{}", fabric.prefix());
+        Some(Self {
+            fabric,
+            dirs: tempfile::tempdir().expect("tempdir"),
+            namespace,
+        })
+    }
+
+    /// The flags of `canopy node` for node `i`: its API and cluster addresses, the discovery
+    /// namespace, its data dir and [`NODE_COOKIE`] (unless `extra` names a cookie), then
+    /// `extra`.
+    pub fn node_args(&self, i: usize, extra: &[&str]) -> Vec<String> {
+        let addr = self.fabric.addr(i).to_string();
+        let dir = self.dirs.path().join(format!("node-{i}"));
+        let mut args: Vec<String> = vec![
+            "node".into(),
+            "--host".into(),
+            addr.clone(),
+            "--port".into(),
+            NODE_API_PORT.to_string(),
+            "--cluster-host".into(),
+            addr,
+            "--cluster-port".into(),
+            NODE_CLUSTER_PORT.to_string(),
+            "--namespace".into(),
+            self.namespace.clone(),
+            "--data-dir".into(),
+            dir.display().to_string(),
+        ];
+        if !extra.contains(&"--cookie") {
+            args.extend(["--cookie".to_string(), NODE_COOKIE.to_string()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// Spawns node `i` with [`NodeCluster::node_args`]; does not wait for it.
+    pub fn spawn(&self, i: usize, extra: &[&str]) -> NsNode {
+        NsNode::spawn(
+            &self.fabric,
+            i,
+            &self.node_args(i, extra),
+            &[],
+            NODE_API_PORT,
+        )
+    }
+}

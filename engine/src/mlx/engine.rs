@@ -6,13 +6,11 @@
 //! UTF-8 text; generation stops at an end-of-generation token, at `max_tokens`, or before a
 //! stop sequence (never emitted); cancellation is checked between tokens.
 
-use std::ops::ControlFlow;
-
 use candle_core::Tensor;
-use canopy_proto::{GenerateParams, GenerateRequest, LoadSpec, Phase, Prompt, TokenChunk};
+use canopy_proto::{GenerateRequest, LoadSpec, Prompt};
 
 use super::model::MlxLlama;
-use crate::generation::run_generation;
+use crate::generation::{self, prompt_text, run_generation};
 use crate::chat::ChatTemplate;
 use crate::gguf::GgufFile;
 use crate::llama::LlamaConfig;
@@ -59,10 +57,7 @@ impl MlxEngine {
     /// The text a prompt is fed to the model as (chat turns rendered with the template).
     pub fn prompt_text(&self, prompt: &Prompt) -> Result<String, EngineError> {
         let loaded = self.loaded.as_ref().ok_or(EngineError::NotLoaded)?;
-        match prompt {
-            Prompt::Text(text) => Ok(text.clone()),
-            Prompt::Chat(messages) => Ok(loaded.template.render(messages, true)?),
-        }
+        prompt_text(&loaded.template, prompt)
     }
 }
 
@@ -118,27 +113,10 @@ impl Engine for MlxEngine {
     }
 
     fn warm_up(&mut self) -> Result<(), EngineError> {
-        struct Quiet;
-        impl GenerateSink for Quiet {
-            fn phase(&mut self, _: Phase) {}
-            fn chunk(&mut self, _: TokenChunk) -> ControlFlow<()> {
-                ControlFlow::Continue(())
-            }
-            fn cancelled(&self) -> bool {
-                false
-            }
-        }
         if self.loaded.is_none() {
             return Err(EngineError::NotLoaded);
         }
-        let request = GenerateRequest {
-            prompt: Prompt::Text("Hello".into()),
-            params: GenerateParams {
-                max_tokens: 2,
-                ..GenerateParams::default()
-            },
-        };
-        self.generate(&request, &mut Quiet).map(|_| ())
+        generation::warm_up(self)
     }
 
     fn generate(
