@@ -164,8 +164,11 @@ impl Engine for ScriptedEngine {
         if sleep_unless_cancelled(script.prefill, sink) {
             return cancelled(usage);
         }
+        // Faults fire straight after the K-th chunk is handed over, before any cancel check:
+        // a scripted wedge or exit must not lose a race against a cancel sent in reply to
+        // that very chunk.
+        self.fire_faults(&script, 0)?;
         for index in 0..count {
-            self.fire_faults(&script, index)?;
             if sink.cancelled() {
                 return cancelled(usage);
             }
@@ -181,11 +184,11 @@ impl Engine for ScriptedEngine {
                 token_ids: vec![index],
             });
             usage.completion_tokens = index + 1;
+            self.fire_faults(&script, index + 1)?;
             if flow == ControlFlow::Break(()) {
                 return cancelled(usage);
             }
         }
-        self.fire_faults(&script, count)?;
         Ok(GenerateOutcome {
             finish_reason,
             usage,
