@@ -404,6 +404,7 @@ async fn the_failure_log_example_records_runner_deaths_and_survives_its_own_rest
     use canopy_actors::runner::RunnerCommand;
     use failure_log::{FailureLogArgs, RunnerEventFeed};
 
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("failures.jsonl");
     // The scripted engine, killed by fault injection after 2 tokens of every request.
@@ -443,11 +444,19 @@ async fn the_failure_log_example_records_runner_deaths_and_survives_its_own_rest
         )
         .await;
         assert_eq!(status, 502, "the runner dies mid-answer: {body}");
-        let lines = eventually("the failure in the log", async || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let lines = loop {
             let lines = log_lines(&path);
-            (lines.len() as u64 == round).then_some(lines)
-        })
-        .await;
+            if lines.len() as u64 == round {
+                break lines;
+            }
+            assert!(
+                Instant::now() < deadline && lines.len() as u64 <= round,
+                "waiting for failure {round} in the log; it holds {lines:?}; the logger: {:?}",
+                failure_log_report(&node)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         let record = &lines[round as usize - 1];
         assert_eq!(record["instance"], "scripted-0", "{record}");
         assert_eq!(record["reason"]["kind"], "signaled", "{record}");

@@ -26,23 +26,28 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
-    /// Starts beating now, then every `interval`.
+    /// Beats once now, on the caller's thread, then every `interval` from a thread of its own.
+    ///
+    /// The first beat is written before this returns, so it precedes on the pipe every frame
+    /// the caller writes afterwards (`Idle`, `Ready`): a supervisor that saw the runner ready
+    /// has seen a beat, and a runner frozen right after that is judged by the heartbeat
+    /// timeout rather than by the longer start-up grace, however late the thread is scheduled.
     pub fn spawn(
         outbox: Arc<Outbox>,
         interval: Duration,
         hooks: FaultHooks,
     ) -> std::io::Result<Self> {
         let (stop, stopped) = mpsc::channel();
+        let mut seq = 0u64;
+        if !hooks.heartbeat_frozen() {
+            outbox.send(&FromRunner::Heartbeat { seq });
+            seq += 1;
+        }
+        let mut next = Instant::now();
         let thread = thread::Builder::new()
             .name("heartbeat".to_string())
             .spawn(move || {
-                let mut seq = 0u64;
-                let mut next = Instant::now();
                 loop {
-                    if !hooks.heartbeat_frozen() {
-                        outbox.send(&FromRunner::Heartbeat { seq });
-                        seq += 1;
-                    }
                     next += interval;
                     let now = Instant::now();
                     if next <= now {
@@ -51,6 +56,10 @@ impl Heartbeat {
                     match stopped.recv_timeout(next - now) {
                         Err(RecvTimeoutError::Timeout) => {}
                         Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                    if !hooks.heartbeat_frozen() {
+                        outbox.send(&FromRunner::Heartbeat { seq });
+                        seq += 1;
                     }
                 }
                 tracing::debug!(beats = seq, "heartbeat stopped");

@@ -110,10 +110,9 @@ pub fn run(args: RunnerArgs) -> anyhow::Result<RunnerExit> {
     if let Some(exit) = handshake(&mut stdin, &outbox) {
         return Ok(exit);
     }
-    outbox.status(RunnerStatus::Idle);
-
     let heartbeat = Heartbeat::spawn(Arc::clone(&outbox), args.heartbeat_interval(), hooks)
         .context("cannot start the heartbeat thread")?;
+    outbox.status(RunnerStatus::Idle);
     let queue = Arc::new(JobQueue::new());
     let (worker_done, worker_stopped) = mpsc::channel();
     Worker::new(engine, Arc::clone(&outbox), Arc::clone(&queue), faults)
