@@ -404,7 +404,6 @@ async fn the_failure_log_example_records_runner_deaths_and_survives_its_own_rest
     use canopy_actors::runner::RunnerCommand;
     use failure_log::{FailureLogArgs, RunnerEventFeed};
 
-    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("failures.jsonl");
     // The scripted engine, killed by fault injection after 2 tokens of every request.
@@ -452,7 +451,8 @@ async fn the_failure_log_example_records_runner_deaths_and_survives_its_own_rest
             }
             assert!(
                 Instant::now() < deadline && lines.len() as u64 <= round,
-                "waiting for failure {round} in the log; it holds {lines:?}; the logger: {:?}",
+                "waiting for failure {round} in the log; it holds {lines:?}; the logger: {:?}; \
+                 the 502's body: {body}",
                 failure_log_report(&node)
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
