@@ -126,7 +126,9 @@ fn a_runner_killed_mid_stream_ends_the_stream_with_an_error_and_restarts() {
     assert_eq!(chunks, 3);
     assert!(done, "the stream ends with [DONE]");
     let gap = error_at.expect("an error event") - last_chunk_at.expect("chunks");
-    assert!(gap < Duration::from_secs(1), "error after {gap:?}");
+    // The death is seen by the process's exit, not by the 60-s decode stall timeout; the
+    // bound leaves room for a loaded machine and still tells the two apart.
+    assert!(gap < Duration::from_secs(20), "error after {gap:?}");
     wait_ready(&node);
     let (status, body) = node.post("/v1/chat/completions", &chat("tokens=2", false));
     assert_eq!(status, 200, "{body}");
@@ -153,7 +155,12 @@ fn a_runner_killed_after_tokens_fails_a_plain_request_with_502_then_recovers() {
     );
     assert_eq!(status, 502, "{body}");
     assert!(body["error"]["message"].is_string(), "{body}");
-    assert!(started.elapsed() < Duration::from_secs(5));
+    // Seen by the runner's exit, not the 60-s decode stall timeout (see above).
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the 502 took {:?}",
+        started.elapsed()
+    );
     wait_ready(&node);
     assert_eq!(
         node.post("/v1/chat/completions", &chat("tokens=1", false))

@@ -56,7 +56,11 @@ async fn start(config: RunnerConfig) -> (ActorRef<RunnerMsg>, broadcast::Receive
     let (sup, _) = Actor::spawn(
         None,
         RunnerSupervisor,
-        RunnerSupervisorArgs { config, events: tx },
+        RunnerSupervisorArgs {
+            config,
+            events: tx,
+            observer: None,
+        },
     )
     .await
     .expect("supervisor starts");

@@ -55,7 +55,7 @@ impl Node {
         let tag = NODES
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             .to_string();
-        let router = ModelRouter::new(&events, metrics.clone(), tag);
+        let router = ModelRouter::new(metrics.clone(), tag);
         NodeBuilder {
             config,
             children: Vec::new(),
@@ -115,17 +115,18 @@ impl Actor for Watcher {
 }
 
 fn runner_child(
-    name: &str,
     instance: &str,
     load: LoadSpec,
     defaults: &RunnerDefaults,
     events: &broadcast::Sender<RunnerEvent>,
+    router: &ModelRouter,
 ) -> ChildSpec {
     let args = RunnerSupervisorArgs {
         config: defaults.instance(instance, load),
         events: events.clone(),
+        observer: Some(router.observer()),
     };
-    let name = name.to_string();
+    let name = router.actor_name(instance);
     ChildSpec::new(name.clone(), move |sup: ActorCell| {
         let args = args.clone();
         let name = name.clone();
@@ -165,13 +166,7 @@ impl Placer {
     ) -> Result<(), NodeError> {
         let worker = self.worker().await?;
         self.router.add_instance(instance, model, &load.model);
-        let spec = runner_child(
-            &self.router.actor_name(instance),
-            instance,
-            load,
-            &self.runners,
-            &self.events,
-        );
+        let spec = runner_child(instance, load, &self.runners, &self.events, &self.router);
         let answer = worker
             .call(
                 |reply| SupervisorMsg::StartChild(spec, reply),
@@ -280,11 +275,11 @@ impl NodeBuilder {
                 let instance = format!("{}-{infix}{n}", placement.model);
                 router.add_instance(&instance, &placement.model, &placement.load.model);
                 worker = worker.with_child(runner_child(
-                    &router.actor_name(&instance),
                     &instance,
                     placement.load.clone(),
                     &config.runners,
                     &events,
+                    &router,
                 ));
             }
         }

@@ -4,8 +4,9 @@
 //! The router never holds an `ActorRef` to a runner supervisor: a supervisor restarted by the
 //! worker is a new actor. It finds the live one by name (`runner:<instance>` in ractor's
 //! registry) at each request, and knows each instance's status from the supervisors'
-//! broadcast [`RunnerEvent`]s, so answering `/ready` or picking an instance never waits on an
-//! actor. A task goes to the Ready instance of its model with the fewest tasks handed out by
+//! [`RunnerEvent`]s, which each supervisor hands to the router's
+//! [`observer`](ModelRouter::observer) before it broadcasts them (so the table is never behind
+//! what a client saw), and answering `/ready` or picking an instance never waits on an actor. A task goes to the Ready instance of its model with the fewest tasks handed out by
 //! this router (ties broken round-robin); an instance at capacity is skipped, and when every
 //! Ready instance is full the request is `Busy`.
 
@@ -18,10 +19,10 @@ use canopy_proto::{GenerateRequest, RunnerStatus};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use ractor::{ActorCell, ActorRef};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 use crate::api::{Backend, Metrics, ModelInfo, SubmitError};
-use crate::runner::{RunnerError, RunnerEvent, RunnerMsg, TaskHandle};
+use crate::runner::{RunnerError, RunnerEvent, RunnerMsg, RunnerObserver, TaskHandle};
 
 /// Instances on other nodes: what the cluster layer plugs into the router so that a request
 /// for a model with no Ready instance here is served by one elsewhere.
@@ -132,15 +133,11 @@ fn now_secs() -> u64 {
 }
 
 impl ModelRouter {
-    /// An empty router that follows `events` (the runner supervisors' broadcast) and feeds
-    /// `metrics` with them.
-    pub fn new(
-        events: &broadcast::Sender<RunnerEvent>,
-        metrics: Metrics,
-        node_tag: String,
-    ) -> Self {
+    /// An empty router that feeds `metrics` with the runner events it observes (see
+    /// [`observer`](Self::observer)).
+    pub fn new(metrics: Metrics, node_tag: String) -> Self {
         let (changed, _) = watch::channel(0);
-        let router = Self {
+        Self {
             table: Arc::new(Mutex::new(Table::default())),
             changed,
             next: Arc::new(AtomicUsize::new(0)),
@@ -148,25 +145,19 @@ impl ModelRouter {
             submit_timeout: Duration::from_secs(60),
             tag: node_tag.into(),
             remote: Arc::new(Mutex::new(None)),
-            metrics: metrics.clone(),
-        };
-        let mut rx = events.subscribe();
-        let follower = router.clone();
-        tokio::spawn(async move {
-            loop {
-                match rx.recv().await {
-                    Ok(event) => {
-                        metrics.runner_event(&event);
-                        follower.observe(&event);
-                    }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(missed = n, "router lagged behind runner events");
-                    }
-                    Err(broadcast::error::RecvError::Closed) => break,
-                }
-            }
-        });
-        router
+            metrics,
+        }
+    }
+
+    /// What this node's runner supervisors call with each of their events, before they
+    /// broadcast it: the routing table (and so `/ready` and routing) and the metrics follow
+    /// a supervisor in step, never behind it.
+    pub fn observer(&self) -> RunnerObserver {
+        let router = self.clone();
+        Arc::new(move |event: &RunnerEvent| {
+            router.metrics.runner_event(event);
+            router.observe(event);
+        })
     }
 
     /// The registry name of `instance`'s runner supervisor on this node.

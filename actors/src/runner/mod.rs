@@ -37,4 +37,4 @@ pub use messages::{
     RunnerError, RunnerEvent, RunnerMsg, RunnerSnapshot, RunnerSupervisorError, TaskEvent,
     TaskHandle,
 };
-pub use supervisor::{RunnerSupervisor, RunnerSupervisorArgs};
+pub use supervisor::{RunnerObserver, RunnerSupervisor, RunnerSupervisorArgs};

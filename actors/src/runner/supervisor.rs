@@ -32,7 +32,15 @@ pub struct RunnerSupervisorArgs {
     pub config: RunnerConfig,
     /// Where [`RunnerEvent`]s are broadcast.
     pub events: broadcast::Sender<RunnerEvent>,
+    /// Called with every event, on the supervisor's own task and before it is broadcast:
+    /// what must never lag behind the supervisor (the node's routing table, so that `/ready`
+    /// and routing never see a dead runner as ready once a client has seen it fail).
+    pub observer: Option<RunnerObserver>,
 }
+
+/// A synchronous listener to a runner supervisor's events (see
+/// [`RunnerSupervisorArgs::observer`]); it must be quick and must not block.
+pub type RunnerObserver = Arc<dyn Fn(&RunnerEvent) + Send + Sync>;
 
 /// The live runner process of one generation.
 struct Runner {
@@ -60,6 +68,7 @@ impl Runner {
 pub struct RunnerSupervisorState {
     config: RunnerConfig,
     events: broadcast::Sender<RunnerEvent>,
+    observer: Option<RunnerObserver>,
     status: RunnerStatus,
     generation: u64,
     runner: Option<Runner>,
@@ -90,11 +99,19 @@ impl RunnerSupervisorState {
         if self.status != status {
             tracing::info!(instance = %self.config.instance, from = %self.status, to = %status, "runner status");
             self.status = status;
-            let _ = self.events.send(RunnerEvent::StatusChanged {
+            self.emit(RunnerEvent::StatusChanged {
                 instance: self.config.instance.clone(),
                 status,
             });
         }
+    }
+
+    /// Tells the observer, then broadcasts.
+    fn emit(&self, event: RunnerEvent) {
+        if let Some(observer) = &self.observer {
+            observer(&event);
+        }
+        let _ = self.events.send(event);
     }
 
     fn snapshot(&self) -> RunnerSnapshot {
@@ -160,7 +177,7 @@ impl RunnerSupervisor {
         };
         runner.send(ToRunner::Handshake(canopy_proto::Handshake::ours()));
         tracing::info!(instance = %state.config.instance, pid = io.pid, generation, "runner started");
-        let _ = state.events.send(RunnerEvent::Started {
+        state.emit(RunnerEvent::Started {
             instance: state.config.instance.clone(),
             pid: io.pid,
             restarts: state.restarts,
@@ -189,27 +206,30 @@ impl RunnerSupervisor {
             None => 0,
         };
         let instance = state.config.instance.clone();
-        let failed_tasks = state.tasks.fail_all(|started| RunnerError::RunnerFailed {
-            instance: instance.clone(),
-            reason: reason.clone(),
-            stderr_tail: stderr_tail.clone(),
-            started,
-        });
+        // The status and the report go out before the tasks are failed: whoever sees a task
+        // fail and asks again finds the instance already marked failed, never still ready.
         state.set_status(RunnerStatus::Failed);
         let now = Instant::now();
         let will_restart = state.window.record(now);
+        let failed_tasks = state.tasks.len();
         tracing::error!(
             %instance, pid, %reason, failed_tasks, will_restart,
             stderr_tail = %stderr_tail.join("\n"),
             "runner failed"
         );
-        let _ = state.events.send(RunnerEvent::RunnerFailed {
+        state.emit(RunnerEvent::RunnerFailed {
             instance: instance.clone(),
             reason: reason.clone(),
             pid,
-            stderr_tail,
+            stderr_tail: stderr_tail.clone(),
             failed_tasks,
             will_restart,
+        });
+        state.tasks.fail_all(|started| RunnerError::RunnerFailed {
+            instance: instance.clone(),
+            reason: reason.clone(),
+            stderr_tail: stderr_tail.clone(),
+            started,
         });
         if !will_restart {
             return Err(Box::new(RunnerSupervisorError::GaveUp {
@@ -260,14 +280,14 @@ impl RunnerSupervisor {
             FromRunner::LoadFailed { error } => {
                 let instance = state.config.instance.clone();
                 tracing::error!(%instance, %error, "runner could not load its model");
+                state.set_status(RunnerStatus::Failed);
+                state.emit(RunnerEvent::LoadFailed {
+                    instance: instance.clone(),
+                    error: error.clone(),
+                });
                 state.tasks.fail_all(|_| RunnerError::NotReady {
                     instance: instance.clone(),
                     status: RunnerStatus::Failed,
-                });
-                state.set_status(RunnerStatus::Failed);
-                let _ = state.events.send(RunnerEvent::LoadFailed {
-                    instance: instance.clone(),
-                    error: error.clone(),
                 });
                 // Our failure kills the linked process actor, which kills the runner.
                 let _ = myself;
@@ -475,7 +495,11 @@ impl Actor for RunnerSupervisor {
         myself: ActorRef<RunnerMsg>,
         args: RunnerSupervisorArgs,
     ) -> Result<RunnerSupervisorState, ActorProcessingErr> {
-        let RunnerSupervisorArgs { config, events } = args;
+        let RunnerSupervisorArgs {
+            config,
+            events,
+            observer,
+        } = args;
         let stall_timer =
             Some(myself.send_interval(config.stall.check_every, || RunnerMsg::CheckStalls));
         let registration = introspect::register(&myself.get_cell(), "runner-supervisor");
@@ -509,6 +533,7 @@ impl Actor for RunnerSupervisor {
             backoff: BackoffState::new(config.restart.backoff),
             config,
             events,
+            observer,
             status: RunnerStatus::Idle,
             generation: 0,
             runner: None,
