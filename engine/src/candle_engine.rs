@@ -11,7 +11,11 @@
 //! back until it cannot). Cancellation is checked between tokens.
 //!
 //! A runner holding only some layers can load them, but cannot generate on its own: that
-//! takes a pipeline of shards across runners, which the cluster drives.
+//! takes a pipeline of shards across runners. [`LlamaShard`] runs one shard's forward pass;
+//! nothing in the node or the cluster chains shards into a pipeline yet.
+//!
+//! [`Sampler`]: crate::sampling::Sampler
+//! [`TokenStream`]: crate::tokenizer::TokenStream
 
 use std::ops::Range;
 

@@ -12,7 +12,7 @@ use crate::{Engine, EngineError, FaultHooks, ScriptedEngine};
 /// [`EngineError::UnknownEngine`] that lists the known ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EngineKind {
-    /// [`CandleEngine`](crate::CandleEngine) on the CPU: llama-family GGUF models (the default).
+    /// [`CandleEngine`] on the CPU: llama-family GGUF models (the default).
     Candle,
     /// [`CandleEngine`](crate::CandleEngine) on the first CUDA GPU (`cuda` feature builds).
     #[cfg(feature = "cuda")]
