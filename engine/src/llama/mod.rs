@@ -34,6 +34,7 @@
 pub mod attention;
 pub mod block;
 pub mod config;
+mod cpu_matmul;
 pub mod embedding;
 pub mod error;
 pub mod head;

@@ -42,10 +42,12 @@
 
 use std::sync::Arc;
 
+use candle_core::Tensor;
 use candle_core::quantized::k_quants::{BlockQ8_1, GgmlType};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use half::f16;
+
+use super::cpu_matmul::{self, CpuMatMul, SharedPtr};
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -232,8 +234,7 @@ impl Q41Matrix {
 
     /// `x @ Wᵀ` for `x` of shape `[..., cols]` (f32, CPU).
     pub fn forward(self: &Arc<Self>, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.contiguous()?
-            .apply_op1_no_bwd(&Q41MatMul(Arc::clone(self)))
+        cpu_matmul::forward(self, x)
     }
 
     /// Row `r` dequantized into `out` (`cols` values) exactly as candle's Q4_1 `to_float`
@@ -525,85 +526,33 @@ group_kernel!(
     }
 );
 
-/// A pointer to a buffer that threads write disjoint elements of.
-#[derive(Clone, Copy)]
-struct SharedPtr<T>(*mut T);
-// SAFETY: every thread writes a disjoint set of indices, and the buffer outlives the pool call.
-unsafe impl<T> Send for SharedPtr<T> {}
-unsafe impl<T> Sync for SharedPtr<T> {}
+impl CpuMatMul for Q41Matrix {
+    const NAME: &'static str = "q4_1-matmul";
 
-impl<T> SharedPtr<T> {
-    /// Writes `value` at `index`.
-    ///
-    /// # Safety
-    /// `index` is in bounds and no other thread writes it.
-    unsafe fn write(&self, index: usize, value: T) {
-        // SAFETY: guaranteed by the caller.
-        unsafe { *self.0.add(index) = value };
-    }
-}
-
-struct Q41MatMul(Arc<Q41Matrix>);
-
-impl CustomOp1 for Q41MatMul {
-    fn name(&self) -> &'static str {
-        "q4_1-matmul"
+    fn rows(&self) -> usize {
+        self.rows
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let w = &self.0;
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("q4_1 matmul expects f32 input");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("q4_1 matmul expects a contiguous input");
-        };
-        let x = &data[start..end];
-        let dims = layout.shape().dims();
-        let Some((&k, batch)) = dims.split_last() else {
-            candle_core::bail!("q4_1 matmul expects at least one dimension");
-        };
-        if k != w.cols {
-            candle_core::bail!("q4_1 matmul: input width {k}, weight width {}", w.cols);
-        }
-        let m: usize = batch.iter().product();
-        let mut out = vec![0f32; m * w.rows];
-        w.matmul(x, m, &mut out, Kernel::detect());
-        let mut shape = batch.to_vec();
-        shape.push(w.rows);
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32]) -> candle_core::Result<()> {
+        self.matmul(x, m, out, Kernel::detect());
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::cpu_matmul::testing::{random, to_vec};
     use super::*;
     use candle_core::quantized::QMatMul;
     use candle_core::{Device, Module};
 
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-            })
-            .collect()
-    }
-
     fn quantized(rows: usize, cols: usize) -> QTensor {
         let w = Tensor::from_vec(random(rows * cols, 1), (rows, cols), &Device::Cpu).expect("w");
         QTensor::quantize(&w, GgmlDType::Q4_1).expect("quantize")
-    }
-
-    fn to_vec(t: Tensor) -> Vec<f32> {
-        t.flatten_all().and_then(|t| t.to_vec1()).expect("vec")
     }
 
     /// Rows that fill whole groups and rows that leave a partial one; input row counts below,

@@ -19,10 +19,14 @@
 
 use std::sync::Arc;
 
+use candle_core::Tensor;
 use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use half::f16;
+
+#[cfg(target_arch = "x86_64")]
+use super::cpu_matmul::SharedPtr;
+use super::cpu_matmul::{self, CpuMatMul};
 
 /// Values per Q8_0 block.
 const QK: usize = 32;
@@ -76,8 +80,7 @@ impl Q80Matrix {
 
     /// `x @ Wᵀ` for `x` of shape `[..., cols]` (f32, CPU).
     pub fn forward(self: &Arc<Self>, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.contiguous()?
-            .apply_op1_no_bwd(&Q80MatMul(Arc::clone(self)))
+        cpu_matmul::forward(self, x)
     }
 
     /// `out[i * rows + r] = x_i · w_r` for the `m` rows of `x`.
@@ -163,82 +166,28 @@ fn f16_to_f32(x: f16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(x.to_bits()))))
 }
 
-/// A pointer to the output buffer that threads write disjoint elements of.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-#[derive(Clone, Copy)]
-struct SharedPtr(*mut f32);
-// SAFETY: every thread writes a disjoint set of indices, and the buffer outlives the pool call.
-unsafe impl Send for SharedPtr {}
-unsafe impl Sync for SharedPtr {}
+impl CpuMatMul for Q80Matrix {
+    const NAME: &'static str = "q8_0-matmul";
 
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-impl SharedPtr {
-    /// Writes `value` at `index`.
-    ///
-    /// # Safety
-    /// `index` is in bounds and no other thread writes it.
-    unsafe fn write(&self, index: usize, value: f32) {
-        // SAFETY: guaranteed by the caller.
-        unsafe { *self.0.add(index) = value };
-    }
-}
-
-struct Q80MatMul(Arc<Q80Matrix>);
-
-impl CustomOp1 for Q80MatMul {
-    fn name(&self) -> &'static str {
-        "q8_0-matmul"
+    fn rows(&self) -> usize {
+        self.rows
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let w = &self.0;
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("q8_0 matmul expects f32 input");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("q8_0 matmul expects a contiguous input");
-        };
-        let dims = layout.shape().dims();
-        let Some((&k, batch)) = dims.split_last() else {
-            candle_core::bail!("q8_0 matmul expects at least one dimension");
-        };
-        if k != w.cols {
-            candle_core::bail!("q8_0 matmul: input width {k}, weight width {}", w.cols);
-        }
-        let m: usize = batch.iter().product();
-        let mut out = vec![0f32; m * w.rows];
-        w.matmul(&data[start..end], m, &mut out)?;
-        let mut shape = batch.to_vec();
-        shape.push(w.rows);
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32]) -> candle_core::Result<()> {
+        self.matmul(x, m, out)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::cpu_matmul::testing::{random, to_vec};
     use super::*;
     use candle_core::quantized::QMatMul;
     use candle_core::{Device, Module};
-
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-            })
-            .collect()
-    }
-
-    fn to_vec(t: Tensor) -> Vec<f32> {
-        t.flatten_all().and_then(|t| t.to_vec1()).expect("vec")
-    }
 
     #[test]
     fn matches_candle_bit_for_bit() {
