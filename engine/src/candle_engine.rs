@@ -147,8 +147,8 @@ impl Engine for CandleEngine {
         let loaded = self.loaded.as_mut().ok_or(EngineError::NotLoaded)?;
         if !(loaded.shard.is_first() && loaded.shard.is_last()) {
             return Err(EngineError::InvalidRequest(format!(
-                "this runner holds layers {:?} of {}; generating needs the whole model (a \
-                 pipeline of shards is driven by the cluster)",
+                "this runner holds layers {:?} of {}; generating needs the whole model \
+                 (chaining shards across runners is not supported yet)",
                 loaded.shard.layers(),
                 loaded.model
             )));
