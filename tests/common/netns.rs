@@ -30,7 +30,7 @@
 //! Everything needs root; [`Fabric::new`] returns `None` (and says "skipping") without it.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
 use std::os::unix::fs::MetadataExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -442,28 +442,7 @@ impl NsNode {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("starting canopy in {}: {e}", fabric.ns(i)));
-        let log = Arc::new(Mutex::new(String::new()));
-        let streams = [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        ];
-        for stream in streams.into_iter().flatten() {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if let Ok(mut l) = log.lock() {
-                        l.push_str(&line);
-                        l.push('\n');
-                    }
-                }
-            });
-        }
+        let log = super::capture_output(&mut child);
         NsNode {
             pid: child.id(),
             child: Some(child),
