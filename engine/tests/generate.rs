@@ -8,14 +8,13 @@
 
 mod common;
 
-use std::ops::ControlFlow;
+use common::{Collect, chat, spec};
+
 use std::sync::Mutex;
 use std::sync::OnceLock;
 
-use canopy_engine::{CandleEngine, Engine, GenerateSink, candle_engine::Backend};
-use canopy_proto::{
-    ChatMessage, FinishReason, GenerateParams, GenerateRequest, LoadSpec, Phase, Prompt, TokenChunk,
-};
+use canopy_engine::{CandleEngine, Engine, candle_engine::Backend};
+use canopy_proto::{FinishReason, GenerateParams, GenerateRequest, Phase};
 use serde_json::{Value, json};
 
 /// One engine for the whole file (loading takes a moment); tests take turns.
@@ -23,65 +22,14 @@ fn engine() -> &'static Mutex<CandleEngine> {
     static ENGINE: OnceLock<Mutex<CandleEngine>> = OnceLock::new();
     ENGINE.get_or_init(|| {
         let mut engine = CandleEngine::new(Backend::Cpu);
-        let spec = LoadSpec {
-            model: common::model_path().display().to_string(),
-            layer_start: None,
-            layer_end: None,
-            threads: None,
-        };
         engine
-            .load(&spec, &mut |_, _| {})
+            .load(
+                &spec(&common::model_path().display().to_string()),
+                &mut |_, _| {},
+            )
             .expect("the default model loads");
         Mutex::new(engine)
     })
-}
-
-#[derive(Default)]
-struct Collect {
-    chunks: Vec<TokenChunk>,
-    phases: Vec<Phase>,
-    cancel_after: Option<usize>,
-}
-
-impl GenerateSink for Collect {
-    fn phase(&mut self, phase: Phase) {
-        self.phases.push(phase);
-    }
-
-    fn chunk(&mut self, chunk: TokenChunk) -> ControlFlow<()> {
-        self.chunks.push(chunk);
-        match self.cancel_after {
-            Some(n) if self.chunks.len() >= n => ControlFlow::Break(()),
-            _ => ControlFlow::Continue(()),
-        }
-    }
-
-    fn cancelled(&self) -> bool {
-        false
-    }
-}
-
-impl Collect {
-    fn text(&self) -> String {
-        self.chunks.iter().map(|c| c.text.as_str()).collect()
-    }
-
-    fn ids(&self) -> Vec<u32> {
-        self.chunks
-            .iter()
-            .flat_map(|c| c.token_ids.clone())
-            .collect()
-    }
-}
-
-fn chat(user: &str, params: GenerateParams) -> GenerateRequest {
-    GenerateRequest {
-        prompt: Prompt::Chat(vec![ChatMessage {
-            role: "user".into(),
-            content: user.into(),
-        }]),
-        params,
-    }
 }
 
 fn run(request: &GenerateRequest, sink: &mut Collect) -> FinishReason {

@@ -30,6 +30,8 @@
 
 mod common;
 
+use common::{Collect, chat, spec};
+
 use std::ops::ControlFlow;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -52,15 +54,6 @@ const MIN_AGREEING_TOKENS: usize = 8;
 
 const QUESTION: &str = "What is 2+2? Reply with just the number.";
 
-fn spec(model: &str) -> LoadSpec {
-    LoadSpec {
-        model: model.to_string(),
-        layer_start: None,
-        layer_end: None,
-        threads: None,
-    }
-}
-
 fn model_name() -> String {
     common::model_path().display().to_string()
 }
@@ -79,55 +72,6 @@ fn engine() -> std::sync::MutexGuard<'static, MlxEngine> {
     engine
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-#[derive(Default)]
-struct Collect {
-    chunks: Vec<TokenChunk>,
-    phases: Vec<Phase>,
-    cancel_after: Option<usize>,
-    cancelled: bool,
-}
-
-impl GenerateSink for Collect {
-    fn phase(&mut self, phase: Phase) {
-        self.phases.push(phase);
-    }
-
-    fn chunk(&mut self, chunk: TokenChunk) -> ControlFlow<()> {
-        self.chunks.push(chunk);
-        match self.cancel_after {
-            Some(n) if self.chunks.len() >= n => ControlFlow::Break(()),
-            _ => ControlFlow::Continue(()),
-        }
-    }
-
-    fn cancelled(&self) -> bool {
-        self.cancelled
-    }
-}
-
-impl Collect {
-    fn text(&self) -> String {
-        self.chunks.iter().map(|c| c.text.as_str()).collect()
-    }
-
-    fn ids(&self) -> Vec<u32> {
-        self.chunks
-            .iter()
-            .flat_map(|c| c.token_ids.clone())
-            .collect()
-    }
-}
-
-fn chat(user: &str, params: GenerateParams) -> GenerateRequest {
-    GenerateRequest {
-        prompt: Prompt::Chat(vec![ChatMessage {
-            role: "user".into(),
-            content: user.into(),
-        }]),
-        params,
-    }
 }
 
 fn run(request: &GenerateRequest, sink: &mut Collect) -> FinishReason {

@@ -47,15 +47,19 @@ impl<'a, R: Read + Seek> WeightReader<'a, R> {
         self.content.tensor_infos.contains_key(name)
     }
 
+    /// The header entry of `name`.
+    fn lookup(&self, name: &str) -> Result<&'a TensorInfo> {
+        self.content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| LlamaError::MissingTensor {
+                name: name.to_string(),
+            })
+    }
+
     /// The header entry of `name`, after checking that its shape is `expected`.
     pub fn info(&self, name: &str, expected: &[usize]) -> Result<&'a TensorInfo> {
-        let info =
-            self.content
-                .tensor_infos
-                .get(name)
-                .ok_or_else(|| LlamaError::MissingTensor {
-                    name: name.to_string(),
-                })?;
+        let info = self.lookup(name)?;
         if info.shape.dims() != expected {
             return Err(LlamaError::BadTensorShape {
                 name: name.to_string(),
@@ -127,13 +131,7 @@ impl<'a, R: Read + Seek> WeightReader<'a, R> {
     /// Reads the data of `name` (exactly `buf.len()` bytes) into `buf`, checking that it lies
     /// inside the file.
     fn read_into(&mut self, name: &str, buf: &mut [u8]) -> Result<()> {
-        let info =
-            self.content
-                .tensor_infos
-                .get(name)
-                .ok_or_else(|| LlamaError::MissingTensor {
-                    name: name.to_string(),
-                })?;
+        let info = self.lookup(name)?;
         let size = buf.len();
         let start = self.content.tensor_data_offset.saturating_add(info.offset);
         let io = |e: std::io::Error| LlamaError::TensorRead {

