@@ -164,9 +164,8 @@ impl TaskTable {
     }
 
     /// Fails every task at once; `error` builds each task's error from whether it had
-    /// produced output. Returns how many tasks were failed.
-    pub(super) fn fail_all(&mut self, error: impl Fn(bool) -> RunnerError) -> usize {
-        let n = self.tasks.len();
+    /// produced output.
+    pub(super) fn fail_all(&mut self, error: impl Fn(bool) -> RunnerError) {
         for (_, mut entry) in std::mem::take(&mut self.tasks) {
             let err = error(entry.produced);
             match entry.ack.take() {
@@ -178,7 +177,6 @@ impl TaskTable {
                 }
             }
         }
-        n
     }
 
     /// Marks a task cancelled by its owner; returns whether it exists.
