@@ -84,6 +84,7 @@ fn config(model: &str) -> RunnerConfig {
         layer_start: None,
         layer_end: None,
         threads: None,
+        parallel: None,
     };
     let mut config = RunnerConfig::new("test-instance", command, load);
     config.heartbeat = HeartbeatPolicy {

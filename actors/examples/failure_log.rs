@@ -400,6 +400,7 @@ pub fn node_config(command: CommandLine, model: &str, load: &str, port: u16) -> 
                 layer_start: None,
                 layer_end: None,
                 threads: None,
+                parallel: None,
             },
             instances: 1,
         }],

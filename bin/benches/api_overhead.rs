@@ -360,6 +360,7 @@ fn main() -> Result<(), BoxError> {
             layer_start: None,
             layer_end: None,
             threads: Some(threads as u32),
+            parallel: None,
         },
         &mut |_, _| {},
     )?;
@@ -385,6 +386,7 @@ fn main() -> Result<(), BoxError> {
                     layer_start: None,
                     layer_end: None,
                     threads: Some(threads as u32),
+                    parallel: None,
                 },
                 instances: 1,
             }],

@@ -35,6 +35,7 @@ fn config() -> RunnerConfig {
         layer_start: None,
         layer_end: None,
         threads: None,
+        parallel: None,
     };
     let mut config = RunnerConfig::new(
         "bench",

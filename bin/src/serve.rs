@@ -331,6 +331,7 @@ impl ModelResolver for StoreResolver {
             layer_start: None,
             layer_end: None,
             threads: self.threads,
+            parallel: None,
         })
     }
 
@@ -490,6 +491,7 @@ async fn serve(
                 layer_start: None,
                 layer_end: None,
                 threads: settings.threads,
+                parallel: None,
             },
             instances: settings.instances,
         })

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use canopy_proto::{
     FinishReason, FromRunner, GenerateParams, GenerateRequest, HANDSHAKE_MAGIC, Handshake,
-    LoadSpec, MAX_FRAME_LEN, PROTOCOL_VERSION, Phase, Prompt, RunnerStatus, TaskId, ToRunner,
+    LoadSpec, MAX_FRAME_LEN, PROTOCOL_VERSION, Phase, Prompt, RunnerStatus, TaskErrorKind, TaskId, ToRunner,
     Usage, read_frame, write_frame,
 };
 
@@ -191,6 +191,7 @@ fn load_spec(model: &str) -> LoadSpec {
         layer_start: None,
         layer_end: None,
         threads: None,
+        parallel: None,
     }
 }
 
@@ -362,7 +363,8 @@ fn generate_before_load_is_a_task_error() {
         runner.next(),
         FromRunner::TaskError {
             task_id: 4,
-            error: "model not loaded".to_string()
+            error: "model not loaded".to_string(),
+            kind: TaskErrorKind::Internal,
         }
     );
 }

@@ -245,6 +245,7 @@ fn bench_canopy(cfg: &Config) -> Result<Measured, BoxError> {
         layer_start: None,
         layer_end: None,
         threads: Some(cfg.threads as u32),
+        parallel: None,
     };
     let mut loads = Vec::with_capacity(cfg.reps);
     let mut engine = None;

@@ -37,6 +37,17 @@ pub enum EngineError {
     /// The generate request itself is unusable.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// The prompt does not fit in the model instance's context (the client's error).
+    #[error(
+        "the prompt has {prompt_tokens} tokens; this model instance holds at most {max_context} \
+         positions (prompt and completion together); shorten the prompt"
+    )]
+    ContextLengthExceeded {
+        /// Tokens in the prompt.
+        prompt_tokens: usize,
+        /// Positions the instance holds.
+        max_context: usize,
+    },
     /// Generation failed part-way.
     #[error("generation failed: {0}")]
     Generate(String),

@@ -62,10 +62,10 @@ pub(crate) fn run_generation(
         return Err(EngineError::InvalidRequest("the prompt is empty".into()));
     }
     if prompt.len() >= room {
-        return Err(EngineError::InvalidRequest(format!(
-            "the prompt has {} tokens; this model instance holds at most {room}",
-            prompt.len()
-        )));
+        return Err(EngineError::ContextLengthExceeded {
+            prompt_tokens: prompt.len(),
+            max_context: room,
+        });
     }
     let max_tokens = (params.max_tokens as usize).min(room - prompt.len());
     let mut sampler = Sampler::new(params)?;

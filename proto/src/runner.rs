@@ -67,6 +67,10 @@ pub struct LoadSpec {
     pub layer_end: Option<u32>,
     /// Worker threads the engine may use; `None` lets the engine choose.
     pub threads: Option<u32>,
+    /// Sequences the runner may generate at once (continuous batching); `None` lets the
+    /// engine choose from the machine's memory and cores. Engines that cannot batch run one.
+    #[serde(default)]
+    pub parallel: Option<u32>,
 }
 
 /// Sampling and stopping parameters of a generate task.
@@ -305,5 +309,45 @@ pub enum FromRunner {
         task_id: TaskId,
         /// What went wrong.
         error: String,
+        /// Whose fault it was, for the API's status code.
+        #[serde(default)]
+        kind: TaskErrorKind,
     },
+    /// The runner's batch, as it stands (sent when it changes, at most a few times a second).
+    Batch(BatchStats),
+}
+
+/// Why a task failed inside a healthy runner.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TaskErrorKind {
+    /// Something went wrong in the engine (a server error).
+    #[default]
+    Internal,
+    /// The request cannot be served as asked (a client error, e.g. bad parameters).
+    InvalidRequest,
+    /// The prompt is longer than the instance's context (OpenAI's `context_length_exceeded`).
+    ContextLengthExceeded,
+}
+
+/// What a runner's batch scheduler holds: the sequences, their KV memory, the prefix cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchStats {
+    /// Most sequences the runner generates at once (its `parallel` setting).
+    pub parallel: u32,
+    /// Sequences in the running batch.
+    pub running: u32,
+    /// Tasks accepted and waiting for a place in the batch.
+    pub queued: u32,
+    /// Rows (prefill and decode) of the last batched step.
+    pub last_step_rows: u32,
+    /// Bytes of KV cache in use, by running sequences and by the prefix cache.
+    pub kv_bytes: u64,
+    /// Bytes of KV cache the runner may use at most.
+    pub kv_capacity_bytes: u64,
+    /// Requests whose prompt reused cached positions (since the runner started).
+    pub prefix_hits: u64,
+    /// Prompt positions reused from the prefix cache instead of prefilled (since start).
+    pub prefix_reused_tokens: u64,
+    /// Prompt positions prefilled (since start).
+    pub prefilled_tokens: u64,
 }

@@ -62,7 +62,8 @@ fn arb_to_runner() -> impl Strategy<Value = ToRunner> {
                     model,
                     layer_start,
                     layer_end,
-                    threads
+                    threads,
+                    parallel: threads,
                 }
             )),
         (any::<u64>(), arb_prompt(), arb_params()).prop_map(|(task_id, prompt, params)| {
@@ -134,8 +135,28 @@ fn arb_from_runner() -> impl Strategy<Value = FromRunner> {
                 }
             }
         ),
-        (any::<u64>(), any::<String>())
-            .prop_map(|(task_id, error)| FromRunner::TaskError { task_id, error }),
+        (any::<u64>(), any::<String>(), 0..3u8).prop_map(|(task_id, error, kind)| {
+            FromRunner::TaskError {
+                task_id,
+                error,
+                kind: match kind {
+                    0 => TaskErrorKind::Internal,
+                    1 => TaskErrorKind::InvalidRequest,
+                    _ => TaskErrorKind::ContextLengthExceeded,
+                },
+            }
+        }),
+        (any::<[u32; 4]>(), any::<[u64; 5]>()).prop_map(|(n, b)| FromRunner::Batch(BatchStats {
+            parallel: n[0],
+            running: n[1],
+            queued: n[2],
+            last_step_rows: n[3],
+            kv_bytes: b[0],
+            kv_capacity_bytes: b[1],
+            prefix_hits: b[2],
+            prefix_reused_tokens: b[3],
+            prefilled_tokens: b[4],
+        })),
     ]
 }
 
@@ -224,6 +245,7 @@ fn oversized_frame_is_refused_before_reading_its_body() {
         layer_start: None,
         layer_end: None,
         threads: None,
+        parallel: None,
     });
     assert!(matches!(
         encode_frame(&big, 1024),

@@ -73,6 +73,8 @@ pub struct RunnerSupervisorState {
     generation: u64,
     runner: Option<Runner>,
     tasks: TaskTable,
+    /// The runner's last report of its batch (sequences, KV memory, prefix cache).
+    batch: Option<canopy_proto::BatchStats>,
     next_task: TaskId,
     restarts: u32,
     window: RestartWindow,
@@ -320,12 +322,16 @@ impl RunnerSupervisor {
                 );
                 Follow::Nothing
             }
-            FromRunner::TaskError { task_id, error } => {
+            FromRunner::TaskError { task_id, error, .. } => {
                 let err = RunnerError::TaskFailed {
                     instance: state.config.instance.clone(),
                     message: error,
                 };
                 state.tasks.finish(task_id, TaskEvent::Failed(err));
+                Follow::Nothing
+            }
+            FromRunner::Batch(stats) => {
+                state.batch = Some(stats);
                 Follow::Nothing
             }
         };
@@ -538,6 +544,7 @@ impl Actor for RunnerSupervisor {
             generation: 0,
             runner: None,
             tasks: TaskTable::default(),
+            batch: None,
             next_task: 1,
             restarts: 0,
             progress_at: Instant::now(),

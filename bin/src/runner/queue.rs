@@ -179,6 +179,7 @@ mod tests {
             layer_start: None,
             layer_end: None,
             threads: None,
+            parallel: None,
         })
     }
 

@@ -20,7 +20,8 @@ use std::thread::{self, JoinHandle};
 
 use canopy_engine::{Engine, EngineError, GenerateSink};
 use canopy_proto::{
-    FinishReason, FromRunner, LoadSpec, Phase, RunnerStatus, TaskId, TokenChunk, Usage,
+    FinishReason, FromRunner, LoadSpec, Phase, RunnerStatus, TaskErrorKind, TaskId, TokenChunk,
+    Usage,
 };
 
 use super::fault::FaultInjector;
@@ -103,6 +104,7 @@ impl Worker {
                 tracing::error!(model = %spec.model, %err, "load failed");
                 self.outbox.send(&FromRunner::LoadFailed {
                     error: err.to_string(),
+                    kind: error_kind(&err),
                 });
                 self.outbox.status(RunnerStatus::Failed);
             }
@@ -116,6 +118,7 @@ impl Worker {
             self.outbox.send(&FromRunner::TaskError {
                 task_id,
                 error: EngineError::NotLoaded.to_string(),
+                kind: TaskErrorKind::Internal,
             });
             return;
         }
@@ -186,5 +189,14 @@ impl GenerateSink for TaskSink<'_> {
 
     fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
+    }
+}
+
+/// Whose fault a failed task was, for the API's status code.
+fn error_kind(err: &EngineError) -> TaskErrorKind {
+    match err {
+        EngineError::ContextLengthExceeded { .. } => TaskErrorKind::ContextLengthExceeded,
+        EngineError::InvalidRequest(_) => TaskErrorKind::InvalidRequest,
+        _ => TaskErrorKind::Internal,
     }
 }

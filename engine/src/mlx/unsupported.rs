@@ -60,6 +60,7 @@ mod tests {
             layer_start: None,
             layer_end: None,
             threads: None,
+            parallel: None,
         };
         let err = MlxEngine::new()
             .load(&spec, &mut |_, _| {})

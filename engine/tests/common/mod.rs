@@ -47,6 +47,7 @@ pub fn spec(model: &str) -> LoadSpec {
         layer_start: None,
         layer_end: None,
         threads: None,
+        parallel: None,
     }
 }
 
