@@ -10,6 +10,11 @@
 //! sequence, whose text is never emitted (text that could still become a stop sequence is held
 //! back until it cannot). Cancellation is checked between tokens.
 //!
+//! A whole model on the CPU is served through a [`Batcher`] (continuous batching: many
+//! sequences per forward, a prefix cache; see [`crate::batch`]); a single request runs through
+//! the same batch, alone, so its tokens are the same whether it was batched or not. On a GPU,
+//! requests run one at a time through the shard's own cache.
+//!
 //! A runner holding only some layers can load them, but cannot generate on its own: that
 //! takes a pipeline of shards across runners. [`LlamaShard`] runs one shard's forward pass;
 //! nothing in the node or the cluster chains shards into a pipeline yet.
@@ -19,9 +24,16 @@
 
 use std::ops::Range;
 
-use candle_core::Device;
-use canopy_proto::{GenerateRequest, LoadSpec, Prompt};
+use std::ops::ControlFlow;
 
+use candle_core::{Device, Tensor};
+use canopy_proto::{GenerateRequest, LoadSpec, Phase, Prompt, TokenChunk};
+
+use crate::batch::{
+    Admission, BatchEngine, BatchModel, BatchReport, BatchSink, Batcher, Finished, SeqId,
+    DEFAULT_STEP_ROWS, available_memory, size_batch,
+};
+use crate::llama::{BatchInput, SequenceCache, Span};
 use crate::chat::ChatTemplate;
 use crate::generation::{self, prompt_text, run_generation};
 use crate::gguf::GgufFile;
@@ -60,6 +72,32 @@ struct Loaded {
     shard: LlamaShard,
     tokenizer: GgufTokenizer,
     template: ChatTemplate,
+    /// The batch, for a whole model on the CPU (`None`: one request at a time through the
+    /// shard's own cache).
+    batch: Option<Batcher>,
+}
+
+/// The id the single-request path ([`Engine::generate`]) runs under in the batch.
+const SOLO: SeqId = SeqId::MAX;
+
+impl BatchModel for LlamaShard {
+    fn new_cache(&self) -> SequenceCache {
+        self.new_sequence_cache()
+    }
+
+    fn max_context(&self) -> usize {
+        LlamaShard::max_context(self)
+    }
+
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        spans: &[Span],
+        caches: &mut [&mut SequenceCache],
+        want: &[usize],
+    ) -> Result<Tensor, EngineError> {
+        Ok(self.forward_batch(BatchInput::Tokens(tokens), spans, caches, want)?)
+    }
 }
 
 /// The candle GGUF engine. See the module docs.
@@ -113,10 +151,36 @@ impl Engine for CandleEngine {
             reason: e.to_string(),
         })?;
         let shard = LlamaShard::load(file.content(), &mut reader, range, &device, progress)?;
+        let batch = (device.is_cpu() && shard.is_first() && shard.is_last()).then(|| {
+            let per_position = shard.new_sequence_cache().bytes_per_position();
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let size = size_batch(
+                spec.parallel.map(|n| n as usize),
+                shard.max_context(),
+                per_position,
+                available_memory(),
+                cores,
+            );
+            if size.capacity_positions < size.parallel * shard.max_context() {
+                tracing::warn!(
+                    parallel = size.parallel,
+                    kv_positions = size.capacity_positions,
+                    "the KV budget holds fewer full contexts than parallel sequences; \
+                     requests wait for room when it is full"
+                );
+            }
+            Batcher::new(
+                size.parallel,
+                size.capacity_positions,
+                per_position,
+                DEFAULT_STEP_ROWS,
+            )
+        });
         tracing::info!(
             model = %spec.model,
             layers = ?shard.layers(),
             vocab = tokenizer.vocab_size(),
+            parallel = batch.as_ref().map_or(1, Batcher::parallel),
             "model loaded"
         );
         self.loaded = Some(Loaded {
@@ -124,6 +188,7 @@ impl Engine for CandleEngine {
             shard,
             tokenizer,
             template,
+            batch,
         });
         Ok(())
     }
@@ -154,6 +219,33 @@ impl Engine for CandleEngine {
             )));
         }
         let prompt = loaded.tokenizer.encode(&text, true)?;
+        if let Some(batch) = &mut loaded.batch {
+            // The same path as a batched request, alone.
+            if batch.active() > 0 {
+                return Err(EngineError::Generate(
+                    "generate called while the batch has sequences".into(),
+                ));
+            }
+            let admission = batch.join(
+                SOLO,
+                prompt,
+                &request.params,
+                &loaded.tokenizer,
+                &loaded.shard,
+            )?;
+            if admission != Admission::Joined {
+                return Err(EngineError::Generate(
+                    "an empty batch refused a request".into(),
+                ));
+            }
+            let mut solo = Solo(sink);
+            loop {
+                let finished = batch.step(&mut loaded.shard, &loaded.tokenizer, &mut solo);
+                if let Some(done) = finished.into_iter().find(|f| f.id == SOLO) {
+                    return done.result;
+                }
+            }
+        }
         loaded.shard.clear_kv_cache();
         let shard = &mut loaded.shard;
         let room = shard.max_context();
@@ -165,5 +257,83 @@ impl Engine for CandleEngine {
             sink,
             |tokens, pos| Ok(shard.forward(ShardInput::Tokens(tokens), pos)?),
         )
+    }
+
+    fn batching(&mut self) -> Option<&mut dyn BatchEngine> {
+        match &self.loaded {
+            Some(Loaded { batch: Some(_), .. }) => Some(self),
+            _ => None,
+        }
+    }
+}
+
+impl BatchEngine for CandleEngine {
+    fn parallel(&self) -> usize {
+        self.loaded
+            .as_ref()
+            .and_then(|l| l.batch.as_ref())
+            .map_or(1, Batcher::parallel)
+    }
+
+    fn join(&mut self, id: SeqId, request: &GenerateRequest) -> Result<Admission, EngineError> {
+        let text = self.prompt_text(&request.prompt)?;
+        let loaded = self.loaded.as_mut().ok_or(EngineError::NotLoaded)?;
+        let batch = loaded.batch.as_mut().ok_or(EngineError::NotLoaded)?;
+        let prompt = loaded.tokenizer.encode(&text, true)?;
+        batch.join(
+            id,
+            prompt,
+            &request.params,
+            &loaded.tokenizer,
+            &loaded.shard,
+        )
+    }
+
+    fn step(&mut self, sink: &mut dyn BatchSink) -> Vec<Finished> {
+        match &mut self.loaded {
+            Some(Loaded {
+                batch: Some(batch),
+                shard,
+                tokenizer,
+                ..
+            }) => batch.step(shard, tokenizer, sink),
+            _ => Vec::new(),
+        }
+    }
+
+    fn leave(&mut self, id: SeqId) -> Option<GenerateOutcome> {
+        self.loaded.as_mut()?.batch.as_mut()?.leave(id)
+    }
+
+    fn active(&self) -> usize {
+        self.loaded
+            .as_ref()
+            .and_then(|l| l.batch.as_ref())
+            .map_or(0, Batcher::active)
+    }
+
+    fn report(&self) -> BatchReport {
+        self.loaded
+            .as_ref()
+            .and_then(|l| l.batch.as_ref())
+            .map(Batcher::report)
+            .unwrap_or_default()
+    }
+}
+
+/// A single request's sink as the batch's (the batch holds only that request).
+struct Solo<'a>(&'a mut dyn GenerateSink);
+
+impl BatchSink for Solo<'_> {
+    fn phase(&mut self, _: SeqId, phase: Phase) {
+        self.0.phase(phase);
+    }
+
+    fn chunk(&mut self, _: SeqId, chunk: TokenChunk) -> ControlFlow<()> {
+        self.0.chunk(chunk)
+    }
+
+    fn cancelled(&self, _: SeqId) -> bool {
+        self.0.cancelled()
     }
 }

@@ -7,7 +7,9 @@
 //!
 //! - loading reports `(done_layers, total_layers)` through a progress closure;
 //! - generating reports phase changes and output chunks through a [`GenerateSink`], and polls
-//!   the sink for cancellation between tokens.
+//!   the sink for cancellation between tokens;
+//! - an engine that batches ([`Engine::batching`]) runs many generations at once, each
+//!   reported through a [`BatchSink`](crate::BatchSink) under its own id.
 //!
 //! Engines never write to stdout (it carries protocol frames) and never panic on bad input;
 //! they return an [`EngineError`] instead.
@@ -16,7 +18,7 @@ use std::ops::ControlFlow;
 
 use canopy_proto::{FinishReason, GenerateRequest, LoadSpec, Phase, TokenChunk, Usage};
 
-use crate::EngineError;
+use crate::{BatchEngine, EngineError};
 
 /// An inference engine: loads one model and generates from it.
 ///
@@ -48,6 +50,16 @@ pub trait Engine: Send {
         request: &GenerateRequest,
         sink: &mut dyn GenerateSink,
     ) -> Result<GenerateOutcome, EngineError>;
+
+    /// The engine's batch, when it runs many sequences at once (continuous batching; see
+    /// [`crate::batch`]); `None` (the default) when it generates one request at a time, and
+    /// then the runner calls [`Engine::generate`] for one task after another.
+    ///
+    /// While a batch has sequences, the runner drives it only through the batch (never
+    /// `generate`).
+    fn batching(&mut self) -> Option<&mut dyn BatchEngine> {
+        None
+    }
 }
 
 /// Where an engine reports a running generation.

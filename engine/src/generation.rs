@@ -12,7 +12,7 @@ use canopy_proto::{
 use crate::chat::ChatTemplate;
 use crate::sampling::Sampler;
 use crate::stop::StopFilter;
-use crate::tokenizer::GgufTokenizer;
+use crate::tokenizer::{GgufTokenizer, StreamState};
 use crate::{Engine, EngineError, GenerateOutcome, GenerateSink};
 
 /// The text a prompt stands for: plain text as it is, a chat rendered with the model's
@@ -58,80 +58,163 @@ pub(crate) fn run_generation(
     sink: &mut dyn GenerateSink,
     mut forward: impl FnMut(&[u32], usize) -> Result<Tensor, EngineError>,
 ) -> Result<GenerateOutcome, EngineError> {
-    if prompt.is_empty() {
-        return Err(EngineError::InvalidRequest("the prompt is empty".into()));
-    }
-    if prompt.len() >= room {
-        return Err(EngineError::ContextLengthExceeded {
-            prompt_tokens: prompt.len(),
-            max_context: room,
-        });
-    }
-    let max_tokens = (params.max_tokens as usize).min(room - prompt.len());
-    let mut sampler = Sampler::new(params)?;
-    let mut stream = tokenizer.stream();
-    let mut stops = StopFilter::new(&params.stop);
-    let usage = |completion: usize| Usage {
-        prompt_tokens: prompt.len() as u32,
-        completion_tokens: completion as u32,
-    };
-
+    let mut decoder = Decoder::new(prompt.len(), room, params, tokenizer)?;
     sink.phase(Phase::Prefill);
+    if let Some(outcome) = decoder.finished_before_start(sink) {
+        return Ok(outcome);
+    }
     let mut logits = forward(prompt, 0)?;
-    let mut generated = 0usize;
-    let mut finish = FinishReason::Length;
-    while generated < max_tokens {
+    loop {
+        match decoder.advance(&logits, tokenizer, sink)? {
+            Next::Feed(token) => logits = forward(&[token], decoder.position() - 1)?,
+            Next::Finished(outcome) => return Ok(outcome),
+        }
+    }
+}
+
+/// What a sequence needs after [`Decoder::advance`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// Run this token through the model (at position [`Decoder::position`] `- 1`) and hand the
+    /// logits back.
+    Feed(u32),
+    /// The generation ended.
+    Finished(GenerateOutcome),
+}
+
+/// One generation's decoding state, between forwards: sampling, end-of-generation, the token
+/// budget, stop sequences, whole-UTF-8 streaming and phase reports. It owns everything it
+/// needs (no borrows), so a batch can hold one per sequence; the solo loop
+/// ([`run_generation`]) and the batch ([`crate::batch`]) both drive generations through it,
+/// so a sequence is decoded the same way whichever runs it.
+#[derive(Debug)]
+pub(crate) struct Decoder {
+    prompt_len: usize,
+    max_tokens: usize,
+    sampler: Sampler,
+    stream: StreamState,
+    stops: StopFilter,
+    generated: usize,
+}
+
+impl Decoder {
+    /// Checks the prompt against the model's `room` (positions) and the parameters.
+    pub(crate) fn new(
+        prompt_len: usize,
+        room: usize,
+        params: &GenerateParams,
+        tokenizer: &GgufTokenizer,
+    ) -> Result<Self, EngineError> {
+        if prompt_len == 0 {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        if prompt_len >= room {
+            return Err(EngineError::ContextLengthExceeded {
+                prompt_tokens: prompt_len,
+                max_context: room,
+            });
+        }
+        Ok(Self {
+            prompt_len,
+            max_tokens: (params.max_tokens as usize).min(room - prompt_len),
+            sampler: Sampler::new(params)?,
+            stream: StreamState::new(tokenizer),
+            stops: StopFilter::new(&params.stop),
+            generated: 0,
+        })
+    }
+
+    /// Positions the sequence occupies once its last sampled token is fed.
+    pub(crate) fn position(&self) -> usize {
+        self.prompt_len + self.generated
+    }
+
+    /// Most positions the sequence can ever occupy (prompt plus its token budget).
+    pub(crate) fn max_positions(&self) -> usize {
+        self.prompt_len + self.max_tokens
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_len as u32,
+            completion_tokens: self.generated as u32,
+        }
+    }
+
+    /// `Some` when the generation ends without any forward (a zero token budget).
+    pub(crate) fn finished_before_start(
+        &mut self,
+        sink: &mut dyn GenerateSink,
+    ) -> Option<GenerateOutcome> {
+        (self.max_tokens == 0).then(|| self.finish(FinishReason::Length, sink))
+    }
+
+    /// Ends the generation as cancelled (its consumer is gone).
+    pub(crate) fn cancel(&mut self) -> GenerateOutcome {
+        GenerateOutcome {
+            finish_reason: FinishReason::Cancelled,
+            usage: self.usage(),
+        }
+    }
+
+    /// Takes the logits of the last fed position: samples the next token, streams it, and
+    /// says whether to feed it or that the generation ended.
+    pub(crate) fn advance(
+        &mut self,
+        logits: &Tensor,
+        tokenizer: &GgufTokenizer,
+        sink: &mut dyn GenerateSink,
+    ) -> Result<Next, EngineError> {
         if sink.cancelled() {
-            finish = FinishReason::Cancelled;
-            break;
+            return Ok(Next::Finished(self.cancel()));
         }
-        let next = sampler.sample(&logits)?;
+        let next = self.sampler.sample(logits)?;
         if tokenizer.is_eos(next) {
-            finish = FinishReason::Stop;
-            break;
+            return Ok(Next::Finished(self.finish(FinishReason::Stop, sink)));
         }
-        generated += 1;
-        let piece = stream.push(next).unwrap_or_default();
-        let (text, stopped) = stops.push(&piece);
+        self.generated += 1;
+        let piece = self.stream.push(tokenizer, next).unwrap_or_default();
+        let (text, stopped) = self.stops.push(&piece);
         let chunk = TokenChunk {
-            index: (generated - 1) as u32,
+            index: (self.generated - 1) as u32,
             text,
             token_ids: vec![next],
         };
         if let ControlFlow::Break(()) = sink.chunk(chunk) {
-            finish = FinishReason::Cancelled;
-            break;
+            return Ok(Next::Finished(self.cancel()));
         }
         if stopped {
-            finish = FinishReason::Stop;
-            break;
+            return Ok(Next::Finished(self.finish(FinishReason::Stop, sink)));
         }
-        if generated == 1 {
+        if self.generated == 1 {
             sink.phase(Phase::Decode);
         }
-        if generated < max_tokens {
-            let pos = prompt.len() + generated - 1;
-            logits = forward(&[next], pos)?;
+        if self.generated < self.max_tokens {
+            Ok(Next::Feed(next))
+        } else {
+            Ok(Next::Finished(self.finish(FinishReason::Length, sink)))
         }
     }
-    if finish != FinishReason::Cancelled {
-        // Whatever was held back (a partial stop sequence, an unfinished character).
+
+    /// Ends the generation, streaming whatever was held back (a partial stop sequence, an
+    /// unfinished character).
+    fn finish(&mut self, reason: FinishReason, sink: &mut dyn GenerateSink) -> GenerateOutcome {
         let rest = {
-            let tail = stream.finish();
-            let (mut out, _) = stops.push(&tail);
-            out.push_str(&stops.finish());
+            let tail = self.stream.finish();
+            let (mut out, _) = self.stops.push(&tail);
+            out.push_str(&self.stops.finish());
             out
         };
         if !rest.is_empty() {
             let _ = sink.chunk(TokenChunk {
-                index: generated as u32,
+                index: self.generated as u32,
                 text: rest,
                 token_ids: Vec::new(),
             });
         }
+        GenerateOutcome {
+            finish_reason: reason,
+            usage: self.usage(),
+        }
     }
-    Ok(GenerateOutcome {
-        finish_reason: finish,
-        usage: usage(generated),
-    })
 }

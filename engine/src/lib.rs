@@ -24,6 +24,7 @@
 
 #![warn(missing_docs)]
 
+pub mod batch;
 pub mod candle_engine;
 pub mod chat;
 pub mod engine;
@@ -41,6 +42,7 @@ mod stop;
 pub mod store;
 pub mod tokenizer;
 
+pub use batch::{Admission, BatchEngine, BatchReport, BatchSink, Finished, SeqId};
 pub use candle_engine::CandleEngine;
 pub use engine::{Engine, GenerateOutcome, GenerateSink};
 pub use error::EngineError;

@@ -3,15 +3,16 @@
 //! models (candle, mlx) stops through this one filter, so they stop identically.
 
 /// Holds back text that could still turn into a stop sequence.
-pub(crate) struct StopFilter<'a> {
-    stops: &'a [String],
+#[derive(Debug, Clone)]
+pub(crate) struct StopFilter {
+    stops: Vec<String>,
     held: String,
 }
 
-impl<'a> StopFilter<'a> {
-    pub(crate) fn new(stops: &'a [String]) -> Self {
+impl StopFilter {
+    pub(crate) fn new(stops: &[String]) -> Self {
         Self {
-            stops,
+            stops: stops.to_vec(),
             held: String::new(),
         }
     }
@@ -33,7 +34,7 @@ impl<'a> StopFilter<'a> {
         }
         // Keep the longest suffix that is a proper prefix of some stop sequence.
         let mut keep = 0;
-        for stop in self.stops {
+        for stop in &self.stops {
             for (i, _) in stop.char_indices().skip(1) {
                 if self.held.ends_with(&stop[..i]) {
                     keep = keep.max(i);

@@ -145,7 +145,7 @@ fn a_stop_sequence_ends_generation_before_it() {
         max_tokens: 24,
         ..GenerateParams::default()
     };
-    let prompt = "Count from one to ten in words, separated by commas.";
+    let prompt = "Write one sentence about the sea.";
     let mut full = Collect::default();
     run(&chat(prompt, params.clone()), &mut full);
     let text = full.text();

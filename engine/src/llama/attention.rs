@@ -33,6 +33,8 @@ use super::error::Result;
 use super::kv_cache::KvCache;
 use super::options::LoadOptions;
 use super::projection::Projection;
+use super::row_attention::{self, Heads, Span};
+use super::sequence::LayerKv;
 use super::rope::RotaryEmbedding;
 use super::weights::WeightReader;
 
@@ -151,6 +153,61 @@ impl Attention {
             GqaMode::Grouped => self.attend_grouped(&q, &k, &v, mask)?,
         };
         let y = y.transpose(1, 2)?.reshape((batch, seq_len, n_head * hd))?;
+        Ok(self.output.forward(&y)?)
+    }
+
+    /// The batched forward's attention: `x` (`[1, rows, n_embd]`, normed) holds the rows of
+    /// several sequences, `spans[i]` says where sequence `i`'s rows are and at which position
+    /// they start, and `caches[i]` is that sequence's cache of this layer, holding exactly
+    /// `spans[i].pos` positions; their keys and values are appended. Each row attends only to
+    /// its own sequence (see [`row_attention`](super::row_attention)); CPU only.
+    pub fn forward_batch(
+        &self,
+        x: &Tensor,
+        spans: &[Span],
+        caches: &mut [&mut LayerKv],
+    ) -> Result<Tensor> {
+        let (_, rows, _) = x.dims3()?;
+        let (hd, n_head, n_kv) = (self.head_dim, self.n_head, self.n_kv_head);
+        let (q_row, kv_row) = (n_head * hd, n_kv * hd);
+        let mut qkv = self.qkv.forward(x)?.into_iter();
+        let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
+            return Err(candle_core::Error::Msg(
+                "the QKV projection returned fewer than three tensors".into(),
+            )
+            .into());
+        };
+        let host = |t: Tensor| -> Result<Vec<f32>> { Ok(t.contiguous()?.flatten_all()?.to_vec1::<f32>()?) };
+        let (mut q, mut k, v) = (host(q)?, host(k)?, host(v)?);
+        for (span, cache) in spans.iter().zip(caches.iter_mut()) {
+            let end = span.pos + span.len;
+            cache.k.resize(end * kv_row, 0.0);
+            cache.v.resize(end * kv_row, 0.0);
+            for r in 0..span.len {
+                let (row, pos) = (span.start + r, span.pos + r);
+                self.rope
+                    .rotate_row(&mut q[row * q_row..(row + 1) * q_row], pos);
+                let key = &mut k[row * kv_row..(row + 1) * kv_row];
+                self.rope.rotate_row(key, pos);
+                cache.k[pos * kv_row..(pos + 1) * kv_row].copy_from_slice(key);
+                cache.v[pos * kv_row..(pos + 1) * kv_row]
+                    .copy_from_slice(&v[row * kv_row..(row + 1) * kv_row]);
+            }
+        }
+        let mut y = vec![0f32; rows * q_row];
+        let shared: Vec<&LayerKv> = caches.iter().map(|c| &**c).collect();
+        row_attention::attend(
+            &q,
+            spans,
+            &shared,
+            Heads {
+                n_head,
+                n_kv_head: n_kv,
+                head_dim: hd,
+            },
+            &mut y,
+        );
+        let y = Tensor::from_vec(y, (1, rows, q_row), x.device())?;
         Ok(self.output.forward(&y)?)
     }
 

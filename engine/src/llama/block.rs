@@ -12,6 +12,8 @@ use super::error::Result;
 use super::mlp::Mlp;
 use super::options::LoadOptions;
 use super::rope::RotaryEmbedding;
+use super::row_attention::Span;
+use super::sequence::LayerKv;
 use super::weights::WeightReader;
 
 /// One transformer block (`blk.{layer}.*` in GGUF).
@@ -52,6 +54,21 @@ impl TransformerBlock {
     /// Positions in the block's KV cache.
     pub fn cached_positions(&self) -> usize {
         self.attention.cache().len()
+    }
+
+    /// Runs the block on the rows of several sequences (see [`Attention::forward_batch`]).
+    pub fn forward_batch(
+        &self,
+        x: &Tensor,
+        spans: &[Span],
+        caches: &mut [&mut LayerKv],
+    ) -> Result<Tensor> {
+        let h = self.attention_norm.forward(x)?;
+        let h = self.attention.forward_batch(&h, spans, caches)?;
+        let x = (h + x)?;
+        let h = self.ffn_norm.forward(&x)?;
+        let h = self.mlp.forward(&h)?;
+        Ok((h + x)?)
     }
 
     /// Runs the block on `x` (`[1, seq, n_embd]`) at positions `index_pos..index_pos + seq`.

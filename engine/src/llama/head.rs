@@ -24,6 +24,12 @@ impl OutputHead {
         Self { norm, projection }
     }
 
+    /// The f32 logits (`[n, vocab]`) of each row of `x` (`[n, n_embd]`).
+    pub fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
+        let logits = self.projection.forward(&self.norm.forward(x)?)?;
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+
     /// The f32 logits (`[vocab]`) of the last position of `x` (`[1, seq, n_embd]`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let seq_len = x.dim(1)?;

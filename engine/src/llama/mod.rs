@@ -20,6 +20,9 @@
 //! - [`q4_1`], [`q8_0`] — Canopy's CPU kernels for Q4_1 and Q8_0 weights, bit-identical to
 //!   candle's (Q4_1 weights are kept only in the kernel's layout, one copy);
 //! - [`attention`], [`mlp`], [`block`] — one transformer layer ([`GqaMode`]);
+//! - [`sequence`], [`row_attention`] — the batched forward's per-sequence caches
+//!   ([`SequenceCache`]) and its attention kernel, which makes a row's result independent of
+//!   the batch around it;
 //! - [`options`] — [`LoadOptions`];
 //! - [`head`] — [`OutputHead`], final norm and vocabulary projection;
 //! - [`shard`] — [`LlamaShard`], the layer range and its forward;
@@ -46,6 +49,8 @@ pub mod projection;
 pub mod q4_1;
 pub mod q8_0;
 pub mod rope;
+pub mod row_attention;
+pub mod sequence;
 pub mod shard;
 pub mod weights;
 
@@ -60,5 +65,7 @@ pub use mlp::Mlp;
 pub use options::{DEFAULT_MAX_CONTEXT, LoadOptions};
 pub use projection::Projection;
 pub use rope::RotaryEmbedding;
-pub use shard::{LlamaShard, ShardInput};
+pub use row_attention::Span;
+pub use sequence::SequenceCache;
+pub use shard::{BatchInput, LlamaShard, ShardInput};
 pub use weights::WeightReader;

@@ -10,6 +10,8 @@
 //! `(2i, 2i+1)`, llama.cpp's `LLAMA_ROPE_TYPE_NORM`), hence [`candle_nn::rotary_emb::rope_i`].
 //! The tables are cheap to clone (tensors share storage), so every block of a shard shares one.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{LlamaConfig, RopeScaling};
@@ -20,7 +22,17 @@ use super::error::{LlamaError, Result};
 pub struct RotaryEmbedding {
     cos: Tensor,
     sin: Tensor,
+    /// The same tables as plain floats (`[position][head_dim / 2]`) on the host, for the
+    /// batched forward, which rotates rows itself.
+    host: Arc<HostTables>,
     max_positions: usize,
+}
+
+#[derive(Debug)]
+struct HostTables {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
 }
 
 impl RotaryEmbedding {
@@ -60,9 +72,16 @@ impl RotaryEmbedding {
         let angles = positions
             .reshape((max_positions, 1))?
             .matmul(&theta.reshape((1, n_freq))?)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let host = HostTables {
+            cos: cos.flatten_all()?.to_vec1::<f32>()?,
+            sin: sin.flatten_all()?.to_vec1::<f32>()?,
+            half: n_freq,
+        };
         Ok(Self {
-            cos: angles.cos()?,
-            sin: angles.sin()?,
+            cos,
+            sin,
+            host: Arc::new(host),
             max_positions,
         })
     }
@@ -70,6 +89,22 @@ impl RotaryEmbedding {
     /// Positions covered by the tables.
     pub fn max_positions(&self) -> usize {
         self.max_positions
+    }
+
+    /// Rotates `heads` heads of width `2 * n_freq` laid out one after another in `row`, as
+    /// position `pos`, in place: the same arithmetic as [`RotaryEmbedding::apply`] (candle's
+    /// `rope_i`) on one row.
+    pub(super) fn rotate_row(&self, row: &mut [f32], pos: usize) {
+        let t = &*self.host;
+        let cos = &t.cos[pos * t.half..(pos + 1) * t.half];
+        let sin = &t.sin[pos * t.half..(pos + 1) * t.half];
+        for head in row.chunks_exact_mut(2 * t.half) {
+            for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                let (a, b) = (pair[0], pair[1]);
+                pair[0] = a * cos[i] - b * sin[i];
+                pair[1] = a * sin[i] + b * cos[i];
+            }
+        }
     }
 
     /// Rotates `x` (`[batch, heads, seq, head_dim]`) as positions `index_pos..index_pos + seq`.

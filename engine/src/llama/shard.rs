@@ -15,7 +15,9 @@
 //! and attends to positions `0..index_pos + seq`. `index_pos` may equal the number of cached
 //! positions (continue), be smaller (rewind: later positions are dropped, e.g. `0` starts a
 //! new sequence), but not larger (a hole). Every shard of a pipeline must see the same
-//! `index_pos` sequence. Batch size is 1.
+//! `index_pos` sequence. [`LlamaShard::forward`] runs one sequence in the shard's own cache,
+//! with candle's attention (bit-identical to `quantized_llama`); [`LlamaShard::forward_batch`]
+//! runs many sequences at once, each in a [`SequenceCache`] of the caller's.
 
 use std::io::{Read, Seek};
 use std::ops::Range;
@@ -32,6 +34,8 @@ use super::error::{LlamaError, Result};
 use super::head::OutputHead;
 use super::options::{DEFAULT_MAX_CONTEXT, LoadOptions};
 use super::rope::RotaryEmbedding;
+use super::row_attention::Span;
+use super::sequence::{LayerKv, SequenceCache};
 use super::weights::WeightReader;
 
 /// What a shard's forward consumes.
@@ -51,6 +55,15 @@ impl ShardInput<'_> {
             Self::Hidden(_) => "hidden states",
         }
     }
+}
+
+/// What a batched forward consumes: the rows of every sequence, concatenated in span order.
+#[derive(Debug, Clone)]
+pub enum BatchInput<'a> {
+    /// Token ids; only the first shard accepts them.
+    Tokens(&'a [u32]),
+    /// Hidden states `[1, rows, n_embd]` (f32) from the previous shard.
+    Hidden(Tensor),
 }
 
 /// Layers `i..j` of a llama model, with the embedding if first and the head if last.
@@ -258,6 +271,141 @@ impl LlamaShard {
             Some(head) => head.forward(&x),
             None => Ok(x),
         }
+    }
+
+    /// An empty cache shaped for this shard's layers, holding up to [`LlamaShard::max_context`]
+    /// positions, for [`LlamaShard::forward_batch`].
+    pub fn new_sequence_cache(&self) -> SequenceCache {
+        SequenceCache::new(
+            self.blocks.len(),
+            self.config.n_head_kv * self.config.head_dim,
+            self.max_context,
+        )
+    }
+
+    /// The batched forward: runs the rows of several sequences through the shard's layers at
+    /// once. `spans` tile the input's rows in order (span `i` is sequence `i`'s rows, from row
+    /// `spans[i].start`, at positions `spans[i].pos..`), and `caches[i]` is sequence `i`'s
+    /// cache, which must hold exactly `spans[i].pos` positions (truncate it first to rewind);
+    /// the rows' keys and values are appended to it.
+    ///
+    /// Every linear map runs once over all rows; attention is per sequence. A row's result
+    /// depends only on its own sequence, never on the other rows (see
+    /// [`row_attention`](super::row_attention)), so a sequence gives the same bits alone or
+    /// batched, and a prompt the same bits whole or in chunks.
+    ///
+    /// Returns the logits of the last row of each span listed in `want` (`[want.len(), vocab]`,
+    /// f32) from the last shard, and the hidden states of all rows (`[1, rows, n_embd]`) from
+    /// any other. CPU only.
+    pub fn forward_batch(
+        &self,
+        input: BatchInput<'_>,
+        spans: &[Span],
+        caches: &mut [&mut SequenceCache],
+        want: &[usize],
+    ) -> Result<Tensor> {
+        if !self.device.is_cpu() {
+            return Err(LlamaError::InvalidOptions(
+                "the batched forward runs on the CPU only".into(),
+            ));
+        }
+        let x = match (input, &self.embedding) {
+            (BatchInput::Tokens(tokens), Some(embedding)) => {
+                embedding.forward(tokens)?.unsqueeze(0)?
+            }
+            (BatchInput::Hidden(hidden), None) => self.check_hidden(hidden)?,
+            (input, _) => {
+                return Err(LlamaError::WrongInput {
+                    layers: format!("{}..{}", self.layers.start, self.layers.end),
+                    expected: if self.is_first() {
+                        "token ids"
+                    } else {
+                        "hidden states"
+                    },
+                    got: match input {
+                        BatchInput::Tokens(_) => "token ids",
+                        BatchInput::Hidden(_) => "hidden states",
+                    },
+                });
+            }
+        };
+        let rows = x.dim(1)?;
+        self.check_spans(rows, spans, caches)?;
+        let mut x = x;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let mut layer: Vec<&mut LayerKv> =
+                caches.iter_mut().map(|c| &mut c.layers_mut()[i]).collect();
+            x = block.forward_batch(&x, spans, &mut layer)?;
+        }
+        for (span, cache) in spans.iter().zip(caches.iter_mut()) {
+            cache.set_len(span.pos + span.len);
+        }
+        match &self.head {
+            Some(head) => {
+                if want.is_empty() {
+                    return Ok(Tensor::zeros((0, self.config.vocab_size), DType::F32, &self.device)?);
+                }
+                let mut last = Vec::with_capacity(want.len());
+                for &i in want {
+                    let Some(span) = spans.get(i) else {
+                        return Err(LlamaError::InvalidOptions(format!(
+                            "batched forward: logits wanted for span {i} of {}",
+                            spans.len()
+                        )));
+                    };
+                    last.push((span.start + span.len - 1) as u32);
+                }
+                let index = Tensor::new(last.as_slice(), &self.device)?;
+                let x = x.squeeze(0)?.index_select(&index, 0)?;
+                head.forward_rows(&x)
+            }
+            None => Ok(x),
+        }
+    }
+
+    /// Checks that `spans` tile `rows` rows in order and fit their caches.
+    fn check_spans(
+        &self,
+        rows: usize,
+        spans: &[Span],
+        caches: &[&mut SequenceCache],
+    ) -> Result<()> {
+        if rows == 0 || spans.is_empty() {
+            return Err(LlamaError::EmptyInput);
+        }
+        let bad = |why: String| Err(LlamaError::InvalidOptions(format!("batched forward: {why}")));
+        if spans.len() != caches.len() {
+            return bad(format!("{} spans but {} caches", spans.len(), caches.len()));
+        }
+        let row = self.config.n_head_kv * self.config.head_dim;
+        let mut next = 0;
+        for (span, cache) in spans.iter().zip(caches) {
+            if span.start != next || span.len == 0 {
+                return bad(format!("span {span:?} does not follow row {next}"));
+            }
+            next += span.len;
+            if cache.layers_len() != self.blocks.len() || cache.row() != row {
+                return bad("a sequence cache was made for another shard".into());
+            }
+            if span.pos != cache.len() {
+                return Err(LlamaError::PositionGap {
+                    index_pos: span.pos,
+                    cached: cache.len(),
+                });
+            }
+            let end = span.pos + span.len;
+            if end > self.max_context.min(cache.capacity()) {
+                return Err(LlamaError::ContextFull {
+                    index_pos: span.pos,
+                    end,
+                    capacity: self.max_context.min(cache.capacity()),
+                });
+            }
+        }
+        if next != rows {
+            return bad(format!("spans cover {next} rows of {rows}"));
+        }
+        Ok(())
     }
 
     fn check_hidden(&self, hidden: Tensor) -> Result<Tensor> {

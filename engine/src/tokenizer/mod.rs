@@ -56,7 +56,7 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokeni
 use crate::error::EngineError;
 use crate::gguf::{GgufError, GgufFile};
 
-pub use stream::TokenStream;
+pub use stream::{StreamState, TokenStream};
 
 /// Token texts llama.cpp treats as end-of-generation whatever their declared type
 /// (`llama_vocab::impl::load`, "maintain a list of tokens that cause end-of-generation").

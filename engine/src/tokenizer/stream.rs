@@ -15,16 +15,14 @@ use super::GgufTokenizer;
 #[derive(Debug)]
 pub struct TokenStream<'a> {
     tokenizer: &'a GgufTokenizer,
-    pending: Vec<u8>,
-    strip_space: bool,
+    state: StreamState,
 }
 
 impl<'a> TokenStream<'a> {
     pub(super) fn new(tokenizer: &'a GgufTokenizer) -> Self {
         Self {
             tokenizer,
-            pending: Vec::new(),
-            strip_space: tokenizer.strips_space_prefix(),
+            state: StreamState::new(tokenizer),
         }
     }
 
@@ -32,15 +30,49 @@ impl<'a> TokenStream<'a> {
     /// (a model whose output layer is wider than its vocabulary) decodes to nothing and is
     /// logged.
     pub fn push(&mut self, id: u32) -> Option<String> {
-        let Some(piece) = self.tokenizer.piece(id) else {
+        self.state.push(self.tokenizer, id)
+    }
+
+    /// Ends the stream: whatever is left (an unfinished character) as text, with U+FFFD for
+    /// the incomplete bytes.
+    pub fn finish(&mut self) -> String {
+        self.state.finish()
+    }
+
+    /// Whether bytes of an unfinished character are being held back.
+    pub fn has_pending(&self) -> bool {
+        self.state.has_pending()
+    }
+}
+
+/// A [`TokenStream`]'s state without the borrow of its tokenizer, for holders that outlive a
+/// borrow (a sequence in a batch); every call takes the tokenizer it was made for.
+#[derive(Debug, Clone)]
+pub struct StreamState {
+    pending: Vec<u8>,
+    strip_space: bool,
+}
+
+impl StreamState {
+    /// A fresh stream over `tokenizer`.
+    pub fn new(tokenizer: &GgufTokenizer) -> Self {
+        Self {
+            pending: Vec::new(),
+            strip_space: tokenizer.strips_space_prefix(),
+        }
+    }
+
+    /// [`TokenStream::push`], with the tokenizer this state was made for.
+    pub fn push(&mut self, tokenizer: &GgufTokenizer, id: u32) -> Option<String> {
+        let Some(piece) = tokenizer.piece(id) else {
             tracing::warn!(
                 id,
-                vocab_size = self.tokenizer.vocab_size(),
+                vocab_size = tokenizer.vocab_size(),
                 "token id outside the vocabulary; decoded as nothing"
             );
             return None;
         };
-        let atomic = self.tokenizer.is_atomic(id);
+        let atomic = tokenizer.is_atomic(id);
         let mut piece = piece;
         if self.strip_space && !atomic {
             if let Some(rest) = piece.strip_prefix(b" ") {
@@ -48,7 +80,7 @@ impl<'a> TokenStream<'a> {
             }
             self.strip_space = false;
         }
-        if atomic && self.tokenizer.strips_space_prefix() {
+        if atomic && tokenizer.strips_space_prefix() {
             self.strip_space = true;
         }
         self.pending.extend_from_slice(piece);
@@ -56,15 +88,14 @@ impl<'a> TokenStream<'a> {
         (!text.is_empty()).then_some(text)
     }
 
-    /// Ends the stream: whatever is left (an unfinished character) as text, with U+FFFD for
-    /// the incomplete bytes.
+    /// [`TokenStream::finish`].
     pub fn finish(&mut self) -> String {
         let rest = String::from_utf8_lossy(&self.pending).into_owned();
         self.pending.clear();
         rest
     }
 
-    /// Whether bytes of an unfinished character are being held back.
+    /// [`TokenStream::has_pending`].
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
     }
