@@ -322,3 +322,166 @@ fn up_with_a_model_that_cannot_load_says_why_at_once_and_leaves_nothing() {
     );
     assert!(common::processes_with_env("CANOPY_TEST_TAG", &tag).is_empty());
 }
+
+/// The details of the node's (only) runner supervisor in its actor tree.
+fn runner_details(node: &NodeProcess) -> Value {
+    fn find(actor: &Value) -> Option<Value> {
+        if actor["kind"] == "runner-supervisor" {
+            return Some(actor["details"].clone());
+        }
+        actor["children"].as_array()?.iter().find_map(find)
+    }
+    let (_, body) = node.get("/v1/actors").expect("actors");
+    let tree: Value = serde_json::from_str(&body).expect("json tree");
+    find(&tree).unwrap_or_else(|| panic!("no runner supervisor in {tree}"))
+}
+
+#[test]
+fn a_prompt_longer_than_the_context_is_a_400_and_the_runner_stays_up() {
+    let (node, _dir) = scripted_node(None);
+    let pids = node.runner_pids();
+    // Four words against a context of two positions (the scripted engine counts words).
+    for stream in [false, true] {
+        let (status, body) = node.post(
+            "/v1/chat/completions",
+            &chat("one two three max_context=2", stream),
+        );
+        assert_eq!(status, 400, "stream={stream}: {body}");
+        let error = &body["error"];
+        assert_eq!(error["code"], "context_length_exceeded", "{body}");
+        assert_eq!(error["type"], "invalid_request_error", "{body}");
+        assert_eq!(error["param"], "messages", "{body}");
+        let message = error["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("4 tokens") && message.contains("at most 2"),
+            "{body}"
+        );
+    }
+    // Not a runner failure: same runner, no restart, no retry; and it serves on.
+    assert_eq!(node.runner_pids(), pids);
+    assert_eq!(metric(&node, "canopy_runner_failures_total"), 0.0);
+    assert_eq!(metric(&node, "canopy_request_retries_total"), 0.0);
+    assert_eq!(runner_details(&node)["restarts"], 0);
+    let (status, body) = node.post("/v1/chat/completions", &chat("tokens=2", false));
+    assert_eq!(status, 200, "{body}");
+    node.interrupt_and_check();
+}
+
+#[test]
+fn parallel_out_of_range_is_refused_with_a_clear_message() {
+    for (args, env) in [
+        (vec!["up", "--standalone", "--parallel", "0"], None),
+        (vec!["node", "--standalone", "--parallel", "257"], None),
+        (vec!["node", "--standalone"], Some("0")),
+    ] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_canopy"));
+        cmd.args(&args)
+            .args([
+                "--engine",
+                "scripted",
+                "--port",
+                &common::free_port().to_string(),
+            ])
+            .stdin(std::process::Stdio::null());
+        if let Some(value) = env {
+            cmd.env("CANOPY_PARALLEL", value);
+        }
+        let out = cmd.output().expect("canopy runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("between 1 and 256"),
+            "{args:?} {env:?}: {stderr}"
+        );
+    }
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_canopy"))
+        .args(["up", "--help"])
+        .output()
+        .expect("canopy runs");
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("--parallel") && help.contains("continuous batching"),
+        "{help}"
+    );
+}
+
+#[test]
+fn parallel_reaches_the_runner_and_inspect_shows_its_batch() {
+    let node = NodeProcess::start(
+        &[
+            "up",
+            "--engine",
+            "scripted",
+            "--model",
+            "scripted",
+            "--parallel",
+            "3",
+        ],
+        &[],
+        true,
+    );
+    assert_eq!(runner_details(&node)["parallel_requested"], 3);
+    let (status, body) = node.post("/v1/chat/completions", &chat("tokens=3", false));
+    assert_eq!(status, 200, "{body}");
+    // The runner reports its batch after loading and as tasks come and go; the scripted
+    // engine cannot batch, so it runs one sequence at a time.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let batch = loop {
+        let details = runner_details(&node);
+        if details["batch"].is_object() {
+            break details["batch"].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the runner never reported its batch: {details}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(batch["parallel"], 1, "{batch}");
+    for key in [
+        "running",
+        "queued",
+        "kv_bytes",
+        "kv_capacity_bytes",
+        "prefix_hits",
+        "prefix_reused_tokens",
+    ] {
+        assert!(batch[key].is_u64(), "{key} in {batch}");
+    }
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_canopy"))
+        .args(["inspect", "--json", "--url", &node.base])
+        .output()
+        .expect("inspect runs");
+    assert!(out.status.success());
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        json.contains("\"batch\"") && json.contains("\"kv_capacity_bytes\""),
+        "{json}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_canopy"))
+        .args(["inspect", "--url", &node.base])
+        .output()
+        .expect("inspect runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("running=") && text.contains("MiB"), "{text}");
+
+    let (_, metrics) = node.get("/metrics").expect("metrics");
+    for name in [
+        "canopy_batch_running",
+        "canopy_batch_queued",
+        "canopy_batch_parallel",
+        "canopy_batch_last_step_rows",
+        "canopy_kv_cache_bytes",
+        "canopy_kv_cache_capacity_bytes",
+        "canopy_prefix_cache_hits_total",
+        "canopy_prefix_cache_reused_tokens_total",
+        "canopy_prefilled_tokens_total",
+    ] {
+        assert!(
+            metrics.contains(&format!("{name}{{instance=")),
+            "missing {name} in:\n{metrics}"
+        );
+    }
+    node.interrupt_and_check();
+}

@@ -608,7 +608,7 @@ async fn dropping_a_task_handle_cancels_it_in_the_runner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_are_refused_while_not_ready_and_beyond_capacity() {
     let mut cfg = config("scripted:layers=2,layer_ms=1500");
-    cfg.max_tasks = 1;
+    cfg.max_tasks = Some(1);
     let mut h = Harness::start(cfg).await;
     match h.submit("tokens=1", 4).await {
         Err(RunnerError::NotReady { .. }) => {}

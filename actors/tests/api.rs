@@ -11,7 +11,11 @@
 //! | `flaky` | first attempt: the runner dies before any output; retry (`wait_ready`): `scripted` |
 //! | `flaky-ack` | first submit is refused with a runner death; retry: `scripted` |
 //! | `dead` | the runner dies before any output, every time |
-//! | `task-error` | the runner reports a task error |
+//! | `task-error` | the runner reports a task error (`Internal`) |
+//! | `too-long` | the runner reports `ContextLengthExceeded` as the task's first event |
+//! | `too-long-late` | the same, 300 ms after the ack (the stream has begun by then) |
+//! | `too-long-ack` | the submit is refused with `ContextLengthExceeded` |
+//! | `invalid` | the runner reports `InvalidRequest` as the task's first event |
 //! | `vanish` | one chunk, then the stream ends without a final event |
 //! | `endless` | a chunk every 20 ms until the receiver is dropped (recorded as a cancellation) |
 //! | `busy` / `full` | refused: `Busy` / `RunnerError::QueueFull` |
@@ -27,7 +31,9 @@ use canopy_actors::api::{
     ApiActor, ApiArgs, ApiConfig, ApiMsg, Backend, Metrics, ModelInfo, SubmitError,
 };
 use canopy_actors::runner::{RunnerError, RunnerEvent, TaskEvent, TaskHandle};
-use canopy_proto::{FinishReason, GenerateRequest, Prompt, TokenChunk, Usage};
+use canopy_proto::{
+    BatchStats, FinishReason, GenerateRequest, Prompt, TaskErrorKind, TokenChunk, Usage,
+};
 use canopy_runtime::process::FailureReason;
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -111,6 +117,15 @@ fn died(started: bool) -> RunnerError {
     }
 }
 
+fn too_long() -> RunnerError {
+    RunnerError::TaskFailed {
+        instance: "i0".to_string(),
+        message: "the prompt has 9000 tokens; this model instance holds at most 8192 positions"
+            .to_string(),
+        kind: TaskErrorKind::ContextLengthExceeded,
+    }
+}
+
 fn handle_of(events: Vec<TaskEvent>) -> TaskHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     for event in events {
@@ -181,7 +196,28 @@ impl Backend for Fake {
                 "task-error" => Ok(handle_of(vec![TaskEvent::Failed(
                     RunnerError::TaskFailed {
                         instance: "i0".to_string(),
-                        message: "prompt too long".to_string(),
+                        message: "the engine broke".to_string(),
+                        kind: TaskErrorKind::Internal,
+                    },
+                )])),
+                "too-long" => Ok(handle_of(vec![TaskEvent::Failed(too_long())])),
+                "too-long-late" => {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        let _ = tx.send(TaskEvent::Failed(too_long()));
+                    });
+                    Ok(TaskHandle {
+                        task_id: 4,
+                        events: rx,
+                    })
+                }
+                "too-long-ack" => Err(SubmitError::Runner(too_long())),
+                "invalid" => Ok(handle_of(vec![TaskEvent::Failed(
+                    RunnerError::TaskFailed {
+                        instance: "i0".to_string(),
+                        message: "invalid request: top_k must be positive".to_string(),
+                        kind: TaskErrorKind::InvalidRequest,
                     },
                 )])),
                 "vanish" => Ok(handle_of(vec![chunk(0, "x")])),
@@ -844,6 +880,87 @@ async fn task_errors_and_vanished_streams_are_answered() {
 }
 
 #[tokio::test]
+async fn a_prompt_longer_than_the_context_is_a_400_not_retried() {
+    let api = start().await;
+    for (model, stream) in [
+        ("too-long", false),
+        ("too-long", true),
+        ("too-long-ack", false),
+        ("too-long-ack", true),
+    ] {
+        let before = api.fake.submits().len();
+        let reply = chat(api.addr, chat_body(model, stream)).await;
+        assert_eq!(reply.status, 400, "{model} stream={stream}: {}", reply.body);
+        assert!(
+            reply.headers["content-type"]
+                .to_str()
+                .is_ok_and(|t| t.starts_with("application/json")),
+            "{model} stream={stream}: an error body, not a stream"
+        );
+        let error = openai_error(&reply);
+        assert_eq!(error["type"], "invalid_request_error", "{}", reply.body);
+        assert_eq!(error["code"], "context_length_exceeded", "{}", reply.body);
+        assert_eq!(error["param"], "messages", "{}", reply.body);
+        assert!(
+            error["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("9000 tokens") && m.contains("8192")),
+            "{}",
+            reply.body
+        );
+        assert_eq!(
+            api.fake.submits().len(),
+            before + 1,
+            "{model}: a client error is never retried"
+        );
+    }
+    let metrics = call(api.addr, "GET", "/metrics", None).await.body;
+    assert!(
+        !metrics.contains("canopy_request_retries_total{"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("canopy_runner_failures_total{"),
+        "{metrics}"
+    );
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_request_found_by_the_runner_is_a_400() {
+    let api = start().await;
+    for stream in [false, true] {
+        let reply = chat(api.addr, chat_body("invalid", stream)).await;
+        assert_eq!(reply.status, 400, "stream={stream}: {}", reply.body);
+        let error = openai_error(&reply);
+        assert_eq!(error["type"], "invalid_request_error");
+        assert_eq!(error["code"], "invalid_request");
+        assert!(
+            error["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("top_k"))
+        );
+    }
+    assert_eq!(api.fake.submits().len(), 2, "no retries");
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_context_error_after_the_stream_began_is_an_error_event() {
+    let api = start().await;
+    let reply = chat(api.addr, chat_body("too-long-late", true)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let data = sse_data(&reply.body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let events = sse_json(&data);
+    let error = &events.last().expect("events")["error"];
+    assert_eq!(error["code"], "context_length_exceeded", "{}", reply.body);
+    assert_eq!(error["type"], "invalid_request_error");
+    assert_eq!(api.fake.submits().len(), 1, "not retried");
+    api.stop().await;
+}
+
+#[tokio::test]
 async fn a_client_that_disconnects_mid_stream_cancels_its_task() {
     let api = start().await;
     let (response, conn) = send(
@@ -937,6 +1054,22 @@ async fn metrics_are_served_in_prometheus_text() {
         restarts: 1,
     });
     api.metrics.heartbeat_lag("i0", Duration::from_millis(250));
+    let batch = |running, queued, hits, reused, prefilled| RunnerEvent::BatchChanged {
+        instance: "i0".to_string(),
+        stats: BatchStats {
+            parallel: 8,
+            running,
+            queued,
+            last_step_rows: running,
+            kv_bytes: 3 << 20,
+            kv_capacity_bytes: 64 << 20,
+            prefix_hits: hits,
+            prefix_reused_tokens: reused,
+            prefilled_tokens: prefilled,
+        },
+    };
+    api.metrics.runner_event(&batch(2, 1, 1, 10, 100));
+    api.metrics.runner_event(&batch(3, 0, 2, 30, 150));
     assert_eq!(
         chat(api.addr, chat_body("scripted", false)).await.status,
         200
@@ -965,9 +1098,54 @@ async fn metrics_are_served_in_prometheus_text() {
         "canopy_runner_restarts_total{instance=\"i0\"} 1",
         "canopy_runner_failures_total{instance=\"i0\",reason=\"heartbeat_missed\"} 1",
         "canopy_runner_heartbeat_lag_seconds{instance=\"i0\"} 0.25",
+        "# TYPE canopy_batch_running gauge",
+        "# HELP canopy_batch_running ",
+        "canopy_batch_running{instance=\"i0\"} 3",
+        "canopy_batch_queued{instance=\"i0\"} 0",
+        "canopy_batch_parallel{instance=\"i0\"} 8",
+        "canopy_batch_last_step_rows{instance=\"i0\"} 3",
+        "# TYPE canopy_kv_cache_bytes gauge",
+        "canopy_kv_cache_bytes{instance=\"i0\"} 3145728",
+        "canopy_kv_cache_capacity_bytes{instance=\"i0\"} 67108864",
+        "# TYPE canopy_prefix_cache_hits_total counter",
+        "canopy_prefix_cache_hits_total{instance=\"i0\"} 2",
+        "canopy_prefix_cache_reused_tokens_total{instance=\"i0\"} 30",
+        "canopy_prefilled_tokens_total{instance=\"i0\"} 150",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
+
+    // The runner dies: its gauges drop to 0; the next process counts from 0 again, and the
+    // counters here keep growing.
+    api.metrics.runner_event(&RunnerEvent::RunnerFailed {
+        instance: "i0".to_string(),
+        reason: FailureReason::Signaled { signal: 9 },
+        pid: 2,
+        stderr_tail: Vec::new(),
+        failed_tasks: 3,
+        will_restart: true,
+    });
+    let text = call(api.addr, "GET", "/metrics", None).await.body;
+    for expected in [
+        "canopy_batch_running{instance=\"i0\"} 0",
+        "canopy_kv_cache_bytes{instance=\"i0\"} 0",
+        "canopy_prefix_cache_hits_total{instance=\"i0\"} 2",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    api.metrics.runner_event(&batch(1, 0, 1, 5, 20));
+    let text = call(api.addr, "GET", "/metrics", None).await.body;
+    for expected in [
+        "canopy_batch_running{instance=\"i0\"} 1",
+        "canopy_prefix_cache_hits_total{instance=\"i0\"} 3",
+        "canopy_prefix_cache_reused_tokens_total{instance=\"i0\"} 35",
+        "canopy_prefilled_tokens_total{instance=\"i0\"} 170",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    api.metrics.forget_instance("i0");
+    let text = call(api.addr, "GET", "/metrics", None).await.body;
+    assert!(!text.contains("canopy_batch_running{"), "{text}");
     api.stop().await;
 }
 

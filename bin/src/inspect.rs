@@ -2,7 +2,9 @@
 //!
 //! Reads `GET /v1/actors` (every actor registers itself; nothing here knows the tree's
 //! shape) and prints one line per actor: name, kind, status, uptime, restarts, and the
-//! details the actor reports (for runners: the OS pid, heartbeat age and current task).
+//! details the actor reports (for runners: the OS pid, heartbeat age and current task, and
+//! once the runner reported its batch: sequences running of `parallel`, tasks queued, KV
+//! memory in use of its capacity, prefix-cache hits and reused tokens).
 //! Mailbox depth is not shown: ractor does not expose it. `--json` prints the raw tree;
 //! `--watch` redraws it every interval. On a cluster member it shows every node's tree
 //! (`GET /v1/cluster/actors`), the master marked.
@@ -57,6 +59,27 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// Bytes as MiB, one decimal.
+fn human_mib(bytes: u64) -> String {
+    format!("{:.1}MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// A runner's batch report (`details.batch`) on one line: `running=R/P queued=Q
+/// kv=USED/CAPACITY prefix_hits=H reused_tokens=T`.
+fn batch_summary(batch: &Value) -> String {
+    let n = |key: &str| batch[key].as_u64().unwrap_or(0);
+    format!(
+        "running={}/{} queued={} kv={}/{} prefix_hits={} reused_tokens={}",
+        n("running"),
+        n("parallel"),
+        n("queued"),
+        human_mib(n("kv_bytes")),
+        human_mib(n("kv_capacity_bytes")),
+        n("prefix_hits"),
+        n("prefix_reused_tokens"),
+    )
 }
 
 fn human_ms(ms: u64) -> String {
@@ -122,6 +145,10 @@ fn line(out: &mut String, actor: &Value, prefix: &str, last: bool, root: bool) {
             if value.is_null() {
                 continue;
             }
+            if key == "batch" && value.is_object() {
+                let _ = write!(out, " {}", batch_summary(value));
+                continue;
+            }
             match (key.strip_suffix("_ms"), value.as_u64()) {
                 (Some(k), Some(ms)) => {
                     let _ = write!(out, " {k}={}", human_ms(ms));
@@ -176,5 +203,26 @@ mod tests {
             text.contains("pid=42") && text.contains("last_heartbeat_age=40ms"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn renders_a_runner_batch() {
+        let tree = serde_json::json!({
+            "id": "0.2", "kind": "runner-supervisor", "status": "Running", "restarts": 0,
+            "details": {"pid": 42, "batch": {
+                "parallel": 8, "running": 3, "queued": 2, "last_step_rows": 3,
+                "kv_bytes": 12 * 1024 * 1024 + 512 * 1024, "kv_capacity_bytes": 512u64 << 20,
+                "prefix_hits": 5, "prefix_reused_tokens": 640, "prefilled_tokens": 900
+            }},
+            "children": []
+        });
+        let text = render(&tree);
+        assert!(
+            text.contains(
+                "running=3/8 queued=2 kv=12.5MiB/512.0MiB prefix_hits=5 reused_tokens=640"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("batch="), "{text}");
     }
 }

@@ -15,6 +15,7 @@
 //! model = "smollm2-135m-instruct"   # a catalogue name, or a path to a GGUF file
 //! instances = 1
 //! threads = 2
+//! parallel = 8                      # sequences each runner generates at once
 //! engine = "candle"
 //! ```
 //!
@@ -65,10 +66,15 @@ pub struct ServeArgs {
     /// CPU threads per runner [default: all cores].
     #[arg(long, env = "CANOPY_THREADS")]
     threads: Option<u32>,
+    /// Sequences each runner generates at once (continuous batching), 1 to 256 [default:
+    /// chosen from memory and cores].
+    #[arg(long, env = "CANOPY_PARALLEL", value_parser = parse_parallel)]
+    parallel: Option<u32>,
     /// The engine runners host [default: the runner's default].
     #[arg(long, env = "CANOPY_ENGINE")]
     engine: Option<String>,
-    /// Most requests queued or running per instance before 429 [default: 16].
+    /// Most requests queued or running per instance before 429 [default: the runner's
+    /// --parallel plus 16].
     #[arg(long, env = "CANOPY_MAX_QUEUE")]
     max_queue: Option<usize>,
     /// The model store directory [default: the user's cache directory, canopy/models].
@@ -120,6 +126,29 @@ pub struct ServeArgs {
     nodes: Option<usize>,
 }
 
+/// The most sequences a runner may be asked to batch.
+const MAX_PARALLEL: u32 = 256;
+
+/// Parses and checks `--parallel` (1 to [`MAX_PARALLEL`]).
+fn parse_parallel(text: &str) -> Result<u32, String> {
+    let n: u32 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a whole number of sequences"))?;
+    check_parallel(n)
+}
+
+fn check_parallel(n: u32) -> Result<u32, String> {
+    if (1..=MAX_PARALLEL).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "parallel must be between 1 and {MAX_PARALLEL} (sequences each runner generates at \
+             once), got {n}"
+        ))
+    }
+}
+
 /// Parses `512M`, `8G`, `1.5GiB`, `1048576`: a byte count with an optional binary suffix.
 fn parse_bytes(text: &str) -> Result<u64, String> {
     let t = text.trim();
@@ -150,6 +179,7 @@ struct FileConfig {
     model: Option<String>,
     instances: Option<usize>,
     threads: Option<u32>,
+    parallel: Option<u32>,
     engine: Option<String>,
     max_queue: Option<usize>,
     model_dir: Option<PathBuf>,
@@ -171,8 +201,10 @@ struct Settings {
     model: Option<String>,
     instances: usize,
     threads: Option<u32>,
+    parallel: Option<u32>,
     engine: Option<String>,
-    max_queue: usize,
+    /// `None`: each runner's parallel plus `DEFAULT_QUEUE`.
+    max_queue: Option<usize>,
     model_dir: Option<PathBuf>,
     cluster: Option<ClusterSettings>,
     nodes: usize,
@@ -227,6 +259,10 @@ impl Settings {
         if instances == 0 {
             anyhow::bail!("--instances must be at least 1");
         }
+        let parallel = match args.parallel.or(file.parallel) {
+            Some(n) => Some(check_parallel(n).map_err(|e| anyhow::anyhow!("--parallel: {e}"))?),
+            None => None,
+        };
         let nodes = args.nodes.unwrap_or(1);
         if nodes == 0 {
             anyhow::bail!("--nodes must be at least 1");
@@ -269,8 +305,9 @@ impl Settings {
                 .or(default_model.map(str::to_string)),
             instances,
             threads: args.threads.or(file.threads),
+            parallel,
             engine: args.engine.or(file.engine),
-            max_queue: args.max_queue.or(file.max_queue).unwrap_or(16).max(1),
+            max_queue: args.max_queue.or(file.max_queue).map(|n| n.max(1)),
             model_dir: args.model_dir.or(file.model_dir),
         })
     }
@@ -309,6 +346,7 @@ struct StoreResolver {
     store: ModelStore,
     engine: Option<String>,
     threads: Option<u32>,
+    parallel: Option<u32>,
 }
 
 impl StoreResolver {
@@ -331,7 +369,7 @@ impl ModelResolver for StoreResolver {
             layer_start: None,
             layer_end: None,
             threads: self.threads,
-            parallel: None,
+            parallel: self.parallel,
         })
     }
 
@@ -382,6 +420,7 @@ pub fn run(args: ServeArgs, default_model: Option<&str>) -> anyhow::Result<()> {
         store,
         engine: settings.engine.clone(),
         threads: settings.threads,
+        parallel: settings.parallel,
     };
     let local_nodes = match (&mut settings.cluster, settings.nodes) {
         (Some(cluster), nodes) if nodes > 1 => {
@@ -396,10 +435,15 @@ pub fn run(args: ServeArgs, default_model: Option<&str>) -> anyhow::Result<()> {
             if let Some(threads) = settings.threads {
                 passthrough.extend(["--threads".to_string(), threads.to_string()]);
             }
+            if let Some(parallel) = settings.parallel {
+                passthrough.extend(["--parallel".to_string(), parallel.to_string()]);
+            }
             if let Some(dir) = &settings.model_dir {
                 passthrough.extend(["--model-dir".to_string(), dir.display().to_string()]);
             }
-            passthrough.extend(["--max-queue".to_string(), settings.max_queue.to_string()]);
+            if let Some(max_queue) = settings.max_queue {
+                passthrough.extend(["--max-queue".to_string(), max_queue.to_string()]);
+            }
             for i in 1..nodes {
                 cluster.peers.push(SocketAddr::new(
                     cluster.listen.ip(),
@@ -491,7 +535,7 @@ async fn serve(
                 layer_start: None,
                 layer_end: None,
                 threads: settings.threads,
-                parallel: None,
+                parallel: settings.parallel,
             },
             instances: settings.instances,
         })
@@ -608,6 +652,7 @@ mod tests {
             model: None,
             instances: None,
             threads: None,
+            parallel: None,
             engine: None,
             max_queue: None,
             model_dir: None,
@@ -659,5 +704,44 @@ mod tests {
         let err = Settings::resolve(a, None).expect_err("unknown key");
         assert!(format!("{err:#}").contains("prot"), "{err:#}");
         assert!(format!("{err:#}").contains(&path.display().to_string()));
+    }
+
+    #[test]
+    fn parallel_comes_from_flags_or_the_file_and_is_checked() {
+        let s = Settings::resolve(args(), None).expect("settles");
+        assert_eq!(s.parallel, None, "the engine chooses by default");
+        assert_eq!(s.max_queue, None, "the queue follows parallel by default");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("canopy.toml");
+        std::fs::write(&path, "parallel = 4\n").expect("write");
+        let mut a = args();
+        a.config = Some(path.clone());
+        assert_eq!(
+            Settings::resolve(a.clone(), None)
+                .expect("settles")
+                .parallel,
+            Some(4)
+        );
+        a.parallel = Some(8);
+        assert_eq!(
+            Settings::resolve(a, None).expect("settles").parallel,
+            Some(8)
+        );
+
+        std::fs::write(&path, "parallel = 0\n").expect("write");
+        let mut a = args();
+        a.config = Some(path);
+        let err = format!(
+            "{:#}",
+            Settings::resolve(a, None).expect_err("0 is refused")
+        );
+        assert!(err.contains("between 1 and 256"), "{err}");
+
+        for bad in ["0", "257", "many"] {
+            let err = parse_parallel(bad).expect_err(bad);
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
+        assert_eq!(parse_parallel("256"), Ok(256));
     }
 }

@@ -14,9 +14,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use canopy_proto::{
-    FinishReason, FromRunner, GenerateParams, GenerateRequest, HANDSHAKE_MAGIC, Handshake,
-    LoadSpec, MAX_FRAME_LEN, PROTOCOL_VERSION, Phase, Prompt, RunnerStatus, TaskErrorKind, TaskId, ToRunner,
-    Usage, read_frame, write_frame,
+    BatchStats, FinishReason, FromRunner, GenerateParams, GenerateRequest, HANDSHAKE_MAGIC,
+    Handshake, LoadSpec, MAX_FRAME_LEN, PROTOCOL_VERSION, Phase, Prompt, RunnerStatus,
+    TaskErrorKind, TaskId, ToRunner, Usage, read_frame, write_frame,
 };
 
 /// The longest any single expectation waits.
@@ -114,11 +114,12 @@ impl Runner {
         });
     }
 
-    /// The next frame that is not a heartbeat.
+    /// The next frame that is neither a heartbeat nor a batch report (see
+    /// `batch_reports_follow_the_load_and_every_task` for those).
     fn next(&self) -> FromRunner {
         loop {
             match self.next_any() {
-                FromRunner::Heartbeat { .. } => continue,
+                FromRunner::Heartbeat { .. } | FromRunner::Batch(_) => continue,
                 frame => return frame,
             }
         }
@@ -617,4 +618,37 @@ fn scripted_freeze_directive_silences_the_heartbeat() {
     let later = runner.collect_for(Duration::from_millis(150));
     assert_eq!(beats(&later), 0, "{later:?}");
     assert!(chunk_count(&later) > 3, "{later:?}");
+}
+
+#[test]
+fn batch_reports_follow_the_load_and_every_task() {
+    let mut runner = Runner::started(&[], None);
+    runner.send(&ToRunner::Load(load_spec("scripted")));
+    runner.generate(1, "tokens=3", 16);
+    let mut all = Vec::new();
+    let mut done = false;
+    let deadline = std::time::Instant::now() + WAIT;
+    // Until the task is done and a report says nothing runs any more.
+    while !(done && all.last().is_some_and(|s: &BatchStats| s.running == 0)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reports so far: {all:?}"
+        );
+        match runner.next_any() {
+            FromRunner::Batch(stats) => all.push(stats),
+            FromRunner::Done { task_id: 1, .. } => done = true,
+            _ => {}
+        }
+    }
+    assert!(all.iter().all(|s| s.parallel == 1), "{all:?}");
+    assert_eq!(
+        all.first().map(|s| s.running),
+        Some(0),
+        "the load's report: {all:?}"
+    );
+    assert!(
+        all.iter().any(|s| s.running == 1),
+        "a report while the task ran: {all:?}"
+    );
+    runner.send(&ToRunner::Shutdown);
 }

@@ -30,15 +30,15 @@ use candle_core::{Device, Tensor};
 use canopy_proto::{GenerateRequest, LoadSpec, Phase, Prompt, TokenChunk};
 
 use crate::batch::{
-    Admission, BatchEngine, BatchModel, BatchReport, BatchSink, Batcher, Finished, SeqId,
-    DEFAULT_STEP_ROWS, available_memory, size_batch,
+    Admission, BatchEngine, BatchModel, BatchReport, BatchSink, Batcher, DEFAULT_STEP_ROWS,
+    Finished, SeqId, available_memory, size_batch,
 };
-use crate::llama::{BatchInput, SequenceCache, Span};
 use crate::chat::ChatTemplate;
 use crate::generation::{self, prompt_text, run_generation};
 use crate::gguf::GgufFile;
 use crate::llama::config::LlamaConfig;
 use crate::llama::shard::{LlamaShard, ShardInput};
+use crate::llama::{BatchInput, SequenceCache, Span};
 use crate::tokenizer::GgufTokenizer;
 use crate::{Engine, EngineError, GenerateOutcome, GenerateSink};
 

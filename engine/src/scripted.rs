@@ -11,8 +11,11 @@
 //!   sub-range of the layers, as a shard would.
 //! - **Generating**: the prompt's plain text is a [`Script`] of directives (`tokens=N`,
 //!   `delay_ms=M`, `prefill_ms=M`, `error_after=K`, `exit_after=K:CODE`, `abort_after=K`,
-//!   `hang_after=K`, `freeze_after=K`; other words are ignored). Token `i` is the chunk
-//!   `"{i} "` with token id `i`. Prompt usage counts whitespace-separated words.
+//!   `hang_after=K`, `freeze_after=K`, `max_context=N`; other words are ignored). Token `i`
+//!   is the chunk
+//!   `"{i} "` with token id `i`. Prompt usage counts whitespace-separated words; a prompt of
+//!   more words than `max_context=N` fails with [`EngineError::ContextLengthExceeded`] before
+//!   prefill, as a real engine refuses a prompt longer than its context.
 //!   It streams `min(N, max_tokens)` tokens and finishes with `Length` when `N > max_tokens`,
 //!   `Stop` otherwise (so a prompt without `tokens=` streams `max_tokens` tokens and stops with
 //!   `Stop`). Stop sequences and sampling parameters are ignored.
@@ -158,6 +161,15 @@ impl Engine for ScriptedEngine {
                 usage,
             })
         };
+        if let Some(max_context) = script.max_context {
+            let prompt_tokens = usage.prompt_tokens as usize;
+            if prompt_tokens > max_context {
+                return Err(EngineError::ContextLengthExceeded {
+                    prompt_tokens,
+                    max_context,
+                });
+            }
+        }
         tracing::debug!(?script, count, "scripted engine: generating");
 
         sink.phase(Phase::Prefill);
@@ -450,6 +462,27 @@ mod tests {
         let err = run(&mut engine, "tokens=2 error_after=2", 8, &mut sink);
         assert!(matches!(err, Err(EngineError::Generate(_))), "{err:?}");
         assert_eq!(sink.chunks.len(), 2);
+    }
+
+    #[test]
+    fn a_prompt_longer_than_max_context_is_refused_before_prefill() {
+        let mut engine = loaded_engine();
+        let mut sink = RecordingSink::default();
+        let err = run(&mut engine, "one two three max_context=3", 8, &mut sink);
+        assert!(
+            matches!(
+                err,
+                Err(EngineError::ContextLengthExceeded {
+                    prompt_tokens: 4,
+                    max_context: 3
+                })
+            ),
+            "{err:?}"
+        );
+        assert!(sink.phases.is_empty());
+        let mut sink = RecordingSink::default();
+        let outcome = run(&mut engine, "tokens=2 max_context=2", 8, &mut sink);
+        assert!(outcome.is_ok(), "{outcome:?}");
     }
 
     #[test]

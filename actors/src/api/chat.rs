@@ -3,9 +3,15 @@
 //!
 //! Errors before the task is accepted (bad body, unknown model, no Ready instance, capacity)
 //! are answered with their HTTP status even for streams; the stream only begins once a
-//! runner has acknowledged the task.
+//! runner has acknowledged the task. A runner acknowledges a task before it looks at the
+//! prompt, so the client's errors it finds then (a prompt longer than the context: 400
+//! `context_length_exceeded`) arrive as the task's first event: before a stream begins, the
+//! handler waits for that first event up to one keep-alive interval (until then a stream
+//! would have sent nothing but its role chunk), and a client error among them is answered
+//! with its 400 status, as OpenAI does. Any other first event, or none in time, and the
+//! stream begins (with that event); a later error is an SSE error event.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::State;
@@ -38,12 +44,20 @@ async fn answer(state: AppState, body: ChatCompletionRequest) -> Result<Response
     let meta = CompletionMeta::new(&job.model);
     tracing::debug!(id = %meta.id, model = %job.model, stream = job.stream, "chat completion");
     let mut task = ChatTask::new(state.clone(), job.model, job.request, received);
-    let handle = task.start().await?;
+    let mut handle = task.start().await?;
     if job.stream {
+        let first = first_event(&mut handle, state.config.keepalive).await;
+        if let Some(TaskEvent::Failed(err)) = &first {
+            let api_err = ApiError::from_runner(err);
+            if api_err.is_client_error() {
+                return Err(api_err);
+            }
+        }
         Ok(stream::respond(
             meta,
             task,
             handle,
+            first,
             job.include_usage,
             state.config.keepalive,
             state.closing.clone(),
@@ -51,6 +65,15 @@ async fn answer(state: AppState, body: ChatCompletionRequest) -> Result<Response
     } else {
         Ok(Json(complete(meta, task, handle).await?).into_response())
     }
+}
+
+/// The task's first event, if one comes within `wait` (`None`: none yet, or its stream
+/// ended, which the stream then finds out by itself).
+async fn first_event(handle: &mut TaskHandle, wait: Duration) -> Option<TaskEvent> {
+    tokio::time::timeout(wait, handle.next())
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Collects a task's output into one completion, retrying once if its runner dies before

@@ -11,14 +11,22 @@
 //! | unknown route / model | 404 | `invalid_request_error` / `unknown_url`, `model_not_found` |
 //! | body over the limit | 413 | `invalid_request_error` / `request_too_large` |
 //! | every instance at capacity ([`SubmitError::Busy`], [`RunnerError::QueueFull`]) | 429 + `Retry-After` | `rate_limit_error` / `server_busy` |
-//! | runner reported a task error ([`RunnerError::TaskFailed`]) | 500 | `server_error` / `task_failed` |
+//! | the prompt does not fit the instance's context ([`RunnerError::TaskFailed`] of kind [`TaskErrorKind::ContextLengthExceeded`]) | 400 | `invalid_request_error` / `context_length_exceeded` (`param`: `messages`) |
+//! | the runner found the request unusable ([`RunnerError::TaskFailed`] of kind [`TaskErrorKind::InvalidRequest`]) | 400 | `invalid_request_error` / `invalid_request` |
+//! | runner reported any other task error ([`RunnerError::TaskFailed`]) | 500 | `server_error` / `task_failed` |
 //! | runner died ([`RunnerError::RunnerFailed`]), its node left ([`RunnerError::PeerLost`]), or the task stream vanished | 502 | `server_error` / `runner_failed` |
 //! | no Ready instance, runner not ready, shutting down, supervisor gone | 503 + `Retry-After` | `server_error` / `no_ready_instance` |
 //! | this API is shutting down and ends the request | 503 + `Retry-After` | `server_error` / `shutting_down` |
+//!
+//! The client's errors (400) are final: a task error is not a runner death, so it is never
+//! retried and never counts as a runner failure. A stream whose task fails that way before
+//! its first token is still answered with the 400 status (see `chat`).
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+
+use canopy_proto::TaskErrorKind;
 
 use super::backend::SubmitError;
 use crate::runner::RunnerError;
@@ -232,7 +240,20 @@ impl ApiError {
                 Self::new(StatusCode::BAD_GATEWAY, "server_error", err.to_string())
                     .with_code("runner_failed")
             }
-            RunnerError::TaskFailed { .. } => Self::new(
+            RunnerError::TaskFailed {
+                kind: TaskErrorKind::ContextLengthExceeded,
+                message,
+                ..
+            } => Self::invalid_param("messages", message.clone(), "context_length_exceeded"),
+            RunnerError::TaskFailed {
+                kind: TaskErrorKind::InvalidRequest,
+                message,
+                ..
+            } => Self::invalid_body(message.clone(), "invalid_request"),
+            RunnerError::TaskFailed {
+                kind: TaskErrorKind::Internal,
+                ..
+            } => Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
                 err.to_string(),
@@ -257,6 +278,11 @@ impl ApiError {
     #[cfg(test)]
     pub(crate) fn status(&self) -> StatusCode {
         self.status
+    }
+
+    /// Whether the client's request is to blame (a 4xx).
+    pub(crate) fn is_client_error(&self) -> bool {
+        self.status.is_client_error()
     }
 
     /// The parameter blamed, if any.

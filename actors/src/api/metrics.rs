@@ -17,7 +17,18 @@
 //! | `canopy_runner_restarts_total` | `instance` |
 //! | `canopy_runner_failures_total` | `instance`, `reason` |
 //! | `canopy_runner_heartbeat_lag_seconds` (gauge) | `instance` |
+//! | `canopy_batch_running`, `canopy_batch_queued` (gauges: sequences in the batch, tasks waiting for a place) | `instance` |
+//! | `canopy_batch_parallel` (gauge: most sequences the runner batches) | `instance` |
+//! | `canopy_batch_last_step_rows` (gauge: rows of the last batched step) | `instance` |
+//! | `canopy_kv_cache_bytes`, `canopy_kv_cache_capacity_bytes` (gauges) | `instance` |
+//! | `canopy_prefix_cache_hits_total`, `canopy_prefix_cache_reused_tokens_total`, `canopy_prefilled_tokens_total` | `instance` |
+//!
+//! The batch metrics follow each runner's `Batch` reports ([`RunnerEvent::BatchChanged`]).
+//! A runner counts its prefix hits and prefilled tokens from its own start; the counters here
+//! add up the increases, so they stay monotonic across runner restarts. When a runner dies
+//! its gauges drop to 0 until the next runner reports.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -30,6 +41,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Metric, Registry, Unit};
 use std::sync::atomic::AtomicU64;
+
+use canopy_proto::BatchStats;
 
 use crate::runner::RunnerEvent;
 
@@ -77,6 +90,178 @@ struct Inner {
     runner_restarts: Family<InstanceLabels, Counter>,
     runner_failures: Family<FailureLabels, Counter>,
     heartbeat_lag: Family<InstanceLabels, Gauge<f64, AtomicU64>>,
+    batch: BatchMetrics,
+}
+
+/// The per-instance metrics of runners' batches.
+#[derive(Debug, Default)]
+struct BatchMetrics {
+    running: Family<InstanceLabels, Gauge>,
+    queued: Family<InstanceLabels, Gauge>,
+    parallel: Family<InstanceLabels, Gauge>,
+    last_step_rows: Family<InstanceLabels, Gauge>,
+    kv_bytes: Family<InstanceLabels, Gauge>,
+    kv_capacity_bytes: Family<InstanceLabels, Gauge>,
+    prefix_hits: Family<InstanceLabels, Counter>,
+    prefix_reused_tokens: Family<InstanceLabels, Counter>,
+    prefilled_tokens: Family<InstanceLabels, Counter>,
+    /// Each instance's last report from its current runner process, to count increases.
+    last: Mutex<HashMap<String, BatchStats>>,
+}
+
+/// A gauge value from a runner's count.
+fn gauge_value(n: impl Into<u64>) -> i64 {
+    i64::try_from(n.into()).unwrap_or(i64::MAX)
+}
+
+/// How much a runner's counter grew since its last report (a smaller value means a new
+/// process counting from 0).
+fn increase(now: u64, before: u64) -> u64 {
+    if now >= before { now - before } else { now }
+}
+
+impl BatchMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "batch_running",
+            "Sequences in each instance's running batch",
+            self.running.clone(),
+        );
+        registry.register(
+            "batch_queued",
+            "Tasks each instance accepted that wait for a place in its batch",
+            self.queued.clone(),
+        );
+        registry.register(
+            "batch_parallel",
+            "Most sequences each instance's runner generates at once",
+            self.parallel.clone(),
+        );
+        registry.register(
+            "batch_last_step_rows",
+            "Rows (prefill and decode) of each instance's last batched step",
+            self.last_step_rows.clone(),
+        );
+        registry.register_with_unit(
+            "kv_cache",
+            "KV cache memory in use by each instance (running sequences and prefix cache)",
+            Unit::Bytes,
+            self.kv_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "kv_cache_capacity",
+            "KV cache memory each instance may use at most",
+            Unit::Bytes,
+            self.kv_capacity_bytes.clone(),
+        );
+        registry.register(
+            "prefix_cache_hits",
+            "Requests whose prompt reused positions from the prefix cache",
+            self.prefix_hits.clone(),
+        );
+        registry.register(
+            "prefix_cache_reused_tokens",
+            "Prompt positions reused from the prefix cache instead of prefilled",
+            self.prefix_reused_tokens.clone(),
+        );
+        registry.register(
+            "prefilled_tokens",
+            "Prompt positions prefilled",
+            self.prefilled_tokens.clone(),
+        );
+    }
+
+    fn last(&self) -> std::sync::MutexGuard<'_, HashMap<String, BatchStats>> {
+        self.last.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a runner's report.
+    fn report(&self, instance: &str, stats: &BatchStats) {
+        let labels = InstanceLabels {
+            instance: instance.to_string(),
+        };
+        self.running
+            .get_or_create(&labels)
+            .set(gauge_value(stats.running));
+        self.queued
+            .get_or_create(&labels)
+            .set(gauge_value(stats.queued));
+        self.parallel
+            .get_or_create(&labels)
+            .set(gauge_value(stats.parallel));
+        self.last_step_rows
+            .get_or_create(&labels)
+            .set(gauge_value(stats.last_step_rows));
+        self.kv_bytes
+            .get_or_create(&labels)
+            .set(gauge_value(stats.kv_bytes));
+        self.kv_capacity_bytes
+            .get_or_create(&labels)
+            .set(gauge_value(stats.kv_capacity_bytes));
+        let before = self
+            .last()
+            .insert(instance.to_string(), *stats)
+            .unwrap_or_default();
+        self.prefix_hits
+            .get_or_create(&labels)
+            .inc_by(increase(stats.prefix_hits, before.prefix_hits));
+        self.prefix_reused_tokens
+            .get_or_create(&labels)
+            .inc_by(increase(
+                stats.prefix_reused_tokens,
+                before.prefix_reused_tokens,
+            ));
+        self.prefilled_tokens
+            .get_or_create(&labels)
+            .inc_by(increase(stats.prefilled_tokens, before.prefilled_tokens));
+    }
+
+    /// The instance's runner process is gone: its gauges drop to 0 and the next process's
+    /// counters count from 0.
+    fn runner_gone(&self, instance: &str) {
+        if self.last().remove(instance).is_none() {
+            // It never reported a batch: no series to reset.
+            return;
+        }
+        let labels = InstanceLabels {
+            instance: instance.to_string(),
+        };
+        for gauge in [
+            &self.running,
+            &self.queued,
+            &self.parallel,
+            &self.last_step_rows,
+            &self.kv_bytes,
+            &self.kv_capacity_bytes,
+        ] {
+            gauge.get_or_create(&labels).set(0);
+        }
+    }
+
+    /// Drops every series of an instance that is gone for good.
+    fn forget(&self, instance: &str) {
+        self.last().remove(instance);
+        let labels = InstanceLabels {
+            instance: instance.to_string(),
+        };
+        for gauge in [
+            &self.running,
+            &self.queued,
+            &self.parallel,
+            &self.last_step_rows,
+            &self.kv_bytes,
+            &self.kv_capacity_bytes,
+        ] {
+            gauge.remove(&labels);
+        }
+        for counter in [
+            &self.prefix_hits,
+            &self.prefix_reused_tokens,
+            &self.prefilled_tokens,
+        ] {
+            counter.remove(&labels);
+        }
+    }
 }
 
 /// The node's metrics; clone it freely, every clone records into the same registry.
@@ -176,6 +361,8 @@ impl Metrics {
             Unit::Seconds,
             heartbeat_lag.clone(),
         );
+        let batch = BatchMetrics::default();
+        batch.register(&mut registry);
         Self {
             inner: Arc::new(Inner {
                 registry: Mutex::new(registry),
@@ -188,13 +375,26 @@ impl Metrics {
                 runner_restarts,
                 runner_failures,
                 heartbeat_lag,
+                batch,
             }),
         }
     }
 
-    /// Counts what a runner event tells: a restart (`Started` with `restarts > 0`) or a
-    /// failure (`RunnerFailed`, by reason).
+    /// Counts what a runner event tells: a restart (`Started` with `restarts > 0`), a
+    /// failure (`RunnerFailed`, by reason), or the runner's batch (`BatchChanged`).
     pub fn runner_event(&self, event: &RunnerEvent) {
+        match event {
+            RunnerEvent::BatchChanged { instance, stats } => {
+                self.inner.batch.report(instance, stats);
+                return;
+            }
+            RunnerEvent::Started { instance, .. }
+            | RunnerEvent::RunnerFailed { instance, .. }
+            | RunnerEvent::LoadFailed { instance, .. } => {
+                self.inner.batch.runner_gone(instance);
+            }
+            RunnerEvent::StatusChanged { .. } => {}
+        }
         match event {
             RunnerEvent::Started {
                 instance, restarts, ..
@@ -219,7 +419,8 @@ impl Metrics {
             }
             RunnerEvent::Started { .. }
             | RunnerEvent::StatusChanged { .. }
-            | RunnerEvent::LoadFailed { .. } => {}
+            | RunnerEvent::LoadFailed { .. }
+            | RunnerEvent::BatchChanged { .. } => {}
         }
     }
 
@@ -233,11 +434,12 @@ impl Metrics {
             .set(lag.as_secs_f64());
     }
 
-    /// Drops the heartbeat gauge of an instance that is gone.
+    /// Drops the per-instance series (heartbeat, batch) of an instance that is gone.
     pub fn forget_instance(&self, instance: &str) {
         self.inner.heartbeat_lag.remove(&InstanceLabels {
             instance: instance.to_string(),
         });
+        self.inner.batch.forget(instance);
     }
 
     /// Adds a metric of the node's own to the registry (its name gets the `canopy_` prefix).

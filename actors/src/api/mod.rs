@@ -23,8 +23,11 @@
 //!   retried once, after waiting up to `retry_wait` for a Ready instance (streams too, since
 //!   nothing but the role chunk has been sent); any later or second failure reaches the
 //!   client at once, as a 502 (or an SSE error event followed by `[DONE]`);
-//! - capacity: tasks queue in the runner supervisors up to their `max_tasks`; beyond that
-//!   the request is answered 429 with `Retry-After`;
+//! - capacity: tasks queue in the runner supervisors up to their `max_tasks` (counting tasks
+//!   queued and running at the runner; by default its batch's `parallel` plus 16 waiting);
+//!   beyond that the request is answered 429 with `Retry-After`;
+//! - a client error the runner finds (a prompt longer than the context) is a 400, never
+//!   retried and never a runner failure, for streams too as long as no token was sent;
 //! - shutdown is bounded: open requests get `shutdown_timeout` to finish, then are ended
 //!   (503, or an SSE error event and `[DONE]`), which cancels their tasks.
 

@@ -6,7 +6,9 @@
 //! (`: keep-alive`) flow every `keepalive` in between. If the task fails, the stream sends
 //! `data: {"error": {...}}` (OpenAI's error shape) and then `data: [DONE]` as soon as the
 //! failure arrives; a runner death before the first token is retried once first (see
-//! `task`).
+//! `task`). The handler may already have taken the task's first event (it waits for it
+//! briefly, so that a client error before the first token gets its HTTP status, see `chat`);
+//! the stream then begins with that event.
 //!
 //! The stream owns the task's `TaskHandle`: when the client disconnects, the server drops
 //! the stream, the handle's receiver with it, and the runner supervisor cancels the task.
@@ -27,16 +29,18 @@ use super::response::{ChatCompletionChunk, CompletionMeta};
 use super::task::ChatTask;
 use crate::runner::{TaskEvent, TaskHandle};
 
-/// The streamed answer of an accepted task.
+/// The streamed answer of an accepted task; `first` is the task's first event if the
+/// handler already took it from `handle`.
 pub(crate) fn respond(
     meta: CompletionMeta,
     task: ChatTask,
     handle: TaskHandle,
+    first: Option<TaskEvent>,
     include_usage: bool,
     keepalive: Duration,
     closing: CancellationToken,
 ) -> Response {
-    Sse::new(events(meta, task, handle, include_usage, closing))
+    Sse::new(events(meta, task, handle, first, include_usage, closing))
         .keep_alive(KeepAlive::new().interval(keepalive).text("keep-alive"))
         .into_response()
 }
@@ -75,13 +79,19 @@ fn events(
     meta: CompletionMeta,
     mut task: ChatTask,
     mut handle: TaskHandle,
+    first: Option<TaskEvent>,
     include_usage: bool,
     closing: CancellationToken,
 ) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
     async_stream::stream! {
         yield Ok(json_event(&ChatCompletionChunk::role(&meta, include_usage)));
+        let mut first = first;
         loop {
-            match next_event(&mut handle, &closing).await {
+            let next = match first.take() {
+                Some(event) => Some(Next::Task(event)),
+                None => next_event(&mut handle, &closing).await,
+            };
+            match next {
                 Some(Next::Closing) => {
                     yield Ok(error_event(&ApiError::shutting_down()));
                     break;

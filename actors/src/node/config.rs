@@ -20,8 +20,10 @@ pub struct RunnerDefaults {
     pub stall: StallTimeouts,
     /// Runner restart policy.
     pub restart: RestartPolicy,
-    /// Most tasks queued or running per runner; beyond it requests get 429.
-    pub max_tasks: usize,
+    /// Most tasks queued or running per runner; beyond it requests get 429. `None`: each
+    /// runner's `parallel` plus [`DEFAULT_QUEUE`](crate::runner::DEFAULT_QUEUE) (see
+    /// [`RunnerConfig::max_tasks`]).
+    pub max_tasks: Option<usize>,
 }
 
 impl RunnerDefaults {
@@ -32,7 +34,7 @@ impl RunnerDefaults {
             heartbeat: HeartbeatPolicy::default(),
             stall: StallTimeouts::default(),
             restart: RestartPolicy::default(),
-            max_tasks: 16,
+            max_tasks: None,
         }
     }
 

@@ -271,6 +271,10 @@ impl ModelRouter {
     }
 
     fn observe(&self, event: &RunnerEvent) {
+        if matches!(event, RunnerEvent::BatchChanged { .. }) {
+            // Batch reports change neither readiness nor routing: nobody to wake.
+            return;
+        }
         {
             let mut table = self.lock();
             match event {
@@ -306,6 +310,7 @@ impl ModelRouter {
                         i.last_failure = Some(reason.to_string());
                     }
                 }
+                RunnerEvent::BatchChanged { .. } => {}
             }
         }
         self.changed.send_modify(|n| *n += 1);

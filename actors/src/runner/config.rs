@@ -63,6 +63,10 @@ pub struct RestartPolicy {
     pub backoff: Backoff,
 }
 
+/// Tasks a runner may hold waiting for a place in its batch, beyond the `parallel` it runs,
+/// when no explicit limit ([`RunnerConfig::max_tasks`]) is set.
+pub const DEFAULT_QUEUE: usize = 16;
+
 /// Everything a [`super::RunnerSupervisor`] needs to run one instance.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
@@ -80,13 +84,28 @@ pub struct RunnerConfig {
     pub restart: RestartPolicy,
     /// How long a runner may take to exit after being asked, before SIGTERM.
     pub shutdown_grace: Duration,
-    /// Most tasks queued or running at once; more are refused with `QueueFull`.
-    pub max_tasks: usize,
+    /// Most tasks queued or running at once; more are refused with `QueueFull`. `None`: the
+    /// runner's `parallel` (as it reports it in its batch, else `load.parallel`, else 1)
+    /// plus [`DEFAULT_QUEUE`] tasks waiting for a place in the batch.
+    pub max_tasks: Option<usize>,
     /// Lines of the runner's stderr kept for failure reports.
     pub stderr_tail_lines: usize,
 }
 
 impl RunnerConfig {
+    /// The task limit given the runner's `parallel` (its batch report's, or `None` before
+    /// it sent one): the explicit [`max_tasks`](Self::max_tasks), else `parallel` plus
+    /// [`DEFAULT_QUEUE`].
+    pub fn task_limit(&self, reported_parallel: Option<u32>) -> usize {
+        self.max_tasks.unwrap_or_else(|| {
+            let parallel = reported_parallel
+                .filter(|p| *p > 0)
+                .or(self.load.parallel)
+                .unwrap_or(1);
+            (parallel as usize).saturating_add(DEFAULT_QUEUE)
+        })
+    }
+
     /// A config with default timeouts and policy.
     pub fn new(instance: impl Into<String>, command: CommandLine, load: LoadSpec) -> Self {
         Self {
@@ -97,7 +116,7 @@ impl RunnerConfig {
             stall: StallTimeouts::default(),
             restart: RestartPolicy::default(),
             shutdown_grace: Duration::from_secs(5),
-            max_tasks: 64,
+            max_tasks: None,
             stderr_tail_lines: 40,
         }
     }

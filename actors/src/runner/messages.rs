@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use canopy_proto::{
-    FinishReason, FromRunner, GenerateRequest, RunnerStatus, TaskId, TokenChunk, Usage,
+    BatchStats, FinishReason, FromRunner, GenerateRequest, RunnerStatus, TaskErrorKind, TaskId,
+    TokenChunk, Usage,
 };
 use canopy_runtime::process::FailureReason;
 use ractor::RpcReplyPort;
@@ -48,6 +49,10 @@ pub enum RunnerError {
         instance: String,
         /// The runner's message.
         message: String,
+        /// Whose fault it was: the client's ([`TaskErrorKind::InvalidRequest`],
+        /// [`TaskErrorKind::ContextLengthExceeded`]: HTTP 400) or the engine's (500).
+        #[serde(default)]
+        kind: TaskErrorKind,
     },
     /// The supervisor is shutting down.
     #[error("runner {instance} is shutting down")]
@@ -142,6 +147,15 @@ pub enum RunnerEvent {
         /// Whether a restart follows (false: the supervisor gives up).
         will_restart: bool,
     },
+    /// The runner reported its batch (sent for every `Batch` frame, so at most a few times
+    /// a second): sequences running and queued, KV memory, prefix cache. The counters in
+    /// `stats` count from the runner process's start; a new process starts them at 0 again.
+    BatchChanged {
+        /// The instance.
+        instance: String,
+        /// The runner's report.
+        stats: BatchStats,
+    },
 }
 
 /// A point-in-time view of a runner, for introspection.
@@ -167,6 +181,12 @@ pub struct RunnerSnapshot {
     pub last_heartbeat_age: Option<Duration>,
     /// How long the current runner process has been up.
     pub uptime: Option<Duration>,
+    /// The current runner process's last report of its batch (`None` until it sends one,
+    /// and again from the moment it dies).
+    pub batch: Option<BatchStats>,
+    /// Most tasks it takes (queued or running) before refusing with
+    /// [`RunnerError::QueueFull`].
+    pub max_tasks: usize,
 }
 
 /// Why a `RunnerSupervisor` failed (its parent receives this in `ActorFailed`).

@@ -32,7 +32,7 @@ mod messages;
 mod supervisor;
 mod tasks;
 
-pub use config::{RestartPolicy, RunnerCommand, RunnerConfig, StallTimeouts};
+pub use config::{DEFAULT_QUEUE, RestartPolicy, RunnerCommand, RunnerConfig, StallTimeouts};
 pub use messages::{
     RunnerError, RunnerEvent, RunnerMsg, RunnerSnapshot, RunnerSupervisorError, TaskEvent,
     TaskHandle,

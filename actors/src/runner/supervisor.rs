@@ -131,7 +131,14 @@ impl RunnerSupervisorState {
                 .and_then(|r| r.last_beat.lock().ok().and_then(|b| *b))
                 .map(|b| b.elapsed()),
             uptime: runner.map(|r| r.started_at.elapsed()),
+            batch: self.batch,
+            max_tasks: self.max_tasks(),
         }
+    }
+
+    /// The task limit now (explicit, or from the runner's `parallel`).
+    fn max_tasks(&self) -> usize {
+        self.config.task_limit(self.batch.map(|b| b.parallel))
     }
 
     fn process_spec(&self) -> ProcessSpec {
@@ -179,6 +186,8 @@ impl RunnerSupervisor {
         };
         runner.send(ToRunner::Handshake(canopy_proto::Handshake::ours()));
         tracing::info!(instance = %state.config.instance, pid = io.pid, generation, "runner started");
+        // A new process reports its own batch; the last one's is history.
+        state.batch = None;
         state.emit(RunnerEvent::Started {
             instance: state.config.instance.clone(),
             pid: io.pid,
@@ -208,6 +217,7 @@ impl RunnerSupervisor {
             None => 0,
         };
         let instance = state.config.instance.clone();
+        state.batch = None;
         // The status and the report go out before the tasks are failed: whoever sees a task
         // fail and asks again finds the instance already marked failed, never still ready.
         state.set_status(RunnerStatus::Failed);
@@ -322,16 +332,28 @@ impl RunnerSupervisor {
                 );
                 Follow::Nothing
             }
-            FromRunner::TaskError { task_id, error, .. } => {
+            FromRunner::TaskError {
+                task_id,
+                error,
+                kind,
+            } => {
+                tracing::debug!(instance = %state.config.instance, task_id, ?kind, %error, "task error");
+                // A task error is the task's end, not the runner's: the runner stays up, and
+                // nothing here counts it as a runner failure.
                 let err = RunnerError::TaskFailed {
                     instance: state.config.instance.clone(),
                     message: error,
+                    kind,
                 };
                 state.tasks.finish(task_id, TaskEvent::Failed(err));
                 Follow::Nothing
             }
             FromRunner::Batch(stats) => {
                 state.batch = Some(stats);
+                state.emit(RunnerEvent::BatchChanged {
+                    instance: state.config.instance.clone(),
+                    stats,
+                });
                 Follow::Nothing
             }
         };
@@ -378,7 +400,8 @@ impl RunnerSupervisor {
         match msg {
             RunnerMsg::Submit { request, reply } => {
                 let instance = state.config.instance.clone();
-                let max = state.config.max_tasks;
+                // Tasks queued or running at the runner (and those not yet acknowledged).
+                let max = state.max_tasks();
                 match (&state.runner, state.status) {
                     (Some(_), RunnerStatus::Ready | RunnerStatus::Running)
                         if state.tasks.len() >= max =>
@@ -521,9 +544,12 @@ impl Actor for RunnerSupervisor {
                 current_task: None,
                 last_heartbeat_age: None,
                 uptime: None,
+                batch: None,
+                max_tasks: config.task_limit(None),
             },
             last_beat: None,
             runner_started: None,
+            parallel_requested: config.load.parallel,
         }));
         {
             let view = view.clone();
@@ -613,6 +639,8 @@ struct View {
     snapshot: RunnerSnapshot,
     last_beat: Option<Arc<Mutex<Option<Instant>>>>,
     runner_started: Option<Instant>,
+    /// The `parallel` the runner was asked for (`None`: the engine chooses).
+    parallel_requested: Option<u32>,
 }
 
 impl View {
@@ -625,16 +653,35 @@ impl View {
             .and_then(|b| b.lock().ok().and_then(|b| *b))
             .map(|b| b.elapsed().as_millis() as u64);
         serde_json::json!({
-        "instance": s.instance,
-        "status": s.status.to_string(),
-        "pid": s.pid,
-        "restarts": s.restarts,
-        "awaiting_ack": s.awaiting_ack,
-        "pending": s.pending,
-        "in_flight": s.in_flight,
-        "current_task": s.current_task,
+            "instance": s.instance,
+            "status": s.status.to_string(),
+            "pid": s.pid,
+            "restarts": s.restarts,
+            "awaiting_ack": s.awaiting_ack,
+            "pending": s.pending,
+            "in_flight": s.in_flight,
+            "current_task": s.current_task,
+            "max_tasks": s.max_tasks,
+            "parallel_requested": self.parallel_requested,
             "last_heartbeat_age_ms": beat_age,
             "runner_uptime_ms": self.runner_started.map(|t| t.elapsed().as_millis() as u64),
+            "batch": s.batch.map(|b| batch_json(&b)),
         })
     }
+}
+
+/// A runner's batch report as introspection shows it (`details.batch` of a runner
+/// supervisor; `canopy inspect` renders it).
+fn batch_json(b: &canopy_proto::BatchStats) -> serde_json::Value {
+    serde_json::json!({
+        "parallel": b.parallel,
+        "running": b.running,
+        "queued": b.queued,
+        "last_step_rows": b.last_step_rows,
+        "kv_bytes": b.kv_bytes,
+        "kv_capacity_bytes": b.kv_capacity_bytes,
+        "prefix_hits": b.prefix_hits,
+        "prefix_reused_tokens": b.prefix_reused_tokens,
+        "prefilled_tokens": b.prefilled_tokens,
+    })
 }

@@ -1,11 +1,13 @@
 //! [`JobQueue`]: the work waiting for (or being done by) the worker thread.
 //!
-//! The stdin reader pushes jobs and cancels tasks; the worker pops jobs one at a time. The
-//! queue knows which generate task is running and holds each task's cancellation flag, so a
-//! `Cancel` either flags the running task (the engine sees it between tokens) or takes a
-//! queued task out before it ever runs (the reader answers it `Done { Cancelled }` at once).
-//! Closing the queue (shutdown, or the supervisor gone) flags the running task, hands back the
-//! queued ones, and makes the worker's next [`next`](JobQueue::next) return `None`.
+//! The stdin reader pushes jobs and cancels tasks; the worker takes them. Every generate task
+//! the worker has taken (running, or waiting in the worker for a place in the batch) stays
+//! known to the queue with its cancellation flag until the worker [finishes](JobQueue::finish)
+//! it, so a `Cancel` either flags a taken task (the engine sees it before its next step) or
+//! takes a queued task out before the worker ever sees it (the reader answers it `Done {
+//! Cancelled }` at once). Closing the queue (shutdown, or the supervisor gone) flags every
+//! taken task, hands back the queued ones, and makes the worker's next
+//! [`next`](JobQueue::next) return `None`.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,8 +67,20 @@ pub struct JobQueue {
 #[derive(Default)]
 struct State {
     jobs: VecDeque<Job>,
-    running: Option<(TaskId, Arc<AtomicBool>)>,
+    /// Generate tasks the worker has taken and not finished.
+    taken: Vec<(TaskId, Arc<AtomicBool>)>,
     closed: bool,
+}
+
+/// What [`JobQueue::try_next`] found.
+#[derive(Debug)]
+pub enum Take {
+    /// A job (a generate task is now taken).
+    Job(Job),
+    /// Nothing queued right now.
+    Empty,
+    /// The queue is closed.
+    Closed,
 }
 
 impl JobQueue {
@@ -86,18 +100,15 @@ impl JobQueue {
         Ok(())
     }
 
-    /// Blocks until a job is available and takes it (a generate task becomes the running
-    /// task); `None` once the queue is closed.
+    /// Blocks until a job is available and takes it (a generate task becomes taken); `None`
+    /// once the queue is closed.
     pub fn next(&self) -> Option<Job> {
         let mut state = self.lock();
         loop {
             if state.closed {
                 return None;
             }
-            if let Some(job) = state.jobs.pop_front() {
-                if let Job::Generate(task) = &job {
-                    state.running = Some((task.id, Arc::clone(&task.cancel)));
-                }
+            if let Some(job) = State::take(&mut state) {
                 return Some(job);
             }
             state = self
@@ -107,18 +118,43 @@ impl JobQueue {
         }
     }
 
-    /// Marks the current job finished; returns true when nothing else is queued and the
-    /// queue is still open (the runner is idle).
-    pub fn finish_current(&self) -> bool {
+    /// Takes a job if one is queued, without waiting.
+    pub fn try_next(&self) -> Take {
         let mut state = self.lock();
-        state.running = None;
-        state.jobs.is_empty() && !state.closed
+        if state.closed {
+            return Take::Closed;
+        }
+        match State::take(&mut state) {
+            Some(job) => Take::Job(job),
+            None => Take::Empty,
+        }
+    }
+
+    /// Marks a taken task finished (it has had its last frame).
+    pub fn finish(&self, id: TaskId) {
+        self.lock().taken.retain(|(taken, _)| *taken != id);
+    }
+
+    /// Whether nothing is queued or taken and the queue is still open (the runner is idle).
+    pub fn idle(&self) -> bool {
+        let state = self.lock();
+        state.jobs.is_empty() && state.taken.is_empty() && !state.closed
+    }
+
+    /// Generate tasks queued and not yet taken.
+    pub fn queued(&self) -> usize {
+        let state = self.lock();
+        state
+            .jobs
+            .iter()
+            .filter(|job| matches!(job, Job::Generate(_)))
+            .count()
     }
 
     /// Cancels a task wherever it is.
     pub fn cancel(&self, id: TaskId) -> Cancelled {
         let mut state = self.lock();
-        if let Some((_, flag)) = state.running.as_ref().filter(|(running, _)| *running == id) {
+        if let Some((_, flag)) = state.taken.iter().find(|(taken, _)| *taken == id) {
             flag.store(true, Ordering::SeqCst);
             return Cancelled::Running;
         }
@@ -132,12 +168,12 @@ impl JobQueue {
         }
     }
 
-    /// Closes the queue: flags the running task, drops queued loads, and returns the queued
+    /// Closes the queue: flags every taken task, drops queued loads, and returns the queued
     /// tasks for the caller to answer.
     pub fn close(&self) -> Vec<Task> {
         let mut state = self.lock();
         state.closed = true;
-        if let Some((_, flag)) = &state.running {
+        for (_, flag) in &state.taken {
             flag.store(true, Ordering::SeqCst);
         }
         let tasks = state
@@ -154,6 +190,17 @@ impl JobQueue {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl State {
+    /// Pops the next job, recording a generate task as taken.
+    fn take(&mut self) -> Option<Job> {
+        let job = self.jobs.pop_front()?;
+        if let Job::Generate(task) = &job {
+            self.taken.push((task.id, Arc::clone(&task.cancel)));
+        }
+        Some(job)
     }
 }
 
@@ -195,7 +242,8 @@ mod tests {
         assert!(running.cancel.load(Ordering::SeqCst));
         assert!(matches!(queue.cancel(2), Cancelled::Dequeued(t) if t.id == 2));
         assert!(matches!(queue.cancel(2), Cancelled::Unknown));
-        assert!(queue.finish_current());
+        queue.finish(1);
+        assert!(queue.idle());
         assert!(matches!(queue.cancel(1), Cancelled::Unknown));
     }
 
@@ -213,7 +261,33 @@ mod tests {
         assert!(running.cancel.load(Ordering::SeqCst));
         assert!(queue.next().is_none());
         assert!(queue.push(task(3)).is_err());
-        assert!(!queue.finish_current());
+        assert!(!queue.idle());
+        assert!(matches!(queue.try_next(), Take::Closed));
+    }
+
+    #[test]
+    fn several_taken_tasks_are_cancelled_each_and_counted() {
+        let queue = JobQueue::new();
+        for id in 1..=3 {
+            assert!(queue.push(task(id)).is_ok());
+        }
+        assert_eq!(queue.queued(), 3);
+        let (Take::Job(Job::Generate(a)), Take::Job(Job::Generate(b))) =
+            (queue.try_next(), queue.try_next())
+        else {
+            panic!("expected two tasks");
+        };
+        assert_eq!(queue.queued(), 1);
+        assert!(matches!(queue.cancel(2), Cancelled::Running));
+        assert!(b.cancel.load(Ordering::SeqCst));
+        assert!(!a.cancel.load(Ordering::SeqCst));
+        queue.finish(1);
+        queue.finish(2);
+        assert!(!queue.idle(), "task 3 is still queued");
+        assert!(matches!(queue.try_next(), Take::Job(_)));
+        assert!(matches!(queue.try_next(), Take::Empty));
+        queue.finish(3);
+        assert!(queue.idle());
     }
 
     #[test]

@@ -164,7 +164,12 @@ impl Batcher {
             .sum();
         let reserved_bytes = ((reserved + need) * self.bytes_per_position) as u64;
         while reserved_bytes.max(live) + self.prefix.bytes() > budget && self.prefix.evict_lru() {}
-        tracing::debug!(id, prompt = prompt.len(), reused, "sequence joined the batch");
+        tracing::debug!(
+            id,
+            prompt = prompt.len(),
+            reused,
+            "sequence joined the batch"
+        );
         self.seqs.push(Sequence {
             id,
             prompt_len: prompt.len(),
@@ -325,8 +330,14 @@ impl Batcher {
                 .get(k)
                 .map_err(|e| EngineError::Generate(format!("unusable logits: {e}")))
                 .and_then(|row| {
-                    seq.decoder
-                        .advance(&row, tokenizer, &mut SeqSink { id, sink: &mut *sink })
+                    seq.decoder.advance(
+                        &row,
+                        tokenizer,
+                        &mut SeqSink {
+                            id,
+                            sink: &mut *sink,
+                        },
+                    )
                 });
             match next {
                 Ok(Next::Feed(token)) => seq.tokens.push(token),

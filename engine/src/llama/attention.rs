@@ -33,9 +33,9 @@ use super::error::Result;
 use super::kv_cache::KvCache;
 use super::options::LoadOptions;
 use super::projection::Projection;
+use super::rope::RotaryEmbedding;
 use super::row_attention::{self, Heads, Span};
 use super::sequence::LayerKv;
-use super::rope::RotaryEmbedding;
 use super::weights::WeightReader;
 
 /// How query heads are paired with shared key/value heads; see the module docs.
@@ -177,7 +177,9 @@ impl Attention {
             )
             .into());
         };
-        let host = |t: Tensor| -> Result<Vec<f32>> { Ok(t.contiguous()?.flatten_all()?.to_vec1::<f32>()?) };
+        let host = |t: Tensor| -> Result<Vec<f32>> {
+            Ok(t.contiguous()?.flatten_all()?.to_vec1::<f32>()?)
+        };
         let (mut q, mut k, v) = (host(q)?, host(k)?, host(v)?);
         for (span, cache) in spans.iter().zip(caches.iter_mut()) {
             let end = span.pos + span.len;

@@ -343,7 +343,11 @@ impl LlamaShard {
         match &self.head {
             Some(head) => {
                 if want.is_empty() {
-                    return Ok(Tensor::zeros((0, self.config.vocab_size), DType::F32, &self.device)?);
+                    return Ok(Tensor::zeros(
+                        (0, self.config.vocab_size),
+                        DType::F32,
+                        &self.device,
+                    )?);
                 }
                 let mut last = Vec::with_capacity(want.len());
                 for &i in want {
@@ -373,7 +377,11 @@ impl LlamaShard {
         if rows == 0 || spans.is_empty() {
             return Err(LlamaError::EmptyInput);
         }
-        let bad = |why: String| Err(LlamaError::InvalidOptions(format!("batched forward: {why}")));
+        let bad = |why: String| {
+            Err(LlamaError::InvalidOptions(format!(
+                "batched forward: {why}"
+            )))
+        };
         if spans.len() != caches.len() {
             return bad(format!("{} spans but {} caches", spans.len(), caches.len()));
         }

@@ -15,6 +15,8 @@
 //! | `abort_after=K`   | SIGKILL the whole process after K tokens (like an OOM kill)           |
 //! | `hang_after=K`    | wedge the generating thread forever after K tokens, ignoring cancel   |
 //! | `freeze_after=K`  | freeze the host's heartbeat after K tokens, then keep streaming       |
+//! | `max_context=N`   | a context of N positions: a prompt of more than N words fails with   |
+//! |                   | `ContextLengthExceeded` before prefill (the client's error)           |
 
 use std::time::Duration;
 
@@ -39,6 +41,8 @@ pub struct Script {
     pub hang_after: Option<u32>,
     /// `freeze_after=K`: freeze the host's heartbeat once K tokens were streamed.
     pub freeze_after: Option<u32>,
+    /// `max_context=N`: the context holds N positions; a longer prompt is refused.
+    pub max_context: Option<usize>,
 }
 
 impl Script {
@@ -66,6 +70,7 @@ impl Script {
                 "abort_after" => script.abort_after = Some(number(word, value)?),
                 "hang_after" => script.hang_after = Some(number(word, value)?),
                 "freeze_after" => script.freeze_after = Some(number(word, value)?),
+                "max_context" => script.max_context = Some(number(word, value)?),
                 _ => {}
             }
         }
@@ -96,7 +101,7 @@ mod tests {
     fn parses_every_directive_and_ignores_other_words() {
         let script = Script::parse(
             "hello tokens=12\ndelay_ms=3 prefill_ms=40 error_after=5 exit_after=2:17 \
-             abort_after=4 hang_after=6 freeze_after=1 foo=bar world",
+             abort_after=4 hang_after=6 freeze_after=1 max_context=9 foo=bar world",
         )
         .ok();
         assert_eq!(
@@ -110,6 +115,7 @@ mod tests {
                 abort_after: Some(4),
                 hang_after: Some(6),
                 freeze_after: Some(1),
+                max_context: Some(9),
             })
         );
     }
