@@ -547,3 +547,152 @@ async fn a_user_actor_that_cannot_start_fails_the_node_start_and_leaves_no_runne
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// What one streaming client saw: the content, whether an error event came, whether the
+/// stream ended with `[DONE]`, and when its first content arrived.
+#[derive(Debug, Default)]
+struct Seen {
+    content: String,
+    error: bool,
+    done: bool,
+}
+
+fn stream_chat(node: &NodeProcess, question: &str, max_tokens: u32, first: &dyn Fn()) -> Seen {
+    let mut seen = Seen::default();
+    let mut told = false;
+    let body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": true,
+    });
+    node.stream(&body, |data, _| {
+        if data == "[DONE]" {
+            seen.done = true;
+            return;
+        }
+        let Ok(event) = serde_json::from_str::<Value>(data) else {
+            return;
+        };
+        if event.get("error").is_some() {
+            seen.error = true;
+        }
+        if let Some(text) = event["choices"][0]["delta"]["content"].as_str() {
+            seen.content.push_str(text);
+            if !told && !text.is_empty() {
+                told = true;
+                first();
+            }
+        }
+    });
+    seen
+}
+
+const QUESTIONS: [&str; 4] = [
+    "What is 2+2? Reply with just the number.",
+    "Name a colour of the sky.",
+    "Write one sentence about the sea.",
+    "What is the capital of France?",
+];
+
+/// Concurrent streams share the runner's batch and each says exactly what it says alone; a
+/// runner killed (kill -9) or frozen (SIGSTOP) with a batch in flight gives every stream its
+/// error at once (no hang), the runner restarts, and the node serves again.
+#[test]
+fn concurrent_streams_are_batch_invariant_and_a_runner_death_mid_batch_fails_each_stream() {
+    let _turn = real_model_turn();
+    let tag = common::unique_tag("batch");
+    let node = NodeProcess::start(
+        &["up", "--parallel", "4"],
+        &[("CANOPY_TEST_TAG", &tag)],
+        true,
+    );
+
+    // Alone, one after another.
+    let solo: Vec<String> = QUESTIONS
+        .iter()
+        .map(|q| stream_chat(&node, q, 24, &|| {}).content)
+        .collect();
+    // Together.
+    let together: Vec<Seen> = std::thread::scope(|s| {
+        let handles: Vec<_> = QUESTIONS
+            .iter()
+            .map(|q| s.spawn(|| stream_chat(&node, q, 24, &|| {})))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect()
+    });
+    for ((q, alone), batched) in QUESTIONS.iter().zip(&solo).zip(&together) {
+        assert!(batched.done && !batched.error, "{q}: {batched:?}");
+        assert_eq!(&batched.content, alone, "{q}: batched differs from alone");
+    }
+    let (_, metrics) = node.get("/metrics").expect("metrics");
+    assert!(
+        metric(&metrics, "canopy_prefix_cache_hits_total") >= 1.0,
+        "the repeated prompts reused cached positions: {metrics}"
+    );
+    assert!(
+        metric(&metrics, "canopy_batch_parallel") >= 4.0,
+        "{metrics}"
+    );
+
+    for (signal, what) in [
+        (nix::sys::signal::Signal::SIGKILL, "kill -9"),
+        (nix::sys::signal::Signal::SIGSTOP, "SIGSTOP"),
+    ] {
+        let pids = node.runner_pids();
+        assert_eq!(pids.len(), 1, "one runner: {pids:?}");
+        let (started, ready) = std::sync::mpsc::channel::<()>();
+        let t0 = Instant::now();
+        let node_ref = &node;
+        let outcomes: Vec<(Seen, Duration)> = std::thread::scope(|s| {
+            let handles: Vec<_> = QUESTIONS
+                .iter()
+                .map(|q| {
+                    let started = started.clone();
+                    let node = node_ref;
+                    s.spawn(move || {
+                        let seen = stream_chat(&node, q, 400, &|| {
+                            let _ = started.send(());
+                        });
+                        (seen, t0.elapsed())
+                    })
+                })
+                .collect();
+            // Every stream has produced output: the batch is in flight.
+            for _ in 0..QUESTIONS.len() {
+                ready
+                    .recv_timeout(Duration::from_secs(60))
+                    .expect("every stream started");
+            }
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0] as i32), signal)
+                .expect("signal the runner");
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("client thread"))
+                .collect()
+        });
+        for (seen, _) in &outcomes {
+            assert!(
+                seen.error,
+                "{what}: a stream did not get its error: {seen:?}"
+            );
+            assert!(seen.done, "{what}: a stream did not end: {seen:?}");
+        }
+        let last = outcomes.iter().map(|(_, at)| *at).max().unwrap_or_default();
+        eprintln!("{what}: every stream ended {last:?} after the batch started");
+        // Recovery: a new runner serves the same answer.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !matches!(node.get("/ready"), Ok((200, _))) {
+            assert!(Instant::now() < deadline, "{what}: not ready again");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let again = stream_chat(&node, QUESTIONS[0], 24, &|| {});
+        assert!(again.done && !again.error, "{what}: {again:?}");
+        assert_eq!(again.content, solo[0], "{what}: after the restart");
+    }
+    node.interrupt_and_check();
+}
