@@ -37,6 +37,21 @@ bench-engine:
     fi
     LLAMA_BENCH="$LLAMA_BENCH" cargo bench -p canopy-engine --bench engine
 
+# Serving benchmark (continuous batching): 1, 4, 8, 16 concurrent streaming chat clients
+# against `canopy up --parallel 16` and llama.cpp's llama-server -np 16 on the same file and
+# threads (CANOPY_BENCH_THREADS, default 2): aggregate tokens/s, TTFT and latency p50/p95, peak
+# RSS, repeated-prompt TTFT. Builds llama-server first (scripts/build-llama-cpp.sh
+# llama-server; LLAMA_CPP_NATIVE=ON for -march=native) unless LLAMA_SERVER names one; if that
+# build fails, Canopy is benchmarked alone. More settings in bin/benches/serve.rs.
+bench-serve:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ -z "${LLAMA_SERVER:-}" ]; then
+        LLAMA_SERVER="$(scripts/build-llama-cpp.sh llama-server)" \
+            || { echo "building llama-server failed; benchmarking Canopy alone" >&2; LLAMA_SERVER=; }
+    fi
+    LLAMA_SERVER="$LLAMA_SERVER" cargo bench -p canopy --bench serve
+
 # Soak: a 3-node cluster (network namespaces, root) on a saturated machine must declare no peer dead; CANOPY_SOAK_SECS (default 120).
 soak-cluster:
     cargo test -p canopy --test cluster -- --ignored --nocapture no_false_peer_deaths
