@@ -38,7 +38,7 @@ use crate::generation::{self, prompt_text, run_generation};
 use crate::gguf::GgufFile;
 use crate::llama::config::LlamaConfig;
 use crate::llama::shard::{LlamaShard, ShardInput};
-use crate::llama::{BatchInput, SequenceCache, Span};
+use crate::llama::{SequenceCache, Span};
 use crate::tokenizer::GgufTokenizer;
 use crate::{Engine, EngineError, GenerateOutcome, GenerateSink};
 
@@ -96,7 +96,7 @@ impl BatchModel for LlamaShard {
         caches: &mut [&mut SequenceCache],
         want: &[usize],
     ) -> Result<Tensor, EngineError> {
-        Ok(self.forward_batch(BatchInput::Tokens(tokens), spans, caches, want)?)
+        Ok(self.forward_batch(ShardInput::Tokens(tokens), spans, caches, want)?)
     }
 }
 

@@ -67,5 +67,5 @@ pub use projection::Projection;
 pub use rope::RotaryEmbedding;
 pub use row_attention::Span;
 pub use sequence::SequenceCache;
-pub use shard::{BatchInput, LlamaShard, ShardInput};
+pub use shard::{LlamaShard, ShardInput};
 pub use weights::WeightReader;

@@ -57,15 +57,6 @@ impl ShardInput<'_> {
     }
 }
 
-/// What a batched forward consumes: the rows of every sequence, concatenated in span order.
-#[derive(Debug, Clone)]
-pub enum BatchInput<'a> {
-    /// Token ids; only the first shard accepts them.
-    Tokens(&'a [u32]),
-    /// Hidden states `[1, rows, n_embd]` (f32) from the previous shard.
-    Hidden(Tensor),
-}
-
 /// Layers `i..j` of a llama model, with the embedding if first and the head if last.
 ///
 /// Not `Clone` (the KV caches are written in place); load a second shard instead.
@@ -218,23 +209,7 @@ impl LlamaShard {
     /// next shard as [`ShardInput::Hidden`], and the logits of the last position (`[vocab]`,
     /// f32) from the last shard.
     pub fn forward(&mut self, input: ShardInput<'_>, index_pos: usize) -> Result<Tensor> {
-        let x = match (input, &self.embedding) {
-            (ShardInput::Tokens(tokens), Some(embedding)) => {
-                embedding.forward(tokens)?.unsqueeze(0)?
-            }
-            (ShardInput::Hidden(hidden), None) => self.check_hidden(hidden)?,
-            (input, _) => {
-                return Err(LlamaError::WrongInput {
-                    layers: format!("{}..{}", self.layers.start, self.layers.end),
-                    expected: if self.is_first() {
-                        "token ids"
-                    } else {
-                        "hidden states"
-                    },
-                    got: input.kind(),
-                });
-            }
-        };
+        let x = self.input_rows(input)?;
         let seq_len = x.dim(1)?;
         if seq_len == 0 {
             return Err(LlamaError::EmptyInput);
@@ -299,7 +274,7 @@ impl LlamaShard {
     /// any other. CPU only.
     pub fn forward_batch(
         &self,
-        input: BatchInput<'_>,
+        input: ShardInput<'_>,
         spans: &[Span],
         caches: &mut [&mut SequenceCache],
         want: &[usize],
@@ -309,26 +284,7 @@ impl LlamaShard {
                 "the batched forward runs on the CPU only".into(),
             ));
         }
-        let x = match (input, &self.embedding) {
-            (BatchInput::Tokens(tokens), Some(embedding)) => {
-                embedding.forward(tokens)?.unsqueeze(0)?
-            }
-            (BatchInput::Hidden(hidden), None) => self.check_hidden(hidden)?,
-            (input, _) => {
-                return Err(LlamaError::WrongInput {
-                    layers: format!("{}..{}", self.layers.start, self.layers.end),
-                    expected: if self.is_first() {
-                        "token ids"
-                    } else {
-                        "hidden states"
-                    },
-                    got: match input {
-                        BatchInput::Tokens(_) => "token ids",
-                        BatchInput::Hidden(_) => "hidden states",
-                    },
-                });
-            }
-        };
+        let x = self.input_rows(input)?;
         let rows = x.dim(1)?;
         self.check_spans(rows, spans, caches)?;
         let mut x = x;
@@ -414,6 +370,26 @@ impl LlamaShard {
             return bad(format!("spans cover {next} rows of {rows}"));
         }
         Ok(())
+    }
+
+    /// The input as rows `[1, rows, n_embd]`: token ids embedded (first shard) or hidden
+    /// states checked (any other).
+    fn input_rows(&self, input: ShardInput<'_>) -> Result<Tensor> {
+        match (input, &self.embedding) {
+            (ShardInput::Tokens(tokens), Some(embedding)) => {
+                Ok(embedding.forward(tokens)?.unsqueeze(0)?)
+            }
+            (ShardInput::Hidden(hidden), None) => self.check_hidden(hidden),
+            (input, _) => Err(LlamaError::WrongInput {
+                layers: format!("{}..{}", self.layers.start, self.layers.end),
+                expected: if self.is_first() {
+                    "token ids"
+                } else {
+                    "hidden states"
+                },
+                got: input.kind(),
+            }),
+        }
     }
 
     fn check_hidden(&self, hidden: Tensor) -> Result<Tensor> {
