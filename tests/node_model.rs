@@ -655,7 +655,7 @@ fn concurrent_streams_are_batch_invariant_and_a_runner_death_mid_batch_fails_eac
                     let started = started.clone();
                     let node = node_ref;
                     s.spawn(move || {
-                        let seen = stream_chat(&node, q, 400, &|| {
+                        let seen = stream_chat(node, q, 400, &|| {
                             let _ = started.send(());
                         });
                         (seen, t0.elapsed())
