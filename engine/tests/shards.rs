@@ -635,3 +635,110 @@ fn bench_decode_tokens_per_second() {
         println!("{line}");
     }
 }
+
+// The batched forward (`forward_batch`, with the row attention kernel) against the
+// single-sequence forward (candle's attention): they sum in different orders, so they agree
+// closely but not bit for bit; and the batched forward gives a sequence the same bits alone,
+// beside another sequence, or with its prompt in chunks.
+
+use canopy_engine::llama::{SequenceCache, Span};
+
+/// A prompt of 40 tokens (the end of a text tokenized by the model's own tokenizer).
+fn prompt_40() -> Vec<u32> {
+    let file = canopy_engine::gguf::GgufFile::open(model_path()).expect("open model");
+    let tokenizer = canopy_engine::tokenizer::GgufTokenizer::from_gguf(&file).expect("tokenizer");
+    // Counting, cut at a comma: the next token is not in doubt, so the argmax is a fair test.
+    let text = "Monday, Tuesday, Wednesday, Thursday, Friday. January, February, March, April, \
+        May, June, July, August, September, October, November, December. One, two, three, \
+        four, five, six, seven, eight, nine, ten, eleven, twelve, thirteen, fourteen,";
+    let ids = tokenizer.encode(text, true).expect("encode");
+    assert!(ids.len() >= 40, "{} tokens", ids.len());
+    ids[ids.len() - 40..].to_vec()
+}
+
+/// The batched forward of `sequences` (`(tokens, cache)` each) in one call; the logits of every
+/// sequence's last row.
+fn batched(shard: &LlamaShard, sequences: &mut [(&[u32], &mut SequenceCache)]) -> Vec<Vec<f32>> {
+    let mut tokens = Vec::new();
+    let mut spans = Vec::new();
+    for (rows, cache) in sequences.iter() {
+        spans.push(Span {
+            start: tokens.len(),
+            len: rows.len(),
+            pos: cache.len(),
+        });
+        tokens.extend_from_slice(rows);
+    }
+    let want: Vec<usize> = (0..spans.len()).collect();
+    let mut caches: Vec<&mut SequenceCache> = sequences.iter_mut().map(|(_, c)| &mut **c).collect();
+    let logits = shard
+        .forward_batch(ShardInput::Tokens(&tokens), &spans, &mut caches, &want)
+        .expect("batched forward");
+    assert_eq!(logits.dims(), &[want.len(), shard.config().vocab_size]);
+    (0..want.len())
+        .map(|i| to_vec(&logits.get(i).expect("row")))
+        .collect()
+}
+
+#[test]
+fn batched_forward_is_close_to_the_reference_and_independent_of_the_batch() {
+    let mut shard = full();
+    let prompt = prompt_40();
+    // Reference: the single-sequence forward, prefill then one decode step.
+    shard.clear_kv_cache();
+    let want_prefill = to_vec(
+        &shard
+            .forward(ShardInput::Tokens(&prompt), 0)
+            .expect("prefill"),
+    );
+    let next = argmax(&want_prefill);
+    let want_decode = to_vec(
+        &shard
+            .forward(ShardInput::Tokens(&[next]), prompt.len())
+            .expect("decode"),
+    );
+
+    let mut cache = shard.new_sequence_cache();
+    let got_prefill = batched(&shard, &mut [(&prompt, &mut cache)]).remove(0);
+    let got_decode = batched(&shard, &mut [(&[next], &mut cache)]).remove(0);
+    assert_eq!(cache.len(), prompt.len() + 1);
+    // Rounding differences, amplified by the quantized activations, reach ~1 logit (the
+    // largest over the vocabulary: 0.6 on this prefill, 1.06 on this decode step, mostly a
+    // shift common to all logits, which softmax ignores); a real bug (a wrong position, mask or
+    // cache row) moves logits by many units and probabilities by far more than 0.05.
+    for (what, got, want) in [
+        ("prefill", &got_prefill, &want_prefill),
+        ("decode", &got_decode, &want_decode),
+    ] {
+        let logit = max_abs_diff(got, want);
+        let prob = max_prob_diff(got, want);
+        println!(
+            "batched vs reference forward, {what}: max |Δlogit| = {logit:e}, max |Δp| = {prob:e}"
+        );
+        assert!(logit < 2.0, "{what}: max |Δlogit| {logit}");
+        assert!(prob < 0.05, "{what}: max |Δp| {prob}");
+        assert_eq!(argmax(got), argmax(want), "{what}: argmax differs");
+    }
+
+    // The same sequence beside another one (decoding, and prefilling), and its prompt in two
+    // chunks: the same bits.
+    let other: Vec<u32> = PROMPT.to_vec();
+    let mut other_cache = shard.new_sequence_cache();
+    let mut mine = shard.new_sequence_cache();
+    let (head, tail) = prompt.split_at(23);
+    batched(&shard, &mut [(&other, &mut other_cache), (head, &mut mine)]);
+    let logits = batched(
+        &shard,
+        &mut [(tail, &mut mine), (&[next], &mut other_cache)],
+    );
+    assert_bit_identical(
+        &logits[..1],
+        &[got_prefill],
+        "chunked prefill beside another",
+    );
+    let logits = batched(
+        &shard,
+        &mut [(&[7], &mut other_cache), (&[next], &mut mine)],
+    );
+    assert_bit_identical(&logits[1..], &[got_decode], "decode beside another");
+}
