@@ -46,9 +46,19 @@ pub(super) struct Heads {
     pub(super) head_dim: usize,
 }
 
+/// Query rows of one sequence attended together in one task (they share each key and value
+/// they read).
+const ROW_TILE: usize = 8;
+
 /// `y[r, h, :]` for every row `r` of every span and head `h` (see the module docs); `q` is
 /// `[rows][n_head * head_dim]` (already rotated), `caches[i]` holds span `i`'s keys and values
 /// for positions `0..spans[i].pos + spans[i].len`, and `y` has `q`'s shape.
+///
+/// Work is split into tasks of up to [`ROW_TILE`] rows of one sequence and one key/value head
+/// with all the query heads that read it, so each key and value is loaded once for up to
+/// `ROW_TILE * n_rep` queries. Each query still runs its own scores, softmax and weighted sum
+/// over positions `0..=p` in order, so the tiling (which depends on the batch) never changes a
+/// query's arithmetic.
 pub(super) fn attend(q: &[f32], spans: &[Span], caches: &[&LayerKv], heads: Heads, y: &mut [f32]) {
     let Heads {
         n_head,
@@ -56,58 +66,46 @@ pub(super) fn attend(q: &[f32], spans: &[Span], caches: &[&LayerKv], heads: Head
         head_dim,
     } = heads;
     let q_row = n_head * head_dim;
-    let kv_row = n_kv_head * head_dim;
-    let n_rep = n_head / n_kv_head;
-    let scale = 1.0 / (head_dim as f64).sqrt();
-    let scale = scale as f32;
-    // Row -> (span, position).
-    let rows: Vec<(usize, usize)> = spans
-        .iter()
-        .enumerate()
-        .flat_map(|(i, s)| (0..s.len).map(move |r| (i, s.pos + r)))
-        .collect();
+    let rows: usize = spans.iter().map(|s| s.len).sum();
     assert!(
-        q.len() == rows.len() * q_row && y.len() == q.len(),
+        q.len() == rows * q_row && y.len() == q.len(),
         "row attention: shapes"
     );
+    // (span, first row within the span, rows, kv head)
+    let mut tasks = Vec::new();
+    for (i, span) in spans.iter().enumerate() {
+        for start in (0..span.len).step_by(ROW_TILE) {
+            for kv_h in 0..n_kv_head {
+                tasks.push((i, start, ROW_TILE.min(span.len - start), kv_h));
+            }
+        }
+    }
     let out = SharedPtr(y.as_mut_ptr());
     let avx2 = avx2_available();
-    candle_core::utils::barrier_pool().execute_chunked(rows.len() * n_head, |range| {
-        let mut scores = Vec::new();
-        let mut acc = vec![0f32; head_dim];
-        for task in range {
-            let (row, h) = (task / n_head, task % n_head);
-            let (seq, pos) = rows[row];
-            let cache = caches[seq];
-            let kv_h = h / n_rep;
-            let query = &q[row * q_row + h * head_dim..][..head_dim];
-            scores.clear();
-            scores.resize(pos + 1, 0.0);
-            let job = Job {
-                query,
-                keys: &cache.k,
-                values: &cache.v,
-                offset: kv_h * head_dim,
-                kv_row,
-                scale,
+    candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
+        let mut scratch = Scratch::default();
+        for t in range {
+            let (i, start, n, kv_h) = tasks[t];
+            let tile = Tile {
+                q,
+                span: spans[i],
+                start,
+                rows: n,
+                kv_h,
+                cache: caches[i],
+                heads,
             };
             #[cfg(target_arch = "x86_64")]
             if avx2 {
                 // SAFETY: AVX2 was detected at run time.
-                unsafe { job.run_avx2(&mut scores, &mut acc) };
+                unsafe { tile.run_avx2(&mut scratch, out) };
             } else {
-                job.run(&mut scores, &mut acc);
+                tile.run(&mut scratch, out);
             }
             #[cfg(not(target_arch = "x86_64"))]
             {
                 let _ = avx2;
-                job.run(&mut scores, &mut acc);
-            }
-            let base = row * q_row + h * head_dim;
-            for (d, &value) in acc.iter().enumerate() {
-                // SAFETY: base + d < rows * q_row = y.len(); task (row, h) is the only writer
-                // of these elements.
-                unsafe { out.write(base + d, value) };
+                tile.run(&mut scratch, out);
             }
         }
     });
@@ -124,51 +122,126 @@ fn avx2_available() -> bool {
     }
 }
 
-/// One row and head: the query, its sequence's cache, and where the head sits in a cache row.
-struct Job<'a> {
-    query: &'a [f32],
-    keys: &'a [f32],
-    values: &'a [f32],
-    offset: usize,
-    kv_row: usize,
-    scale: f32,
+/// Buffers a thread reuses across its tasks.
+#[derive(Default)]
+struct Scratch {
+    /// One row of scores per query of the tile.
+    scores: Vec<f32>,
+    /// One output per query of the tile.
+    acc: Vec<f32>,
 }
 
-impl Job<'_> {
-    /// Scores into `scores` (one per cached position), output into `acc`.
+/// Up to [`ROW_TILE`] rows of one sequence, and the query heads that read key/value head
+/// `kv_h`.
+struct Tile<'a> {
+    q: &'a [f32],
+    span: Span,
+    /// First row of the tile within the span.
+    start: usize,
+    rows: usize,
+    kv_h: usize,
+    cache: &'a LayerKv,
+    heads: Heads,
+}
+
+impl Tile<'_> {
+    /// Computes the tile's outputs and writes them through `out` (the whole `y`).
     #[inline(always)]
-    fn run(&self, scores: &mut [f32], acc: &mut [f32]) {
-        let d = self.query.len();
-        let mut max = f32::NEG_INFINITY;
-        for (j, s) in scores.iter_mut().enumerate() {
-            let key = &self.keys[j * self.kv_row + self.offset..][..d];
-            *s = dot(self.query, key) * self.scale;
-            max = max.max(*s);
+    fn run(&self, scratch: &mut Scratch, out: SharedPtr<f32>) {
+        self.run_with(scratch, out, dot);
+    }
+
+    /// [`Tile::run`] with the dot product `dot` (which must compute [`dot`]'s bits).
+    #[inline(always)]
+    fn run_with(
+        &self,
+        scratch: &mut Scratch,
+        out: SharedPtr<f32>,
+        dot: impl Fn(&[f32], &[f32]) -> f32,
+    ) {
+        let Heads {
+            n_head,
+            n_kv_head,
+            head_dim: d,
+        } = self.heads;
+        let n_rep = n_head / n_kv_head;
+        let (q_row, kv_row) = (n_head * d, n_kv_head * d);
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let first = self.span.pos + self.start;
+        // Queries, row-major then head: query `r * n_rep + k` is row `first + r`, head
+        // `kv_h * n_rep + k`; it attends to positions `0..=first + r`.
+        let n_q = self.rows * n_rep;
+        let width = first + self.rows; // positions of the last row, plus one
+        scratch.scores.clear();
+        scratch.scores.resize(n_q * width, 0.0);
+        scratch.acc.clear();
+        scratch.acc.resize(n_q * d, 0.0);
+        let query = |qi: usize| {
+            let (r, k) = (qi / n_rep, qi % n_rep);
+            let row = self.span.start + self.start + r;
+            let h = self.kv_h * n_rep + k;
+            &self.q[row * q_row + h * d..][..d]
+        };
+        let offset = self.kv_h * d;
+        // Scores: each key once, for every query that sees it.
+        for j in 0..width {
+            let key = &self.cache.k[j * kv_row + offset..][..d];
+            let seen_from = j.saturating_sub(first); // rows r >= seen_from see position j
+            for qi in seen_from * n_rep..n_q {
+                scratch.scores[qi * width + j] = dot(query(qi), key) * scale;
+            }
         }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+        // Softmax, per query, in position order.
+        for qi in 0..n_q {
+            let len = first + qi / n_rep + 1;
+            let s = &mut scratch.scores[qi * width..qi * width + len];
+            let mut max = f32::NEG_INFINITY;
+            for &x in s.iter() {
+                max = max.max(x);
+            }
+            let mut sum = 0f32;
+            for x in s.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            for x in s.iter_mut() {
+                *x *= inv;
+            }
         }
-        let inv = 1.0 / sum;
-        acc.fill(0.0);
-        for (j, &s) in scores.iter().enumerate() {
-            let w = s * inv;
-            let value = &self.values[j * self.kv_row + self.offset..][..d];
-            for (a, &v) in acc.iter_mut().zip(value) {
-                *a += w * v;
+        // Weighted values: each value once, for every query that sees it.
+        for j in 0..width {
+            let value = &self.cache.v[j * kv_row + offset..][..d];
+            let seen_from = j.saturating_sub(first);
+            for qi in seen_from * n_rep..n_q {
+                let w = scratch.scores[qi * width + j];
+                let acc = &mut scratch.acc[qi * d..(qi + 1) * d];
+                for (a, &v) in acc.iter_mut().zip(value) {
+                    *a += w * v;
+                }
+            }
+        }
+        for qi in 0..n_q {
+            let (r, k) = (qi / n_rep, qi % n_rep);
+            let row = self.span.start + self.start + r;
+            let base = row * q_row + (self.kv_h * n_rep + k) * d;
+            for (e, &value) in scratch.acc[qi * d..(qi + 1) * d].iter().enumerate() {
+                // SAFETY: base + e < rows * q_row = y.len(); this tile is the only writer of
+                // row `row`, head `kv_h * n_rep + k`.
+                unsafe { out.write(base + e, value) };
             }
         }
     }
 
-    /// [`Job::run`] compiled for AVX2 (the same arithmetic, wider registers).
+    /// [`Tile::run`] compiled for AVX2 (the same arithmetic, wider registers).
     ///
     /// # Safety
     /// The CPU supports AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn run_avx2(&self, scores: &mut [f32], acc: &mut [f32]) {
-        self.run(scores, acc);
+    unsafe fn run_avx2(&self, scratch: &mut Scratch, out: SharedPtr<f32>) {
+        // SAFETY: this function only runs where AVX2 was detected.
+        self.run_with(scratch, out, |a, b| unsafe { dot_avx2(a, b) });
     }
 }
 
@@ -189,6 +262,43 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// [`dot`] with AVX2 intrinsics: the same eight partial sums (lane `l` accumulates elements
+/// `8i + l` with a separate multiply and add) and the same final tree, so the same bits.
+///
+/// # Safety
+/// The CPU supports AVX2; `a` and `b` have the same length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n: the eight floats at i are in bounds of both slices.
+        let (x, y) = unsafe {
+            (
+                _mm256_loadu_ps(a.as_ptr().add(i)),
+                _mm256_loadu_ps(b.as_ptr().add(i)),
+            )
+        };
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(x, y));
+        i += 8;
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds eight floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+    let tail: f32 = a[i..n]
+        .iter()
+        .zip(&b[i..n])
+        .map(|(x, y)| x * y)
+        .fold(0.0, |s, p| s + p);
+    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+        + tail
 }
 
 #[cfg(test)]
@@ -226,6 +336,20 @@ mod tests {
             }
         }
         y
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx2_dot_gives_the_portable_dots_bits() {
+        if !avx2_available() {
+            return;
+        }
+        for n in [1usize, 7, 8, 9, 63, 64, 65, 128] {
+            let (a, b) = (random(n, n as u64), random(n, 99 + n as u64));
+            // SAFETY: AVX2 was detected.
+            let fast = unsafe { dot_avx2(&a, &b) };
+            assert_eq!(fast.to_bits(), dot(&a, &b).to_bits(), "n = {n}");
+        }
     }
 
     #[test]
