@@ -105,11 +105,24 @@ impl Q80Matrix {
         candle_core::utils::barrier_pool().execute_chunked(n, |range| {
             for r in range {
                 let row = &w[r * nb..(r + 1) * nb];
-                for (i, x) in xq.chunks_exact(nb).enumerate() {
+                let mut i = 0;
+                // Four input rows at a time share each weight block's loads.
+                while i + 4 <= m {
+                    let xs: [&[Block]; 4] =
+                        std::array::from_fn(|j| &xq[(i + j) * nb..(i + j + 1) * nb]);
+                    // SAFETY: `new` only succeeds where AVX2 and FMA were detected.
+                    let v = unsafe { dot4_avx2(row, xs) };
+                    for (j, v) in v.into_iter().enumerate() {
+                        // SAFETY: in bounds; only the thread owning row r writes column r.
+                        unsafe { ptr.write((i + j) * n + r, v) };
+                    }
+                    i += 4;
+                }
+                for (j, x) in xq[i * nb..].chunks_exact(nb).enumerate() {
                     // SAFETY: `new` only succeeds where AVX2 and FMA were detected.
                     let v = unsafe { dot_avx2(row, x) };
                     // SAFETY: in bounds; only the thread owning row r writes column r.
-                    unsafe { ptr.write(i * n + r, v) };
+                    unsafe { ptr.write((i + j) * n + r, v) };
                 }
             }
         });
@@ -157,6 +170,45 @@ unsafe fn dot_avx2(w: &[Block], x: &[Block]) -> f32 {
     _mm_cvtss_f32(res)
 }
 
+/// [`dot_avx2`] of weight row `w` against four input rows at once: each output runs exactly
+/// the single-row instruction sequence (its own accumulator, blocks in order, the same
+/// horizontal sum), only the weight block's load, absolute value and scale are shared.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C; every `x` is as long as `w`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_avx2(w: &[Block], x: [&[Block]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for (b, wb) in w.iter().enumerate() {
+        let wd = f16_to_f32(wb.d);
+        // SAFETY: wb.qs is 32 bytes; unaligned load.
+        let bx = unsafe { _mm256_loadu_si256(wb.qs.as_ptr() as *const __m256i) };
+        let ax = _mm256_sign_epi8(bx, bx);
+        for (acc, x) in acc.iter_mut().zip(&x) {
+            let y = &x[b];
+            let d = _mm256_set1_ps(wd * f16_to_f32(y.d));
+            // SAFETY: y.qs is 32 bytes; unaligned load.
+            let by = unsafe { _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i) };
+            let sy = _mm256_sign_epi8(by, bx);
+            let dot = _mm256_maddubs_epi16(ax, sy);
+            let q = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, dot));
+            *acc = _mm256_fmadd_ps(d, q, *acc);
+        }
+    }
+    let mut out = [0f32; 4];
+    for (out, acc) in out.iter_mut().zip(acc) {
+        let res = _mm256_extractf128_ps(acc, 1);
+        let res = _mm_add_ps(res, _mm256_castps256_ps128(acc));
+        let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+        let res = _mm_add_ss(res, _mm_movehdup_ps(res));
+        *out = _mm_cvtss_f32(res);
+    }
+    out
+}
+
 /// `x` widened to f32 with F16C (exact, like any f16 → f32 conversion), inline.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "f16c")]
@@ -201,7 +253,7 @@ mod tests {
                 return;
             };
             let theirs = QMatMul::from_arc(q).expect("qmatmul");
-            for m in [1, 3] {
+            for m in [1, 3, 4, 9] {
                 let x =
                     Tensor::from_vec(random(m * cols, 5 + m as u64), (1, m, cols), &Device::Cpu)
                         .expect("x");
