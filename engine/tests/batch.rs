@@ -618,3 +618,46 @@ fn a_full_batch_answers_wait_until_a_sequence_finishes() {
         assert_eq!(got, solo(&mut engine, &p.request), "request {}", p.id);
     }
 }
+
+#[test]
+fn a_request_copies_the_prefix_a_running_sequence_shares_with_it() {
+    let mut engine = lock();
+    // A system prompt no earlier test used, so no kept cache holds it.
+    let system = "You answer questions about the tide tables of a small harbour town on a \
+                  rocky coast, where fishing boats leave before dawn and return at noon; keep \
+                  every answer short and never invent times that the tables do not give.";
+    let ask = |question: &str, max_tokens| GenerateRequest {
+        prompt: Prompt::Chat(vec![
+            ChatMessage {
+                role: "system".into(),
+                content: system.into(),
+            },
+            ChatMessage {
+                role: "user".into(),
+                content: question.into(),
+            },
+        ]),
+        params: greedy(max_tokens),
+    };
+    let plan = vec![
+        Planned::new(1, 0, ask("When is high tide today?", 16)),
+        // Joins once the first one's prompt is computed.
+        Planned::new(2, 3, ask("Can I walk to the lighthouse at low tide?", 8)),
+    ];
+    let before = engine.batching().expect("batches").report();
+    let mut sink = Streams::default();
+    let batched = drive(&mut engine, &plan, &mut sink);
+    let after = engine.batching().expect("batches").report();
+    // The first request may reuse a few template tokens from a kept cache; the second copies
+    // the whole system prompt from the first.
+    assert!(after.prefix_hits > before.prefix_hits, "{after:?}");
+    assert!(
+        after.prefix_reused_tokens - before.prefix_reused_tokens >= 40,
+        "the shared system prompt was copied: {before:?} -> {after:?}"
+    );
+    for p in &plan {
+        let alone = solo(&mut engine, &p.request);
+        let got = sink.run(p.id, outcome(&batched, p.id));
+        assert_eq!(got, alone, "request {} with a copied prefix", p.id);
+    }
+}

@@ -8,6 +8,10 @@
 //! long one), then the shortest remaining prompts first (so a short request reaches its first
 //! token soon). Only sequences whose tail is fed completely get logits, and only those rows go
 //! through the output head.
+//!
+//! A joining request starts from the longest prefix of its prompt that is already computed:
+//! a kept cache of a finished sequence (taken over), or a running sequence's cache (its
+//! positions copied, when at least [`MIN_COPIED_PREFIX`] are shared).
 
 use std::ops::ControlFlow;
 
@@ -23,6 +27,9 @@ use crate::{EngineError, GenerateOutcome, GenerateSink};
 
 /// Rows one step runs at most (decode rows always run, even past it).
 pub(crate) const DEFAULT_STEP_ROWS: usize = 512;
+
+/// Shortest prefix worth copying from a running sequence's cache.
+const MIN_COPIED_PREFIX: usize = 16;
 
 /// The model side of a batch: a forward over many sequences at once.
 pub(crate) trait BatchModel {
@@ -147,10 +154,33 @@ impl Batcher {
         if reserved + need > self.capacity {
             return Ok(Admission::Wait);
         }
-        let (cache, reused) = match self.prefix.take(&prompt) {
+        let (mut cache, mut reused) = match self.prefix.take(&prompt) {
             Some(reuse) => (reuse.cache, reuse.positions),
             None => (model.new_cache(), 0),
         };
+        // A running sequence may hold a longer shared prefix (concurrent requests with the
+        // same system prompt): copy its positions.
+        let limit = prompt.len().saturating_sub(1);
+        let shared = self
+            .seqs
+            .iter()
+            .map(|s| {
+                let cached = &s.tokens[..s.cache.len()];
+                let n = cached
+                    .iter()
+                    .zip(&prompt)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                (n.min(limit), s)
+            })
+            .max_by_key(|(n, _)| *n);
+        if let Some((n, running)) = shared
+            && n >= MIN_COPIED_PREFIX
+            && n > reused
+        {
+            cache.copy_prefix_from(&running.cache, n);
+            reused = n;
+        }
         if reused > 0 {
             self.report.prefix_hits += 1;
             self.report.prefix_reused_tokens += reused as u64;
