@@ -115,10 +115,10 @@ impl Worker {
                         self.waiting.push_back(task);
                     } else {
                         let id = task.id;
-                        self.report(true, 1, 0);
+                        self.report(true, 1);
                         self.generate(task);
                         self.queue.finish(id);
-                        self.report(true, 0, 0);
+                        self.report(true, 0);
                     }
                 }
                 None => {
@@ -126,7 +126,7 @@ impl Worker {
                     if !self.running.is_empty() {
                         self.step();
                     }
-                    self.report(false, 0, 0);
+                    self.report(false, 0);
                 }
             }
             if !self.busy() && self.queue.idle() && self.loaded {
@@ -221,13 +221,13 @@ impl Worker {
     }
 
     /// Sends a `Batch` frame if anything changed: at once when the tasks did (or `force`),
-    /// otherwise at most every [`STATS_EVERY`]. `solo_running`/`solo_queued` describe a
-    /// non-batching engine's one task.
-    fn report(&mut self, force: bool, solo_running: usize, solo_queued: usize) {
+    /// otherwise at most every [`STATS_EVERY`]. `solo_running` is a non-batching engine's
+    /// running task (0 or 1).
+    fn report(&mut self, force: bool, solo_running: usize) {
         if !self.loaded {
             return;
         }
-        let queued = self.waiting.len() + self.queue.queued() + solo_queued;
+        let queued = self.waiting.len() + self.queue.queued();
         let report = match self.engine.batching() {
             Some(batch) => batch.report(),
             None => BatchReport {
@@ -285,7 +285,7 @@ impl Worker {
                 self.loaded = true;
                 self.outbox.status(RunnerStatus::Ready);
                 self.reported = None;
-                self.report(true, 0, 0);
+                self.report(true, 0);
             }
             Err(err) => {
                 tracing::error!(model = %spec.model, %err, "load failed");

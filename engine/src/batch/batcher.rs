@@ -18,7 +18,7 @@ use std::ops::ControlFlow;
 use candle_core::Tensor;
 use canopy_proto::{GenerateParams, Phase, TokenChunk};
 
-use super::pool::PrefixCache;
+use super::pool::{PrefixCache, common_prefix};
 use super::{Admission, BatchReport, BatchSink, Finished, SeqId};
 use crate::generation::{Decoder, Next};
 use crate::llama::{SequenceCache, Span};
@@ -57,9 +57,9 @@ struct Sequence {
     tokens: Vec<u32>,
     prompt_len: usize,
     cache: SequenceCache,
+    /// Decodes it; its [`Decoder::max_positions`] is what the sequence reserves in the KV
+    /// budget.
     decoder: Decoder,
-    /// Positions reserved for it in the KV budget.
-    reserved: usize,
     /// Whether its first step has been reported (the prefill phase).
     started: bool,
 }
@@ -119,16 +119,19 @@ impl Batcher {
 
     /// What the batch holds now.
     pub(crate) fn report(&self) -> BatchReport {
-        let live: u64 = self
-            .seqs
-            .iter()
-            .map(|s| s.cache.allocated_bytes() as u64)
-            .sum();
         BatchReport {
             running: self.seqs.len(),
-            kv_bytes: live + self.prefix.bytes(),
+            kv_bytes: self.live_bytes() + self.prefix.bytes(),
             ..self.report
         }
+    }
+
+    /// KV bytes the running sequences' caches hold.
+    fn live_bytes(&self) -> u64 {
+        self.seqs
+            .iter()
+            .map(|s| s.cache.allocated_bytes() as u64)
+            .sum()
     }
 
     /// Adds a sequence for `prompt`; see [`BatchEngine::join`](super::BatchEngine::join).
@@ -150,7 +153,7 @@ impl Batcher {
             return Ok(Admission::Wait);
         }
         let need = decoder.max_positions();
-        let reserved: usize = self.seqs.iter().map(|s| s.reserved).sum();
+        let reserved: usize = self.seqs.iter().map(|s| s.decoder.max_positions()).sum();
         if reserved + need > self.capacity {
             return Ok(Admission::Wait);
         }
@@ -165,12 +168,7 @@ impl Batcher {
             .seqs
             .iter()
             .map(|s| {
-                let cached = &s.tokens[..s.cache.len()];
-                let n = cached
-                    .iter()
-                    .zip(&prompt)
-                    .take_while(|(a, b)| a == b)
-                    .count();
+                let n = common_prefix(&s.tokens[..s.cache.len()], &prompt);
                 (n.min(limit), s)
             })
             .max_by_key(|(n, _)| *n);
@@ -187,11 +185,7 @@ impl Batcher {
         }
         // Kept caches give way to reservations.
         let budget = (self.capacity * self.bytes_per_position) as u64;
-        let live: u64 = self
-            .seqs
-            .iter()
-            .map(|s| s.cache.allocated_bytes() as u64)
-            .sum();
+        let live = self.live_bytes();
         let reserved_bytes = ((reserved + need) * self.bytes_per_position) as u64;
         while reserved_bytes.max(live) + self.prefix.bytes() > budget && self.prefix.evict_lru() {}
         tracing::debug!(
@@ -206,7 +200,6 @@ impl Batcher {
             tokens: prompt,
             cache,
             decoder,
-            reserved: need,
             started: false,
         });
         Ok(Admission::Joined)

@@ -119,6 +119,18 @@ impl Attention {
         self.cache.clear();
     }
 
+    /// The query, key and value projections of `x`.
+    fn project_qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let mut qkv = self.qkv.forward(x)?.into_iter();
+        let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
+            return Err(candle_core::Error::Msg(
+                "the QKV projection returned fewer than three tensors".into(),
+            )
+            .into());
+        };
+        Ok((q, k, v))
+    }
+
     /// Attends `x` (`[1, seq, n_embd]`, normed) at positions `index_pos..index_pos + seq` to
     /// itself and to the cached positions before it; `mask` (`[seq, index_pos + seq]`, u8, 1 =
     /// hidden) is required when `seq > 1`.
@@ -130,13 +142,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let (batch, seq_len, _) = x.dims3()?;
         let (hd, n_head, n_kv) = (self.head_dim, self.n_head, self.n_kv_head);
-        let mut qkv = self.qkv.forward(x)?.into_iter();
-        let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
-            return Err(candle_core::Error::Msg(
-                "the QKV projection returned fewer than three tensors".into(),
-            )
-            .into());
-        };
+        let (q, k, v) = self.project_qkv(x)?;
 
         let q = q.reshape((batch, seq_len, n_head, hd))?.transpose(1, 2)?;
         let k = k.reshape((batch, seq_len, n_kv, hd))?.transpose(1, 2)?;
@@ -170,13 +176,7 @@ impl Attention {
         let (_, rows, _) = x.dims3()?;
         let (hd, n_head, n_kv) = (self.head_dim, self.n_head, self.n_kv_head);
         let (q_row, kv_row) = (n_head * hd, n_kv * hd);
-        let mut qkv = self.qkv.forward(x)?.into_iter();
-        let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
-            return Err(candle_core::Error::Msg(
-                "the QKV projection returned fewer than three tensors".into(),
-            )
-            .into());
-        };
+        let (q, k, v) = self.project_qkv(x)?;
         let host = |t: Tensor| -> Result<Vec<f32>> {
             Ok(t.contiguous()?.flatten_all()?.to_vec1::<f32>()?)
         };

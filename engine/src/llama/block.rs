@@ -65,10 +65,7 @@ impl TransformerBlock {
     ) -> Result<Tensor> {
         let h = self.attention_norm.forward(x)?;
         let h = self.attention.forward_batch(&h, spans, caches)?;
-        let x = (h + x)?;
-        let h = self.ffn_norm.forward(&x)?;
-        let h = self.mlp.forward(&h)?;
-        Ok((h + x)?)
+        self.feed_forward((h + x)?)
     }
 
     /// Runs the block on `x` (`[1, seq, n_embd]`) at positions `index_pos..index_pos + seq`.
@@ -80,9 +77,12 @@ impl TransformerBlock {
     ) -> Result<Tensor> {
         let h = self.attention_norm.forward(x)?;
         let h = self.attention.forward(&h, mask, index_pos)?;
-        let x = (h + x)?;
-        let h = self.ffn_norm.forward(&x)?;
-        let h = self.mlp.forward(&h)?;
+        self.feed_forward((h + x)?)
+    }
+
+    /// The pre-norm feed-forward sublayer added to the residual stream `x`.
+    fn feed_forward(&self, x: Tensor) -> Result<Tensor> {
+        let h = self.mlp.forward(&self.ffn_norm.forward(&x)?)?;
         Ok((h + x)?)
     }
 }
