@@ -117,7 +117,7 @@ impl Election {
         );
         if best.id == self.me {
             if !self.is_leader() || seen > self.term {
-                self.term = self.term.max(seen) + 1;
+                self.term = self.term.max(seen).saturating_add(1);
                 self.leader = Some(self.me.clone());
                 tracing::info!(term = self.term, "this node leads the cluster");
             }

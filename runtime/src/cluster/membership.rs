@@ -17,9 +17,14 @@
 //! - either way the peer leaves the view, the election runs again, and the peer is dialed
 //!   again (if this node is the side that dials it) with exponential backoff up to 5 s.
 //!
-//! A connection that closes before it authenticates is logged as refused: with
-//! `ractor_cluster`'s cookie handshake that means the other side has another cookie. Nothing
-//! else happens: the stranger never becomes a member.
+//! Authentication: the (patched) `ractor_cluster` handshake is mutual and bound to both node
+//! names and both nonces, so a session is authenticated only when both sides hold the cookie
+//! and each is who it names; a connection that closes before it authenticates never becomes a
+//! member, and the handshake logs why it refused it. Every message is [sealed](super::seal)
+//! under its session's key: a member cannot send in another node's name, and messages to a
+//! peer go to the remote actors of that peer's own session. Beats with an implausible term
+//! ([`MAX_TERM`]) are dropped, and the tables of addresses learned from beacons and beats are
+//! bounded ([`MAX_KNOWN`]) and forget nodes not heard from for [`KNOWN_TTL`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -44,7 +49,17 @@ use super::discovery::{
 use super::election::{Candidate, Election};
 use super::identity::NodeId;
 use super::peer::{PeerArgs, PeerHeartbeat, PeerMonitor, PeerMsg};
+use super::seal::{SessionKey, Sessions};
 use super::wire::{Beat, Envelope, InboxMsg, inbox_group};
+
+/// The highest term a beat may carry. Terms grow by one per election, so a real cluster never
+/// comes near it; a larger one is a forged or corrupt beat, dropped before it can overflow the
+/// election's arithmetic.
+pub const MAX_TERM: u64 = 1 << 48;
+/// Most addresses remembered from beacons and beats (the oldest is forgotten first).
+pub const MAX_KNOWN: usize = 1024;
+/// A node not heard from (by beacon or beat) for this long is forgotten.
+pub const KNOWN_TTL: Duration = Duration::from_secs(120);
 
 /// How a node joins the cluster.
 #[derive(Debug, Clone)]
@@ -158,6 +173,14 @@ pub enum ClusterError {
     /// report a remote timeout either way).
     #[error("node {0} did not answer in time")]
     Timeout(NodeId),
+    /// The message could not be encoded or sealed.
+    #[error("cannot encode a message for node {node}: {reason}")]
+    Encode {
+        /// The peer.
+        node: NodeId,
+        /// Why.
+        reason: String,
+    },
     /// The message could not be sent.
     #[error("cannot send to node {node}: {reason}")]
     Send {
@@ -173,6 +196,24 @@ pub enum ClusterError {
 pub struct ClusterHandle {
     me: NodeId,
     view: watch::Receiver<ClusterView>,
+    sessions: Arc<Sessions>,
+}
+
+/// The inbox of `peer` reached through `peer`'s own authenticated session (not a member of its
+/// process group that another node advertised), or this node's own inbox.
+pub(crate) fn peer_inbox(sessions: &Sessions, peer: &NodeId) -> Option<ActorRef<InboxMsg>> {
+    let members = ractor::pg::get_members(&inbox_group(peer));
+    if peer == sessions.me() {
+        return members
+            .into_iter()
+            .find(|c| c.get_id().is_local())
+            .map(ActorRef::from);
+    }
+    let route = sessions.route(peer)?;
+    members
+        .into_iter()
+        .find(|c| !c.get_id().is_local() && c.get_id().node() == route.session)
+        .map(ActorRef::from)
 }
 
 impl ClusterHandle {
@@ -192,26 +233,37 @@ impl ClusterHandle {
     }
 
     fn inbox(&self, to: &NodeId) -> Result<ActorRef<InboxMsg>, ClusterError> {
-        let local = *to == self.me;
-        ractor::pg::get_members(&inbox_group(to))
-            .into_iter()
-            .find(|cell| cell.get_id().is_local() == local)
-            .map(ActorRef::from)
-            .ok_or_else(|| ClusterError::NotConnected(to.clone()))
+        peer_inbox(&self.sessions, to).ok_or_else(|| ClusterError::NotConnected(to.clone()))
     }
 
-    fn envelope(&self, payload: Vec<u8>) -> Vec<u8> {
-        Envelope::App {
+    fn envelope(&self, to: &NodeId, payload: Vec<u8>) -> Result<Vec<u8>, ClusterError> {
+        let encode = |reason: String| ClusterError::Encode {
+            node: to.clone(),
+            reason,
+        };
+        let body = Envelope::App {
             from: self.me.clone(),
             payload,
         }
         .encode()
+        .map_err(|e| encode(e.to_string()))?;
+        self.sessions.seal(to, body).map_err(|e| match e {
+            super::seal::SealError::UnknownSender(_) => ClusterError::NotConnected(to.clone()),
+            other => encode(other.to_string()),
+        })
+    }
+
+    /// Messages from peers refused so far because their seal did not check out (a forged
+    /// sender, a frame for another node, garbage).
+    pub fn refused_frames(&self) -> u64 {
+        self.sessions.stats().total()
     }
 
     /// Sends `payload` to node `to` (possibly this node) without waiting.
     pub fn send(&self, to: &NodeId, payload: Vec<u8>) -> Result<(), ClusterError> {
-        self.inbox(to)?
-            .cast(InboxMsg::Cast(self.envelope(payload)))
+        let inbox = self.inbox(to)?;
+        inbox
+            .cast(InboxMsg::Cast(self.envelope(to, payload)?))
             .map_err(|e| ClusterError::Send {
                 node: to.clone(),
                 reason: e.to_string(),
@@ -226,7 +278,7 @@ impl ClusterHandle {
         timeout: Duration,
     ) -> Result<Vec<u8>, ClusterError> {
         let inbox = self.inbox(to)?;
-        let bytes = self.envelope(payload);
+        let bytes = self.envelope(to, payload)?;
         match inbox
             .call(|reply| InboxMsg::Call(bytes, reply), Some(timeout))
             .await
@@ -249,6 +301,7 @@ pub struct ClusterArgs {
     /// Where application messages from peers go.
     pub incoming: mpsc::UnboundedSender<Incoming>,
     view: Arc<watch::Sender<ClusterView>>,
+    sessions: Arc<Sessions>,
 }
 
 /// Creates the arguments of a [`ClusterActor`], the handle to talk through it, and the
@@ -270,15 +323,18 @@ pub fn cluster_channels(
         members: Vec::new(),
     };
     let (view_tx, view_rx) = watch::channel(view);
+    let sessions = Arc::new(Sessions::new(config.node_id.clone()));
     let handle = ClusterHandle {
         me: config.node_id.clone(),
         view: view_rx,
+        sessions: sessions.clone(),
     };
     (
         ClusterArgs {
             config,
             incoming,
             view: Arc::new(view_tx),
+            sessions,
         },
         handle,
         rx,
@@ -315,24 +371,44 @@ pub enum ClusterMsg {
     View(RpcReplyPort<ClusterView>),
 }
 
-struct Subscription(ActorRef<ClusterMsg>);
+/// Forwards the `NodeServer`'s session events to the cluster actor, and installs and removes
+/// session keys at once: the `NodeServer` calls it before the session tells the peer it is
+/// ready, so the key is in place before the peer's first message can arrive.
+struct Subscription {
+    cluster: ActorRef<ClusterMsg>,
+    sessions: Arc<Sessions>,
+}
 
 impl NodeEventSubscription for Subscription {
     fn node_session_opened(&self, ses: NodeServerSessionInformation) {
-        let _ = self.0.cast(ClusterMsg::Session(SessionEvent::Opened(ses)));
+        let _ = self
+            .cluster
+            .cast(ClusterMsg::Session(SessionEvent::Opened(ses)));
     }
     fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
+        if let Some(id) = peer_id(&ses) {
+            self.sessions.remove(&id, ses.node_id);
+        }
         let _ = self
-            .0
+            .cluster
             .cast(ClusterMsg::Session(SessionEvent::Disconnected(ses)));
     }
     fn node_session_authenticated(&self, ses: NodeServerSessionInformation) {
+        match (peer_id(&ses), ses.session_key) {
+            (Some(id), Some(key)) if &id != self.sessions.me() => {
+                self.sessions
+                    .install(id, SessionKey::new(*key.as_bytes()), ses.node_id);
+            }
+            _ => {}
+        }
         let _ = self
-            .0
+            .cluster
             .cast(ClusterMsg::Session(SessionEvent::Authenticated(ses)));
     }
     fn node_session_ready(&self, ses: NodeServerSessionInformation) {
-        let _ = self.0.cast(ClusterMsg::Session(SessionEvent::Ready(ses)));
+        let _ = self
+            .cluster
+            .cast(ClusterMsg::Session(SessionEvent::Ready(ses)));
     }
 }
 
@@ -342,6 +418,39 @@ struct Inbox;
 struct InboxArgs {
     cluster: ActorRef<ClusterMsg>,
     incoming: mpsc::UnboundedSender<Incoming>,
+    sessions: Arc<Sessions>,
+    refusals: RateLimit,
+}
+
+/// At most one warning per interval.
+struct RateLimit {
+    every: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    fn new(every: Duration) -> Self {
+        Self {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether to log now, and how many were not logged since the last time.
+    fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.every)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
 }
 
 impl Actor for Inbox {
@@ -370,7 +479,19 @@ impl Actor for Inbox {
             InboxMsg::Cast(bytes) => (bytes, None),
             InboxMsg::Call(bytes, reply) => (bytes, Some(reply)),
         };
-        match Envelope::decode(&bytes) {
+        let body = match args.sessions.open(&bytes) {
+            Ok((from, body)) => match Envelope::decode(&body) {
+                Ok(envelope) if *envelope.from() == from => Ok(envelope),
+                Ok(envelope) => Err(format!(
+                    "a message from {} names {} as its sender",
+                    from.short(),
+                    envelope.from().short()
+                )),
+                Err(err) => Err(err.to_string()),
+            },
+            Err(err) => Err(err.to_string()),
+        };
+        match body {
             Ok(Envelope::Beat(beat)) => {
                 let _ = args.cluster.cast(ClusterMsg::Beat(beat));
             }
@@ -381,7 +502,11 @@ impl Actor for Inbox {
                     reply,
                 });
             }
-            Err(err) => tracing::warn!(%err, "dropped a message from a peer"),
+            Err(err) => {
+                if let Some(suppressed) = args.refusals.allow() {
+                    tracing::warn!(%err, suppressed, "refused a message from a peer");
+                }
+            }
         }
         Ok(())
     }
@@ -389,6 +514,8 @@ impl Actor for Inbox {
 
 struct Peer {
     session: ActorRef<NodeSessionMessage>,
+    /// The `ractor_cluster` node id of the session.
+    session_node: u64,
     monitor: ActorRef<PeerMsg>,
     beat: Option<Beat>,
     _session_registration: crate::introspect::Registration,
@@ -417,8 +544,8 @@ pub struct ClusterState {
     beat: Arc<watch::Sender<Beat>>,
     peers: HashMap<NodeId, Peer>,
     sessions: HashMap<ActorId, SessionInfo>,
-    /// Cluster addresses learned from beacons and beats.
-    known: HashMap<NodeId, SocketAddr>,
+    /// Cluster addresses learned from beacons and beats, and when each was last heard.
+    known: HashMap<NodeId, (SocketAddr, Instant)>,
     dials: HashMap<SocketAddr, Dial>,
     registration: crate::introspect::Registration,
 }
@@ -526,8 +653,11 @@ impl ClusterState {
                 .filter(|(id, _)| {
                     !self.peers.contains_key(*id) && should_dial(me.as_str(), id.as_str())
                 })
-                .map(|(_, addr)| *addr),
+                .map(|(_, (addr, _))| *addr),
         );
+        // Dial state of addresses no longer wanted (a node that went away) is forgotten.
+        self.dials
+            .retain(|addr, d| d.in_flight || wanted.contains(addr));
         let now = Instant::now();
         let mut due = Vec::new();
         for addr in wanted {
@@ -568,8 +698,40 @@ impl ClusterState {
         }
     }
 
+    /// Remembers `id`'s address; the table stays within [`MAX_KNOWN`] and forgets nodes
+    /// silent for [`KNOWN_TTL`].
+    fn learn(&mut self, id: NodeId, addr: SocketAddr) {
+        let now = Instant::now();
+        self.known.insert(id, (addr, now));
+        if self.known.len() > MAX_KNOWN {
+            self.forget_stale(now);
+        }
+    }
+
+    fn forget_stale(&mut self, now: Instant) {
+        let peers = &self.peers;
+        self.known.retain(|id, (_, heard)| {
+            peers.contains_key(id) || now.duration_since(*heard) < KNOWN_TTL
+        });
+        while self.known.len() > MAX_KNOWN {
+            let oldest = self
+                .known
+                .iter()
+                .filter(|(id, _)| !self.peers.contains_key(*id))
+                .min_by_key(|(_, (_, heard))| *heard)
+                .map(|(id, _)| id.clone());
+            match oldest {
+                Some(id) => {
+                    self.known.remove(&id);
+                }
+                None => break,
+            }
+        }
+    }
+
     fn remove_peer(&mut self, id: &NodeId, why: &str) {
         if let Some(peer) = self.peers.remove(id) {
+            self.args.sessions.remove(id, peer.session_node);
             peer.monitor.stop(None);
             tracing::warn!(peer = %id.short(), why, "peer left the cluster");
             if let Some(b) = &peer.beat
@@ -647,7 +809,10 @@ impl Actor for ClusterActor {
         }
         server.cast(NodeServerMessage::SubscribeToEvents {
             id: "canopy-cluster".into(),
-            subscription: Box::new(Subscription(myself.clone())),
+            subscription: Box::new(Subscription {
+                cluster: myself.clone(),
+                sessions: args.sessions.clone(),
+            }),
         })?;
         let (inbox, _) = Actor::spawn_linked(
             None,
@@ -655,6 +820,8 @@ impl Actor for ClusterActor {
             InboxArgs {
                 cluster: myself.clone(),
                 incoming: args.incoming.clone(),
+                sessions: args.sessions.clone(),
+                refusals: RateLimit::new(Duration::from_secs(10)),
             },
             myself.get_cell(),
         )
@@ -742,6 +909,7 @@ impl Actor for ClusterActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             ClusterMsg::Tick => {
+                state.forget_stale(Instant::now());
                 state.dial(&myself);
                 state.elect_and_publish();
                 let details = state.details();
@@ -762,7 +930,7 @@ impl Actor for ClusterActor {
                     {
                         announcer.announce();
                     }
-                    state.known.insert(id, found.addr);
+                    state.learn(id, found.addr);
                     state.dial(&myself);
                 }
             }
@@ -781,7 +949,12 @@ impl Actor for ClusterActor {
                 if beat.from == *state.me() {
                     return Ok(());
                 }
-                state.known.insert(beat.from.clone(), beat.addr);
+                if beat.term > MAX_TERM {
+                    tracing::warn!(peer = %beat.from.short(), term = beat.term,
+                        "dropped a beat with an implausible term");
+                    return Ok(());
+                }
+                state.learn(beat.from.clone(), beat.addr);
                 if let Some(peer) = state.peers.get_mut(&beat.from) {
                     let first = peer.beat.is_none();
                     let _ = peer.monitor.cast(PeerMsg::Beat(beat.clone()));
@@ -872,6 +1045,17 @@ async fn handle_session(
                 info.actor.stop(Some("connection to self".into()));
                 return Ok(());
             }
+            if state
+                .args
+                .sessions
+                .route(&id)
+                .is_none_or(|r| r.session != info.node_id)
+            {
+                tracing::warn!(peer = %id.short(), addr = %info.peer_addr,
+                    "a session became ready without its handshake's key; dropping it");
+                info.actor.stop(Some("no session key".into()));
+                return Ok(());
+            }
             if let Some(old) = state.peers.remove(&id) {
                 old.monitor.stop(None);
             }
@@ -883,6 +1067,7 @@ async fn handle_session(
                     session: info.actor.clone(),
                     heartbeat: state.config().heartbeat,
                     beat: state.beat.subscribe(),
+                    sessions: state.args.sessions.clone(),
                 },
                 myself.get_cell(),
             )
@@ -899,6 +1084,7 @@ async fn handle_session(
                 id,
                 Peer {
                     session: info.actor.clone(),
+                    session_node: info.node_id,
                     monitor,
                     beat: None,
                     _session_registration: registration,

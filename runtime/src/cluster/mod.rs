@@ -7,12 +7,14 @@
 //! - [`peer`]: `PeerMonitor`, one per connected peer, with heartbeats.
 //! - [`election`]: which node leads, fenced by a term that only grows.
 //! - [`wire`]: what crosses between nodes.
+//! - [`seal`]: every message sealed under its session's key, so its sender is authenticated.
 
 pub mod discovery;
 pub mod election;
 pub mod identity;
 pub mod membership;
 pub mod peer;
+pub mod seal;
 pub mod wire;
 
 pub use identity::NodeId;

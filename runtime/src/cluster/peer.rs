@@ -19,7 +19,8 @@ use ractor_cluster::node::NodeSessionMessage;
 use tokio::sync::watch;
 
 use super::identity::NodeId;
-use super::wire::{Beat, Envelope, InboxMsg, inbox_group};
+use super::seal::Sessions;
+use super::wire::{Beat, Envelope, InboxMsg};
 
 /// Heartbeat settings between peers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +71,8 @@ pub struct PeerArgs {
     pub heartbeat: PeerHeartbeat,
     /// The beat this node sends now (the cluster actor keeps it current).
     pub beat: watch::Receiver<Beat>,
+    /// The session keys (beats are sealed like every message).
+    pub sessions: std::sync::Arc<Sessions>,
 }
 
 /// The monitor's state.
@@ -83,15 +86,6 @@ pub struct PeerState {
 
 /// The actor (see the module docs).
 pub struct PeerMonitor;
-
-impl PeerMonitor {
-    fn inbox(peer: &NodeId) -> Option<ActorRef<InboxMsg>> {
-        ractor::pg::get_members(&inbox_group(peer))
-            .into_iter()
-            .find(|cell| !cell.get_id().is_local())
-            .map(ActorRef::from)
-    }
-}
 
 impl Actor for PeerMonitor {
     type Msg = PeerMsg;
@@ -142,11 +136,29 @@ impl Actor for PeerMonitor {
                     state.args.session.stop(Some("heartbeat missed".into()));
                     return Err(down.into());
                 }
-                if let Some(inbox) = Self::inbox(&state.args.peer) {
+                let peer = &state.args.peer;
+                if let Some(inbox) = super::membership::peer_inbox(&state.args.sessions, peer) {
                     state.seq += 1;
                     let mut beat = state.args.beat.borrow().clone();
                     beat.seq = state.seq;
-                    let _ = inbox.cast(InboxMsg::Cast(Envelope::Beat(beat).encode()));
+                    let sealed = Envelope::Beat(beat)
+                        .encode()
+                        .map_err(|e| e.to_string())
+                        .and_then(|body| {
+                            state
+                                .args
+                                .sessions
+                                .seal(peer, body)
+                                .map_err(|e| e.to_string())
+                        });
+                    match sealed {
+                        Ok(bytes) => {
+                            let _ = inbox.cast(InboxMsg::Cast(bytes));
+                        }
+                        Err(err) => {
+                            tracing::warn!(peer = %peer.short(), %err, "cannot send a beat")
+                        }
+                    }
                 }
             }
         }

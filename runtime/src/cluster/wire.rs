@@ -5,6 +5,8 @@
 //! `from_bytes` cannot fail. So every field here is a plain `Vec<u8>`, and the real content
 //! is an [`Envelope`] encoded with rmp-serde: a peer that sends garbage produces a typed
 //! [`WireError`] in the receiving inbox, which logs it and drops the message, never a panic.
+//! Every envelope travels [sealed](super::seal) under its session's key: the `from` fields
+//! below must equal the sender the seal authenticated, or the message is dropped.
 
 use std::net::SocketAddr;
 
@@ -73,9 +75,16 @@ pub struct WireError(String);
 
 impl Envelope {
     /// Encodes the envelope.
-    pub fn encode(&self) -> Vec<u8> {
-        // Encoding plain data into a Vec cannot fail.
-        rmp_serde::to_vec_named(self).unwrap_or_default()
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        rmp_serde::to_vec_named(self).map_err(|e| WireError(e.to_string()))
+    }
+
+    /// The sender the envelope names.
+    pub fn from(&self) -> &NodeId {
+        match self {
+            Envelope::Beat(beat) => &beat.from,
+            Envelope::App { from, .. } => from,
+        }
     }
 
     /// Decodes an envelope; garbage is an error, never a panic.
@@ -100,12 +109,18 @@ mod tests {
             term: 3,
             leader: Some(id.clone()),
         });
-        assert_eq!(Envelope::decode(&beat.encode()).expect("decodes"), beat);
+        assert_eq!(
+            Envelope::decode(&beat.encode().expect("encodes")).expect("decodes"),
+            beat
+        );
         let app = Envelope::App {
             from: id,
             payload: vec![0, 255, 3],
         };
-        assert_eq!(Envelope::decode(&app.encode()).expect("decodes"), app);
+        assert_eq!(
+            Envelope::decode(&app.encode().expect("encodes")).expect("decodes"),
+            app
+        );
         assert!(Envelope::decode(&[0xc1, 0xff, 0x00]).is_err());
         assert!(Envelope::decode(&[]).is_err());
     }
