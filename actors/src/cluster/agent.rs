@@ -272,6 +272,11 @@ impl AgentState {
         };
         match (msg, reply) {
             (AppMsg::Report(report), _) => {
+                if report.node != from {
+                    tracing::warn!(peer = %from.short(), node = %report.node.short(),
+                        "dropped a report a node sent in another node's name");
+                    return;
+                }
                 if let Some(master) = &self.master {
                     let _ = master.cast(MasterMsg::Report(report));
                 }
@@ -315,7 +320,7 @@ impl AgentState {
             ) => {
                 self.args.shared.serve(from, key, model, request, reply);
             }
-            (AppMsg::Event { key, event }, _) => self.args.shared.deliver(key, event),
+            (AppMsg::Event { key, event }, _) => self.args.shared.deliver(&from, key, event),
             (AppMsg::Cancel { key }, _) => self.args.shared.cancel_served(from, key),
             (AppMsg::Actors, Some(reply)) => {
                 let tree = self.args.router.local_actors();

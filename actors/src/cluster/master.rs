@@ -25,7 +25,8 @@ use ractor_cluster::RactorMessage;
 
 use super::ModelResolver;
 use super::protocol::{
-    AppMsg, NodeReport, PlaceAnswer, PlaceError, PlaceRequest, Placed, Plan, PlanNode, PlanState,
+    AppMsg, MAX_INSTANCES_PER_NODE, MAX_PLAN_BYTES, MAX_PLAN_INSTANCES, MAX_REPORTED_INSTANCES,
+    NodeReport, PlaceAnswer, PlaceError, PlaceRequest, Placed, Plan, PlanNode, PlanState,
     PlannedInstance, encode, need_bytes,
 };
 
@@ -84,6 +85,9 @@ pub struct MasterState {
     /// just joined): retried on each tick, for up to [`REPORT_GRACE`].
     deferred: Vec<(PlaceRequest, RpcReplyPort<Vec<u8>>, Instant)>,
     retries: HashMap<String, Retry>,
+    /// When each deleted instance was first seen deleted (pruned from the plan after
+    /// [`PRUNE_AFTER`] once no live node reports it).
+    deleted: HashMap<String, Instant>,
     dirty: bool,
     published: Instant,
     _registration: canopy_runtime::introspect::Registration,
@@ -91,6 +95,10 @@ pub struct MasterState {
 
 /// The actor (see the module docs).
 pub struct MasterActor;
+
+/// How long a deleted instance stays in the plan (so every node sees it deleted and stops it)
+/// before it is pruned, once no live node reports it any more.
+const PRUNE_AFTER: Duration = Duration::from_secs(30);
 
 fn backoff(attempts: u32) -> Duration {
     Duration::from_secs(1u64 << attempts.min(5)).min(Duration::from_secs(30))
@@ -160,8 +168,13 @@ impl MasterState {
         }
         let mut best_free = 0;
         let mut best: Option<(usize, u64, NodeId)> = None;
+        let mut full = false;
         for node in alive {
             if only.is_some_and(|o| *o != node) || excluded.contains(&node) {
+                continue;
+            }
+            if self.count_on(&node) >= MAX_INSTANCES_PER_NODE {
+                full = true;
                 continue;
             }
             let Some(free) = self.free_on(&node) else {
@@ -181,6 +194,11 @@ impl MasterState {
             if better {
                 best = Some((count, free, node));
             }
+        }
+        if best.is_none() && full {
+            return Err(PlaceError::Invalid(format!(
+                "no candidate node can take another instance: those with room already run {MAX_INSTANCES_PER_NODE}, the most one node may run"
+            )));
         }
         best.map(|(_, _, node)| node).ok_or(PlaceError::NoRoom {
             model: model.to_string(),
@@ -422,7 +440,37 @@ impl MasterState {
         self.pending = still;
     }
 
+    /// Removes deleted instances that have been deleted for [`PRUNE_AFTER`] and that no live
+    /// node reports any more, so the plan does not grow with every placement ever made.
+    fn prune(&mut self) {
+        let now = Instant::now();
+        let reported: std::collections::HashSet<&str> = self
+            .reports
+            .values()
+            .flat_map(|r| r.instances.iter().map(|i| i.id.as_str()))
+            .collect();
+        let deleted = &mut self.deleted;
+        let before = self.plan.instances.len();
+        self.plan.instances.retain(|id, p| {
+            if p.state != PlanState::Deleted {
+                return true;
+            }
+            let since = *deleted.entry(id.clone()).or_insert(now);
+            now.duration_since(since) < PRUNE_AFTER || reported.contains(id.as_str())
+        });
+        let plan = &self.plan;
+        deleted.retain(|id, _| plan.instances.contains_key(id));
+        if self.plan.instances.len() != before {
+            tracing::debug!(
+                pruned = before - self.plan.instances.len(),
+                "pruned deleted instances"
+            );
+            self.dirty = true;
+        }
+    }
+
     fn publish(&mut self, alive: &[NodeId]) {
+        self.prune();
         if !self.dirty && self.published.elapsed() < REPUBLISH {
             return;
         }
@@ -455,6 +503,24 @@ impl MasterState {
     }
 
     fn place(&mut self, request: PlaceRequest, reply: RpcReplyPort<Vec<u8>>) {
+        if let Err(err) = request.validate() {
+            let _ = reply.send(encode(&PlaceAnswer::Err(err)));
+            return;
+        }
+        let live = self
+            .plan
+            .instances
+            .values()
+            .filter(|p| p.state != PlanState::Deleted)
+            .count();
+        if live + request.instances > MAX_PLAN_INSTANCES {
+            let err = PlaceError::Invalid(format!(
+                "the cluster has {live} instances; {} more would pass the limit of {MAX_PLAN_INSTANCES}",
+                request.instances
+            ));
+            let _ = reply.send(encode(&PlaceAnswer::Err(err)));
+            return;
+        }
         let model = self.args.resolver.model_id(&request.model);
         let mut chosen = Vec::new();
         for n in 0..request.instances {
@@ -484,6 +550,18 @@ impl MasterState {
                     return;
                 }
             }
+        }
+        let size = encode(&AppMsg::Plan(Box::new(self.plan.clone()))).len();
+        if size > MAX_PLAN_BYTES {
+            for id in &chosen {
+                self.plan.instances.remove(id);
+            }
+            let err = PlaceError::Invalid(format!(
+                "placing this would make the cluster's plan {size} bytes, more than the {MAX_PLAN_BYTES} it may be"
+            ));
+            tracing::warn!(%err, "placement refused");
+            let _ = reply.send(encode(&PlaceAnswer::Err(err)));
+            return;
         }
         tracing::info!(model = %model, instances = chosen.len(), "placing");
         self.dirty = true;
@@ -546,6 +624,7 @@ impl Actor for MasterActor {
             pending: Vec::new(),
             deferred: Vec::new(),
             retries: HashMap::new(),
+            deleted: HashMap::new(),
             dirty: true,
             published: Instant::now(),
             _registration: registration,
@@ -573,7 +652,12 @@ impl Actor for MasterActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             MasterMsg::Report(report) => {
-                state.reports.insert(report.node.clone(), report);
+                if report.instances.len() <= MAX_REPORTED_INSTANCES {
+                    state.reports.insert(report.node.clone(), report);
+                } else {
+                    tracing::warn!(node = %report.node.short(), instances = report.instances.len(),
+                        "dropped a report listing more instances than a node may run");
+                }
             }
             MasterMsg::Place(request, reply) => {
                 state.place_or_defer(request, reply, Instant::now())

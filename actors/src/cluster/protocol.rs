@@ -40,6 +40,20 @@ pub struct InstanceReport {
     pub error: Option<String>,
 }
 
+/// Longest model name (a catalogue name or a path) a placement request may carry, in bytes.
+pub const MAX_MODEL_LEN: usize = 512;
+/// Most instances one placement request may ask for.
+pub const MAX_INSTANCES_PER_REQUEST: usize = 64;
+/// Most instances one node may be assigned.
+pub const MAX_INSTANCES_PER_NODE: usize = 64;
+/// Most live (not deleted) instances the plan may hold.
+pub const MAX_PLAN_INSTANCES: usize = 1024;
+/// Largest encoded plan the leader publishes, in bytes: well under `ractor_cluster`'s 16 MiB
+/// frame, so that no placement can make the plan undeliverable (and partition the cluster).
+pub const MAX_PLAN_BYTES: usize = 4 * 1024 * 1024;
+/// Most instances one node's report may list; a larger report is dropped.
+pub const MAX_REPORTED_INSTANCES: usize = 256;
+
 /// What a node tells the leader about itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeReport {
@@ -146,6 +160,34 @@ pub struct PlaceRequest {
     pub node: Option<NodeId>,
     /// How long to wait for them to be Ready, in seconds.
     pub wait_secs: u64,
+}
+
+impl PlaceRequest {
+    /// Checks the request's bounds: a model name of at most [`MAX_MODEL_LEN`] bytes without
+    /// control characters, and 1 to [`MAX_INSTANCES_PER_REQUEST`] instances.
+    pub fn validate(&self) -> Result<(), PlaceError> {
+        if self.model.is_empty() {
+            return Err(PlaceError::Invalid("`model` is empty".into()));
+        }
+        if self.model.len() > MAX_MODEL_LEN {
+            return Err(PlaceError::Invalid(format!(
+                "`model` is {} bytes long; the limit is {MAX_MODEL_LEN}",
+                self.model.len()
+            )));
+        }
+        if self.model.chars().any(char::is_control) {
+            return Err(PlaceError::Invalid(
+                "`model` contains control characters".into(),
+            ));
+        }
+        if self.instances == 0 || self.instances > MAX_INSTANCES_PER_REQUEST {
+            return Err(PlaceError::Invalid(format!(
+                "`instances` must be 1 to {MAX_INSTANCES_PER_REQUEST}, not {}",
+                self.instances
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// One placed instance, as `POST /instances` answers it.
@@ -264,4 +306,62 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 pub fn need_bytes(file_size: Option<u64>) -> u64 {
     const BASE: u64 = 64 * 1024 * 1024;
     file_size.map_or(BASE, |s| s + s / 4 + BASE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(model: &str, instances: usize) -> PlaceRequest {
+        PlaceRequest {
+            model: model.to_string(),
+            instances,
+            node: None,
+            wait_secs: 1,
+        }
+    }
+
+    #[test]
+    fn placement_requests_are_bounded() {
+        assert_eq!(request("qwen2.5-0.5b", 1).validate(), Ok(()));
+        assert_eq!(
+            request(&"m".repeat(MAX_MODEL_LEN), MAX_INSTANCES_PER_REQUEST).validate(),
+            Ok(())
+        );
+        for bad in [
+            request(&"m".repeat(1 << 20), 1),
+            request(&"m".repeat(MAX_MODEL_LEN + 1), 1),
+            request("", 1),
+            request("a\nb", 1),
+            request("m", 0),
+            request("m", MAX_INSTANCES_PER_REQUEST + 1),
+        ] {
+            assert!(
+                matches!(bad.validate(), Err(PlaceError::Invalid(_))),
+                "{:?} passed",
+                &bad.model[..bad.model.len().min(8)]
+            );
+        }
+    }
+
+    #[test]
+    fn a_plan_at_the_instance_limit_fits_in_its_frame_budget() {
+        // The worst plan the limits allow: every instance with the longest model name.
+        let leader: NodeId = "0123456789abcdef0123456789abcdef".parse().expect("id");
+        let mut plan = Plan::empty(leader.clone());
+        for n in 0..MAX_PLAN_INSTANCES {
+            plan.instances.insert(
+                format!("{}-{n:06x}", "m".repeat(MAX_MODEL_LEN)),
+                PlannedInstance {
+                    model: "m".repeat(MAX_MODEL_LEN),
+                    source: "m".repeat(MAX_MODEL_LEN),
+                    node: Some(leader.clone()),
+                    state: PlanState::Active,
+                    attempts: 0,
+                },
+            );
+        }
+        let size = encode(&AppMsg::Plan(Box::new(plan))).len();
+        assert!(size < MAX_PLAN_BYTES, "{size} bytes");
+    }
 }

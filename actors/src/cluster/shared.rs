@@ -3,7 +3,7 @@
 //! nodes, and [`ClusterRoutes`], the router's [`Remote`].
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,7 +46,6 @@ pub struct Shared {
     cluster: ClusterHandle,
     router: ModelRouter,
     inner: Arc<Mutex<Inner>>,
-    next_key: Arc<AtomicU64>,
     rotation: Arc<AtomicUsize>,
 }
 
@@ -61,7 +60,6 @@ impl Shared {
             cluster,
             router,
             inner: Arc::new(Mutex::new(Inner::default())),
-            next_key: Arc::new(AtomicU64::new(1)),
             rotation: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -99,10 +97,19 @@ impl Shared {
         newer
     }
 
-    /// Hands an event of stream `key` to its waiter.
-    pub fn deliver(&self, key: u64, event: TaskEvent) {
+    /// Hands an event of stream `key`, sent by node `from`, to its waiter: only the node the
+    /// stream was sent to may feed or end it.
+    pub fn deliver(&self, from: &NodeId, key: u64, event: TaskEvent) {
         let mut inner = self.lock();
         let end = matches!(event, TaskEvent::Done { .. } | TaskEvent::Failed(_));
+        match inner.streams.get_mut(&key) {
+            Some(stream) if stream.host == *from => {}
+            Some(_) => {
+                tracing::warn!(peer = %from.short(), "dropped an event for a stream another node serves");
+                return;
+            }
+            None => return,
+        }
         if let Some(stream) = inner.streams.get_mut(&key) {
             if matches!(event, TaskEvent::Chunk(_)) {
                 stream.started = true;
@@ -233,7 +240,13 @@ impl Shared {
         }
         let mut busy = false;
         for host in hosts {
-            let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+            // Unguessable, so that no node can address another node's streams by counting.
+            let key = loop {
+                let key = rand::random::<u64>();
+                if key != 0 && !self.lock().streams.contains_key(&key) {
+                    break key;
+                }
+            };
             let (tx, rx) = mpsc::unbounded_channel();
             self.lock().streams.insert(
                 key,
