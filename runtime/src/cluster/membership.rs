@@ -1106,10 +1106,7 @@ async fn handle_session(
                 (None, Some(s)) if !s.authenticated => {
                     let duplicate = peer_id(&info).is_some_and(|id| state.peers.contains_key(&id));
                     if !duplicate {
-                        tracing::warn!(
-                            addr = %s.peer_addr,
-                            "refused a cluster connection that did not authenticate: the other node has a different cookie"
-                        );
+                        explain_refusal(&s.peer_addr, info.exit_reason.as_deref());
                     }
                 }
                 _ => {}
@@ -1117,4 +1114,35 @@ async fn handle_session(
         }
     }
     Ok(())
+}
+
+/// Logs why a session that never authenticated ended, from the reason its session actor
+/// stopped with: a wrong cookie or a node claiming this node's own name is worth a warning; the
+/// loser of a simultaneous connect, or a connection closed before the handshake said anything,
+/// is an ordinary race.
+fn explain_refusal(addr: &str, reason: Option<&str>) {
+    match reason {
+        Some("auth_fail: wrong_cookie") => tracing::warn!(
+            addr,
+            "refused a cluster connection that did not authenticate: the other node has a different cookie"
+        ),
+        Some("auth_fail: own_name") => tracing::warn!(
+            addr,
+            "refused a cluster connection from a node that claims this node's own name"
+        ),
+        Some("auth_fail: legacy_handshake") => tracing::warn!(
+            addr,
+            "refused a cluster connection that uses the old handshake without nonces (an older canopy or a plain ractor_cluster node)"
+        ),
+        Some("auth_fail") => tracing::warn!(
+            addr,
+            "a cluster handshake failed: the other node refused this one (a different cookie, see that node's log)"
+        ),
+        Some("duplicate_connection" | "session_election_lost") => {
+            tracing::debug!(addr, "a simultaneous cluster connection was settled")
+        }
+        other => {
+            tracing::debug!(addr, reason = ?other, "a cluster connection closed before it authenticated")
+        }
+    }
 }

@@ -302,6 +302,10 @@ pub struct NodeServerSessionInformation {
     /// (set once it authenticated): an application can key per-session message
     /// authentication with it
     pub session_key: Option<SessionKey>,
+    /// Why the session ended (set in the disconnect event): the session actor's stop reason,
+    /// e.g. `duplicate_connection` (the loser of a simultaneous connect), `auth_fail: <why>`,
+    /// `tcp_session_closed`
+    pub exit_reason: Option<String>,
 }
 
 /// A session's secret: an HMAC of the cookie over both nodes' names and nonces. Its `Debug`
@@ -336,6 +340,7 @@ impl NodeServerSessionInformation {
             node_id,
             peer_addr,
             session_key: None,
+            exit_reason: None,
         }
     }
 
@@ -874,12 +879,26 @@ impl Actor for NodeServer {
                 } else {
                     match state.node_sessions.entry(actor.get_id()) {
                         Entry::Occupied(o) => {
-                            tracing::warn!(
-                                "Node session {:?} exited with '{:?}'",
-                                o.get().peer_name,
-                                maybe_reason
+                            // The loser of a simultaneous connect is an expected outcome.
+                            let settled = matches!(
+                                maybe_reason.as_deref(),
+                                Some("duplicate_connection" | "session_election_lost")
                             );
-                            let ses = o.remove();
+                            if settled {
+                                tracing::debug!(
+                                    "Node session {:?} exited with '{:?}'",
+                                    o.get().peer_name,
+                                    maybe_reason
+                                );
+                            } else {
+                                tracing::warn!(
+                                    "Node session {:?} exited with '{:?}'",
+                                    o.get().peer_name,
+                                    maybe_reason
+                                );
+                            }
+                            let mut ses = o.remove();
+                            ses.exit_reason = maybe_reason.clone();
                             state.connection_ids.remove(&actor.get_id());
                             state.authenticated_sessions.remove(&actor.get_id());
                             for sub in state.subscriptions.values() {

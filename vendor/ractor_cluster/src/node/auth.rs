@@ -33,6 +33,27 @@ pub(crate) struct Credentials<'a> {
     pub(crate) name: &'a str,
 }
 
+/// Why a handshake was refused (other than an empty or out-of-order message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The peer's proof does not match this node's cookie.
+    WrongCookie,
+    /// The peer presented this node's own name.
+    OwnName,
+    /// The peer does not send the v2 nonces.
+    LegacyPeer,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Refusal::WrongCookie => "wrong_cookie",
+            Refusal::OwnName => "own_name",
+            Refusal::LegacyPeer => "legacy_handshake",
+        })
+    }
+}
+
 /// A nonce received from the peer, if it has the right length.
 fn peer_nonce(bytes: &[u8]) -> Option<Nonce> {
     bytes.try_into().ok()
@@ -67,6 +88,9 @@ pub(crate) enum ServerAuthenticationProcess {
 
     /// Close
     Close,
+
+    /// Close, for this reason
+    Refused(Refusal),
 }
 
 impl ServerAuthenticationProcess {
@@ -98,7 +122,7 @@ impl ServerAuthenticationProcess {
                             tracing::warn!(
                                 "refused a connection from a peer that claims this node's own name"
                             );
-                            return Self::Close;
+                            return Self::Refused(Refusal::OwnName);
                         }
                         return Self::HavePeerName(name);
                     }
@@ -119,7 +143,7 @@ impl ServerAuthenticationProcess {
                             tracing::warn!(
                                 "refused a connection: the peer does not speak the v2 (bound) handshake"
                             );
-                            return Self::Close;
+                            return Self::Refused(Refusal::LegacyPeer);
                         };
                         let transcript = Transcript {
                             client_name: peer,
@@ -136,7 +160,7 @@ impl ServerAuthenticationProcess {
                             tracing::warn!(
                                 "refused a connection: the peer's proof does not match this node's cookie"
                             );
-                            return Self::Close;
+                            return Self::Refused(Refusal::WrongCookie);
                         }
                     }
                 }
@@ -172,6 +196,9 @@ pub(crate) enum ClientAuthenticationProcess {
 
     /// Close
     Close,
+
+    /// Close, for this reason
+    Refused(Refusal),
 }
 
 impl ClientAuthenticationProcess {
@@ -199,13 +226,13 @@ impl ClientAuthenticationProcess {
                             tracing::warn!(
                                 "refused a session: the node dialed presents this node's own name"
                             );
-                            return Self::Close;
+                            return Self::Refused(Refusal::OwnName);
                         }
                         let Some(server_nonce) = peer_nonce(&challenge_msg.nonce) else {
                             tracing::warn!(
                                 "refused a session: the node dialed does not speak the v2 (bound) handshake"
                             );
-                            return Self::Close;
+                            return Self::Refused(Refusal::LegacyPeer);
                         };
                         let client_nonce = crate::hash::nonce();
                         let transcript = Transcript {
@@ -244,7 +271,7 @@ impl ClientAuthenticationProcess {
                             tracing::warn!(
                                 "refused a session: the server's proof does not match this node's cookie"
                             );
-                            return Self::Close;
+                            return Self::Refused(Refusal::WrongCookie);
                         }
                     }
                 }
@@ -378,7 +405,10 @@ mod tests {
             )),
             B,
         );
-        assert!(matches!(server, ServerAuthenticationProcess::Close));
+        assert!(matches!(
+            server,
+            ServerAuthenticationProcess::Refused(Refusal::WrongCookie)
+        ));
     }
 
     #[test]
@@ -405,7 +435,10 @@ mod tests {
             )),
             A,
         );
-        assert!(matches!(client, ClientAuthenticationProcess::Close));
+        assert!(matches!(
+            client,
+            ClientAuthenticationProcess::Refused(Refusal::WrongCookie)
+        ));
     }
 
     #[test]
@@ -415,7 +448,7 @@ mod tests {
         let claimed = A.name;
         let s = ServerAuthenticationProcess::init().next(msg(name(claimed)), A);
         assert!(
-            matches!(s, ServerAuthenticationProcess::Close),
+            matches!(s, ServerAuthenticationProcess::Refused(Refusal::OwnName)),
             "a peer claiming the server's own name is refused at once"
         );
 
@@ -424,7 +457,7 @@ mod tests {
         let mut reflected = challenge_of(&a_serving, A.name);
         let a_dialing = answering_client(A, reflected.clone());
         assert!(
-            matches!(a_dialing, ClientAuthenticationProcess::Close),
+            matches!(a_dialing, ClientAuthenticationProcess::Refused(Refusal::OwnName)),
             "a server presenting the client's own name is refused"
         );
         reflected.name = "x@host".to_string();
@@ -434,7 +467,10 @@ mod tests {
             msg(proto::authentication_message::Msg::ClientChallenge(relayed)),
             A,
         );
-        assert!(matches!(a_serving, ServerAuthenticationProcess::Close));
+        assert!(matches!(
+            a_serving,
+            ServerAuthenticationProcess::Refused(Refusal::WrongCookie)
+        ));
     }
 
     #[test]
@@ -447,14 +483,17 @@ mod tests {
             msg(proto::authentication_message::Msg::ClientChallenge(v1)),
             B,
         );
-        assert!(matches!(server, ServerAuthenticationProcess::Close));
+        assert!(matches!(
+            server,
+            ServerAuthenticationProcess::Refused(Refusal::LegacyPeer)
+        ));
 
         let server = challenging_server(B, A.name);
         let mut v1 = challenge_of(&server, B.name);
         v1.nonce.truncate(4);
         assert!(matches!(
             answering_client(A, v1),
-            ClientAuthenticationProcess::Close
+            ClientAuthenticationProcess::Refused(Refusal::LegacyPeer)
         ));
     }
 

@@ -73,8 +73,16 @@ impl AuthenticationState {
 
     fn is_close(&self) -> bool {
         match self {
-            Self::AsClient(c) => matches!(c, auth::ClientAuthenticationProcess::Close),
-            Self::AsServer(s) => matches!(s, auth::ServerAuthenticationProcess::Close),
+            Self::AsClient(c) => matches!(
+                c,
+                auth::ClientAuthenticationProcess::Close
+                    | auth::ClientAuthenticationProcess::Refused(_)
+            ),
+            Self::AsServer(s) => matches!(
+                s,
+                auth::ServerAuthenticationProcess::Close
+                    | auth::ServerAuthenticationProcess::Refused(_)
+            ),
         }
     }
 }
@@ -213,6 +221,8 @@ impl NodeSession {
         match &state.auth {
             AuthenticationState::AsClient(client_auth) => {
                 let mut next = client_auth.next(message, self.credentials());
+                // Losing a simultaneous connect is not an authentication failure.
+                let mut close_reason = "auth_fail";
                 match &next {
                     auth::ClientAuthenticationProcess::WaitingForServerChallenge(server_status) => {
                         match server_status.status() {
@@ -228,6 +238,7 @@ impl NodeSession {
                                 // The handshake will not continue, as there's already another client handshake underway
                                 // which itself initiated (Simultaneous connect where the other connection's name is > this node
                                 // name)
+                                close_reason = "session_election_lost";
                                 next = auth::ClientAuthenticationProcess::Close;
                             }
                             auth_protocol::server_status::Status::NotAllowed => {
@@ -290,12 +301,15 @@ impl NodeSession {
                     }
                 }
 
+                if let auth::ClientAuthenticationProcess::Refused(refusal) = &next {
+                    myself.stop(Some(format!("auth_fail: {refusal}")));
+                }
                 if let auth::ClientAuthenticationProcess::Close = &next {
                     tracing::info!(
-                        "Node Session {} is shutting down due to authentication failure",
+                        "Node Session {} is shutting down ({close_reason})",
                         self.node_id
                     );
-                    myself.stop(Some("auth_fail".to_string()));
+                    myself.stop(Some(close_reason.to_string()));
                 }
                 if let auth::ClientAuthenticationProcess::Ok(_) = &next {
                     tracing::info!("Node Session {} is authenticated", self.node_id);
@@ -411,6 +425,9 @@ impl NodeSession {
                     }
                 }
 
+                if let auth::ServerAuthenticationProcess::Refused(refusal) = &next {
+                    myself.stop(Some(format!("auth_fail: {refusal}")));
+                }
                 if let auth::ServerAuthenticationProcess::Close = &next {
                     tracing::info!(
                         "Node Session {} is shutting down due to authentication failure",
