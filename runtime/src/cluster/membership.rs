@@ -44,7 +44,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::discovery::{
-    Announcer, BeaconInfo, Discovered, Discovery, DiscoveryConfig, should_dial,
+    Announcer, BeaconInfo, Discovered, Discovery, DiscoveryConfig, DiscoveryCounts, DiscoveryKey,
+    DiscoveryStats, should_dial,
 };
 use super::election::{Candidate, Election};
 use super::identity::NodeId;
@@ -197,6 +198,7 @@ pub struct ClusterHandle {
     me: NodeId,
     view: watch::Receiver<ClusterView>,
     sessions: Arc<Sessions>,
+    discovery: DiscoveryStats,
 }
 
 /// The inbox of `peer` reached through `peer`'s own authenticated session (not a member of its
@@ -259,6 +261,18 @@ impl ClusterHandle {
         self.sessions.stats().total()
     }
 
+    /// Discovery datagrams refused so far (forged or altered beacons, beacons of another
+    /// cookie, stale or replayed ones, other versions, garbage); beacons of another discovery
+    /// namespace are not counted. Zero when discovery is off.
+    pub fn dropped_beacons(&self) -> u64 {
+        self.discovery.dropped()
+    }
+
+    /// The discovery counters by reason (accepted beacons included).
+    pub fn discovery_counts(&self) -> DiscoveryCounts {
+        self.discovery.snapshot()
+    }
+
     /// Sends `payload` to node `to` (possibly this node) without waiting.
     pub fn send(&self, to: &NodeId, payload: Vec<u8>) -> Result<(), ClusterError> {
         let inbox = self.inbox(to)?;
@@ -302,6 +316,7 @@ pub struct ClusterArgs {
     pub incoming: mpsc::UnboundedSender<Incoming>,
     view: Arc<watch::Sender<ClusterView>>,
     sessions: Arc<Sessions>,
+    discovery_stats: DiscoveryStats,
 }
 
 /// Creates the arguments of a [`ClusterActor`], the handle to talk through it, and the
@@ -324,10 +339,12 @@ pub fn cluster_channels(
     };
     let (view_tx, view_rx) = watch::channel(view);
     let sessions = Arc::new(Sessions::new(config.node_id.clone()));
+    let discovery_stats = DiscoveryStats::new();
     let handle = ClusterHandle {
         me: config.node_id.clone(),
         view: view_rx,
         sessions: sessions.clone(),
+        discovery: discovery_stats.clone(),
     };
     (
         ClusterArgs {
@@ -335,6 +352,7 @@ pub fn cluster_channels(
             incoming,
             view: Arc::new(view_tx),
             sessions,
+            discovery_stats,
         },
         handle,
         rx,
@@ -836,7 +854,9 @@ impl Actor for ClusterActor {
                     addr: config.listen,
                     started_ms: config.started_ms,
                 };
-                match Discovery::start(dc.clone(), me).await {
+                let key = DiscoveryKey::derive(&config.cookie, &dc.namespace);
+                let stats = args.discovery_stats.clone();
+                match Discovery::start(dc.clone(), me, key, stats).await {
                     Ok(mut discovery) => {
                         announcer = Some(discovery.announcer());
                         let myself = myself.clone();
