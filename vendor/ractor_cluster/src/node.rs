@@ -198,7 +198,17 @@ pub enum NodeSessionMessage {
 
     /// Retrieve whether the session has finished initial state exchange after authentication
     GetReadyState(RpcReplyPort<bool>),
+
+    /// Internal: the handshake deadline ([`HANDSHAKE_TIMEOUT`]) passed; a session that is not
+    /// authenticated by then stops with `auth_timeout`.
+    #[doc(hidden)]
+    HandshakeDeadline,
 }
+
+/// How long a new session has to complete the authentication handshake before it is
+/// closed (reason `auth_timeout`), so that a peer that connects and says nothing cannot hold
+/// a session, a task and a descriptor forever.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Node connection mode from the [Erlang](https://www.erlang.org/doc/reference_manual/distributed.html#node-connections)
 /// specification. f a node A connects to node B, and node B has a connection to node C,
@@ -231,6 +241,7 @@ pub struct NodeServer {
     connection_mode: NodeConnectionMode,
     listen_addr: Option<IpAddr>,
     max_inbound_frame_size: u64,
+    handshake_timeout: std::time::Duration,
 }
 
 impl NodeServer {
@@ -259,6 +270,7 @@ impl NodeServer {
             connection_mode: connection_mode.unwrap_or(NodeConnectionMode::Isolated),
             listen_addr: None,
             max_inbound_frame_size: DEFAULT_MAX_INBOUND_FRAME_SIZE,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
         }
     }
 
@@ -281,6 +293,13 @@ impl NodeServer {
     /// the largest message used by the cluster.
     pub fn with_max_inbound_frame_size(mut self, max_frame_size: u64) -> Self {
         self.max_inbound_frame_size = max_frame_size;
+        self
+    }
+
+    /// Set how long a new session (inbound or outbound) may take to authenticate before it
+    /// is closed with `auth_timeout`. The default is [`HANDSHAKE_TIMEOUT`].
+    pub fn with_handshake_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.handshake_timeout = timeout;
         self
     }
 }
@@ -680,7 +699,8 @@ impl Actor for NodeServer {
                         state.this_node_name.clone(),
                         self.connection_mode,
                     )
-                    .with_max_inbound_frame_size(self.max_inbound_frame_size),
+                    .with_max_inbound_frame_size(self.max_inbound_frame_size)
+                    .with_handshake_timeout(self.handshake_timeout),
                     *stream,
                     myself.get_cell(),
                 )
@@ -730,7 +750,8 @@ impl Actor for NodeServer {
                         state.this_node_name.clone(),
                         self.connection_mode,
                     )
-                    .with_max_inbound_frame_size(self.max_inbound_frame_size),
+                    .with_max_inbound_frame_size(self.max_inbound_frame_size)
+                    .with_handshake_timeout(self.handshake_timeout),
                     *external_stream,
                     myself.get_cell(),
                 )
@@ -1376,6 +1397,46 @@ mod tests {
 
         drop(stalled.b);
         nodes.stop().await;
+    }
+
+    #[ractor::concurrency::test]
+    async fn a_session_that_never_authenticates_is_closed_at_the_deadline() {
+        use tokio::io::AsyncReadExt;
+        let (server, handle) = Actor::spawn(
+            None,
+            NodeServer::new(
+                0,
+                "cookie".to_string(),
+                "a".to_string(),
+                "host".to_string(),
+                None,
+                None,
+            )
+            .with_handshake_timeout(Duration::from_millis(200)),
+            (),
+        )
+        .await
+        .expect("node should start");
+        for is_server in [true, false] {
+            let stalled = connection("stalled", is_server);
+            server
+                .cast(NodeServerMessage::ConnectionOpenedExternal {
+                    stream: Box::new(stalled.a),
+                    is_server: stalled.a_is_server,
+                })
+                .expect("stalled session should enqueue");
+            // The peer says nothing; the session must hang up on its own. (A client session
+            // first sends its name: read past it.)
+            let mut peer = stalled.b.stream;
+            let mut sink = Vec::new();
+            let closed = timeout(Duration::from_secs(3), peer.read_to_end(&mut sink)).await;
+            assert!(closed.is_ok(), "session still open after the handshake deadline");
+            let sessions = ractor::call_t!(server, NodeServerMessage::GetSessions, 1_000)
+                .expect("sessions should be available");
+            assert!(sessions.is_empty());
+        }
+        server.stop(None);
+        handle.await.expect("node should stop cleanly");
     }
 
     #[ractor::concurrency::test]

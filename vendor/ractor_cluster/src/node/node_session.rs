@@ -131,6 +131,7 @@ pub struct NodeSession {
     this_node_name: auth_protocol::NameMessage,
     connection_mode: super::NodeConnectionMode,
     max_inbound_frame_size: u64,
+    handshake_timeout: Duration,
     connection_id: u64,
 }
 
@@ -160,6 +161,7 @@ impl NodeSession {
             this_node_name: node_name,
             connection_mode,
             max_inbound_frame_size: super::DEFAULT_MAX_INBOUND_FRAME_SIZE,
+            handshake_timeout: super::HANDSHAKE_TIMEOUT,
             connection_id: if is_server {
                 0
             } else {
@@ -184,6 +186,13 @@ impl NodeSession {
     /// allocated. The default is [`super::DEFAULT_MAX_INBOUND_FRAME_SIZE`].
     pub fn with_max_inbound_frame_size(mut self, max_frame_size: u64) -> Self {
         self.max_inbound_frame_size = max_frame_size;
+        self
+    }
+
+    /// Set how long the session may take to authenticate before it is closed with
+    /// `auth_timeout`. The default is [`super::HANDSHAKE_TIMEOUT`].
+    pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
         self
     }
 }
@@ -1107,6 +1116,11 @@ impl Actor for NodeSession {
             pong_warnings: PongWarnings::default(),
         };
 
+        // Whoever dialed, the handshake must finish in time.
+        myself.send_after(self.handshake_timeout, || {
+            super::NodeSessionMessage::HandshakeDeadline
+        });
+
         // If a client-connection, startup the handshake
         if !self.is_server {
             let mut name = self.this_node_name.clone();
@@ -1228,6 +1242,18 @@ impl Actor for NodeSession {
             }
             Self::Msg::GetReadyState(reply) => {
                 let _ = reply.send(state.ready.is_ok());
+            }
+            Self::Msg::HandshakeDeadline => {
+                if !state.auth.is_ok() {
+                    tracing::info!(
+                        peer = %state.peer_addr,
+                        "closing a session that did not authenticate within the handshake timeout"
+                    );
+                    if let Some(tcp) = &state.tcp {
+                        tcp.stop(Some("auth_timeout".to_string()));
+                    }
+                    myself.stop(Some("auth_timeout".to_string()));
+                }
             }
             _ => {
                 // no-op, ignore

@@ -297,6 +297,7 @@ async fn inbound_messages_require_an_advertised_remotable_pid() {
         node_server: server.get_cell().into(),
         connection_mode: NodeConnectionMode::Isolated,
         max_inbound_frame_size: super::super::DEFAULT_MAX_INBOUND_FRAME_SIZE,
+        handshake_timeout: super::super::HANDSHAKE_TIMEOUT,
         connection_id: 0,
     };
     let mut state = authenticated_state(None);
@@ -393,6 +394,7 @@ async fn node_sesison_client_auth_success() {
         node_server: server_ref.clone(),
         connection_mode: NodeConnectionMode::Isolated,
         max_inbound_frame_size: super::super::DEFAULT_MAX_INBOUND_FRAME_SIZE,
+        handshake_timeout: super::super::HANDSHAKE_TIMEOUT,
         connection_id: 0,
     };
 
@@ -555,6 +557,7 @@ async fn node_session_client_auth_session_state_failures() {
         node_server: server_ref.clone(),
         connection_mode: NodeConnectionMode::Isolated,
         max_inbound_frame_size: super::super::DEFAULT_MAX_INBOUND_FRAME_SIZE,
+        handshake_timeout: super::super::HANDSHAKE_TIMEOUT,
         connection_id: 0,
     };
 
@@ -694,6 +697,7 @@ async fn node_session_server_auth_success() {
         node_server: server_ref.clone(),
         connection_mode: NodeConnectionMode::Isolated,
         max_inbound_frame_size: super::super::DEFAULT_MAX_INBOUND_FRAME_SIZE,
+        handshake_timeout: super::super::HANDSHAKE_TIMEOUT,
         connection_id: 0,
     };
 
@@ -807,6 +811,7 @@ async fn node_session_server_auth_session_state_failures() {
         node_server: server_ref.clone(),
         connection_mode: NodeConnectionMode::Isolated,
         max_inbound_frame_size: super::super::DEFAULT_MAX_INBOUND_FRAME_SIZE,
+        handshake_timeout: super::super::HANDSHAKE_TIMEOUT,
         connection_id: 0,
     };
 
@@ -966,6 +971,7 @@ async fn node_session_handle_node_msg() {
         node_server: server_ref.clone(),
         connection_mode: NodeConnectionMode::Isolated,
         max_inbound_frame_size: super::super::DEFAULT_MAX_INBOUND_FRAME_SIZE,
+        handshake_timeout: super::super::HANDSHAKE_TIMEOUT,
         connection_id: 0,
     };
 
@@ -1071,6 +1077,7 @@ async fn node_session_handle_control() {
         node_server: server_ref.clone(),
         connection_mode: NodeConnectionMode::Isolated,
         max_inbound_frame_size: super::super::DEFAULT_MAX_INBOUND_FRAME_SIZE,
+        handshake_timeout: super::super::HANDSHAKE_TIMEOUT,
         connection_id: 0,
     };
 
