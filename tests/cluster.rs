@@ -698,7 +698,8 @@ fn placing_a_missing_model_or_a_garbage_file_fails_with_the_reason_and_leaves_no
     let garbage = cluster.dirs.path().join("garbage.gguf");
     std::fs::write(&garbage, b"GGUF but not really a model").expect("write");
     let models = cluster.dirs.path().join("models").display().to_string();
-    let a = cluster.spawn(0, &["--model-dir", &models]);
+    let allowed = cluster.dirs.path().display().to_string();
+    let a = cluster.spawn(0, &["--model-dir", &models, "--model-path-allow", &allowed]);
     assert!(
         a.wait_http("/health", 200, Duration::from_secs(60)),
         "{}",
@@ -730,6 +731,24 @@ fn placing_a_missing_model_or_a_garbage_file_fails_with_the_reason_and_leaves_no
             .unwrap_or_default()
             .contains("cannot load"),
         "{body}"
+    );
+    // A file outside the model store and the allowed directories is refused with the same
+    // words whether it exists or not, and is never opened.
+    let mut refusals = Vec::new();
+    for outside in ["/etc/hostname", "/etc/no-such-file"] {
+        let (status, body) = place(&a, json!({ "model": outside, "wait": 60 }));
+        assert_eq!(status, 422, "{body}");
+        let message = body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(message.contains("--model-path-allow"), "{body}");
+        assert!(!message.contains("cannot load"), "{body}");
+        refusals.push(message.replace(outside, "PATH"));
+    }
+    assert_eq!(
+        refusals[0], refusals[1],
+        "the answer does not tell which exists"
     );
     // Nothing is left placed or running, and the node still serves.
     wait_for(Duration::from_secs(10), "no instance left", &[&a], || {

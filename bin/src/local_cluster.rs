@@ -2,7 +2,8 @@
 //!
 //! This process is node 0; nodes 1..N are `canopy node` child processes on the next API and
 //! cluster ports, each with its own data dir under the first one's (`local-<i>`), all with
-//! the same cookie and every other node as a static peer (multicast does not work on
+//! the same cookie and API key (passed in their environment, never on their command line)
+//! and every other node as a static peer (multicast does not work on
 //! loopback). The children get a parent-death signal, so they never outlive this process;
 //! on a normal stop they get SIGTERM and a grace period, then SIGKILL.
 
@@ -22,8 +23,10 @@ pub struct LocalPlan<'a> {
     pub api: std::net::SocketAddr,
     /// Node 0's cluster address.
     pub cluster: std::net::SocketAddr,
-    /// The shared cookie.
+    /// The shared cookie (given to the children in their environment, not their argv).
     pub cookie: &'a str,
+    /// The API key, if the API has one (environment too).
+    pub api_key: Option<&'a str>,
     /// Node 0's data dir.
     pub data_dir: &'a std::path::Path,
     /// How many nodes in all.
@@ -49,7 +52,6 @@ pub fn spawn(plan: &LocalPlan<'_>) -> anyhow::Result<LocalNodes> {
             .args(["--cluster-port", &cluster_addr(i).port().to_string()])
             .arg("--data-dir")
             .arg(plan.data_dir.join(format!("local-{i}")))
-            .args(["--cookie", plan.cookie])
             .arg("--no-discovery")
             .args(&plan.passthrough)
             .env_remove("CANOPY_NODES")
@@ -57,11 +59,20 @@ pub fn spawn(plan: &LocalPlan<'_>) -> anyhow::Result<LocalNodes> {
             .env_remove("CANOPY_PORT")
             .env_remove("CANOPY_CLUSTER_PORT")
             .env_remove("CANOPY_DATA_DIR")
+            // Secrets travel in the environment, which only the same user (and root) can
+            // read, never in argv, which every local user can.
+            .env_remove("CANOPY_COOKIE_FILE")
+            .env_remove("CANOPY_API_KEY_FILE")
+            .env("CANOPY_COOKIE", plan.cookie)
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         for j in (0..plan.nodes).filter(|&j| j != i) {
             cmd.args(["--peer", &cluster_addr(j).to_string()]);
         }
+        match plan.api_key {
+            Some(key) => cmd.env("CANOPY_API_KEY", key),
+            None => cmd.env_remove("CANOPY_API_KEY"),
+        };
         if std::env::var_os("CANOPY_LOG").is_none() {
             cmd.env("CANOPY_LOG", "warn");
         }

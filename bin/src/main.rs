@@ -15,6 +15,7 @@ mod inspect;
 mod local_cluster;
 mod model;
 mod runner;
+mod security;
 mod serve;
 
 use std::io::IsTerminal;

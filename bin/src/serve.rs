@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use canopy_actors::api::ApiConfig;
+use canopy_actors::api::{ApiConfig, ApiKey};
 use canopy_actors::cluster::{ClusterSetup, ModelResolver};
 use canopy_actors::node::{Node, NodeConfig, Placement, RunnerDefaults};
 use canopy_actors::runner::{RunnerCommand, RunnerEvent};
@@ -40,6 +40,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::model::BarProgress;
+use crate::security::{self, ModelPaths};
 
 /// The API port, exo's.
 pub const DEFAULT_PORT: u16 = 52415;
@@ -94,9 +95,48 @@ pub struct ServeArgs {
     #[arg(long, env = "CANOPY_CLUSTER_PORT")]
     cluster_port: Option<u16>,
     /// The cluster cookie; nodes with another cookie are refused [default: generated once
-    /// and kept in the data dir; printed at start so other nodes can join].
+    /// and kept in the data dir's `cookie` file]. Other local users can read a command
+    /// line: prefer --cookie-file or the variable.
     #[arg(long, env = "CANOPY_COOKIE", hide_env_values = true)]
     cookie: Option<String>,
+    /// A file holding the cluster cookie (e.g. a copy of another node's data-dir `cookie`).
+    #[arg(long, env = "CANOPY_COOKIE_FILE")]
+    cookie_file: Option<PathBuf>,
+    /// The key clients must send as `Authorization: Bearer KEY` on every endpoint but
+    /// /health [default: none, and then the API serves loopback only]. Other local users
+    /// can read a command line: prefer --api-key-file or the variable.
+    #[arg(long, env = "CANOPY_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// A file holding the API key (keep it mode 0600).
+    #[arg(long, env = "CANOPY_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
+    /// Serve the API on a non-loopback --host without an API key: anyone who can reach the
+    /// address can use the node.
+    #[arg(long, env = "CANOPY_INSECURE_NO_API_KEY")]
+    insecure_no_api_key: bool,
+    /// A host name clients may reach this node's API by, besides IP addresses and
+    /// localhost (other names are refused, against DNS rebinding); repeatable; `*` for any.
+    #[arg(
+        long = "allowed-host",
+        env = "CANOPY_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    allowed_hosts: Vec<String>,
+    /// A directory whose GGUF files placement requests (`POST /instances`) may name by
+    /// path; repeatable [default: only the model store].
+    #[arg(
+        long = "model-path-allow",
+        env = "CANOPY_MODEL_PATH_ALLOW",
+        value_delimiter = ','
+    )]
+    model_path_allow: Vec<PathBuf>,
+    /// Most HTTP connections served at once; more are answered 503 [default: 1024].
+    #[arg(long, env = "CANOPY_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Seconds a connection may take to send a request's headers (an idle keep-alive
+    /// connection included) before it is closed [default: 10].
+    #[arg(long, env = "CANOPY_HEADER_TIMEOUT", value_parser = parse_seconds)]
+    header_timeout: Option<Duration>,
     /// Where the node keeps its identity and cookie [default: the user's data dir, canopy].
     #[arg(long, env = "CANOPY_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -124,6 +164,19 @@ pub struct ServeArgs {
     /// the others are child processes on the next API and cluster ports).
     #[arg(long, env = "CANOPY_NODES")]
     nodes: Option<usize>,
+}
+
+/// Parses a positive number of seconds, e.g. `10` or `0.5`.
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    if secs.is_finite() && secs > 0.0 && secs <= 86_400.0 {
+        Ok(Duration::from_secs_f64(secs))
+    } else {
+        Err(format!("`{text}`: give between 0 and 86400 seconds"))
+    }
 }
 
 /// The most sequences a runner may be asked to batch.
@@ -208,6 +261,12 @@ struct Settings {
     model_dir: Option<PathBuf>,
     cluster: Option<ClusterSettings>,
     nodes: usize,
+    api_key: Option<ApiKey>,
+    insecure_no_api_key: bool,
+    allowed_hosts: Vec<String>,
+    model_path_allow: Vec<PathBuf>,
+    max_connections: usize,
+    header_timeout: Option<Duration>,
 }
 
 /// The cluster part of the settings (None when standalone).
@@ -255,6 +314,14 @@ impl Settings {
             .or(file.host)
             .unwrap_or(IpAddr::from([127, 0, 0, 1]));
         let port = args.port.or(file.port).unwrap_or(DEFAULT_PORT);
+        let api_key = security::api_key(args.api_key.as_deref(), args.api_key_file.as_deref())?;
+        security::check_exposure(host, api_key.is_some(), args.insecure_no_api_key)?;
+        let max_connections = args
+            .max_connections
+            .unwrap_or(ApiConfig::default().max_connections);
+        if max_connections == 0 {
+            anyhow::bail!("--max-connections must be at least 1");
+        }
         let instances = args.instances.or(file.instances).unwrap_or(1);
         if instances == 0 {
             anyhow::bail!("--instances must be at least 1");
@@ -283,7 +350,7 @@ impl Settings {
                     cluster_host,
                     args.cluster_port.unwrap_or(DEFAULT_CLUSTER_PORT),
                 ),
-                cookie: args.cookie,
+                cookie: security::cookie(args.cookie, args.cookie_file.as_deref())?,
                 data_dir: args
                     .data_dir
                     .unwrap_or_else(canopy_runtime::cluster::identity::default_data_dir),
@@ -298,6 +365,12 @@ impl Settings {
         Ok(Self {
             cluster,
             nodes,
+            api_key,
+            insecure_no_api_key: args.insecure_no_api_key,
+            allowed_hosts: args.allowed_hosts,
+            model_path_allow: args.model_path_allow,
+            max_connections,
+            header_timeout: args.header_timeout,
             addr: SocketAddr::new(host, port),
             model: args
                 .model
@@ -341,9 +414,12 @@ fn engine_reads_gguf(engine: Option<&str>) -> bool {
 }
 
 /// Resolves placement requests' model names with the model store (downloading catalogue
-/// models on first use); with a non-candle engine, names pass through as they are.
+/// models on first use), or as paths of files under the store or a `--model-path-allow`
+/// directory ([`ModelPaths`]); with a non-candle engine, names pass through as they are.
 struct StoreResolver {
     store: ModelStore,
+    /// Where model files named by path may be.
+    paths: ModelPaths,
     engine: Option<String>,
     threads: Option<u32>,
     parallel: Option<u32>,
@@ -359,10 +435,15 @@ impl ModelResolver for StoreResolver {
     fn resolve(&self, model: &str) -> Result<LoadSpec, String> {
         let path = if self.passthrough() {
             PathBuf::from(model)
+        } else if let Ok(entry) = self.store.entry(model) {
+            let id = entry.name.clone();
+            self.store
+                .ensure(&id, &mut BarProgress::default())
+                .map_err(|e| e.to_string())?
         } else {
-            fetch_model(model, &self.store)
-                .map_err(|e| format!("{e:#}"))?
-                .1
+            self.paths
+                .check(model)
+                .ok_or_else(|| ModelPaths::refusal(model))?
         };
         Ok(LoadSpec {
             model: path.display().to_string(),
@@ -377,26 +458,26 @@ impl ModelResolver for StoreResolver {
         if self.passthrough() {
             return None;
         }
-        let path = Path::new(model);
-        if path.exists() {
-            return std::fs::metadata(path).ok().map(|m| m.len());
+        if let Ok(entry) = self.store.entry(model) {
+            return Some(entry.size_bytes);
         }
-        self.store.entry(model).ok().map(|e| e.size_bytes)
+        let path = self.paths.check(model)?;
+        std::fs::metadata(path).ok().map(|m| m.len())
     }
 
     fn model_id(&self, model: &str) -> String {
         if self.passthrough() {
             return model.to_string();
         }
-        let path = Path::new(model);
-        if path.exists() {
-            return path
-                .file_stem()
-                .map_or_else(|| model.to_string(), |s| s.to_string_lossy().into_owned());
+        if let Ok(entry) = self.store.entry(model) {
+            return entry.name.clone();
         }
-        self.store
-            .entry(model)
-            .map_or_else(|_| model.to_string(), |e| e.name.clone())
+        match self.paths.check(model) {
+            Some(path) => path
+                .file_stem()
+                .map_or_else(|| model.to_string(), |s| s.to_string_lossy().into_owned()),
+            None => model.to_string(),
+        }
     }
 }
 
@@ -417,6 +498,7 @@ pub fn run(args: ServeArgs, default_model: Option<&str>) -> anyhow::Result<()> {
         (None, _) => None,
     };
     let resolver = StoreResolver {
+        paths: ModelPaths::new(store.dir(), &settings.model_path_allow),
         store,
         engine: settings.engine.clone(),
         threads: settings.threads,
@@ -444,6 +526,25 @@ pub fn run(args: ServeArgs, default_model: Option<&str>) -> anyhow::Result<()> {
             if let Some(max_queue) = settings.max_queue {
                 passthrough.extend(["--max-queue".to_string(), max_queue.to_string()]);
             }
+            for host in &settings.allowed_hosts {
+                passthrough.extend(["--allowed-host".to_string(), host.clone()]);
+            }
+            for dir in &settings.model_path_allow {
+                passthrough.extend(["--model-path-allow".to_string(), dir.display().to_string()]);
+            }
+            passthrough.extend([
+                "--max-connections".to_string(),
+                settings.max_connections.to_string(),
+            ]);
+            if let Some(timeout) = settings.header_timeout {
+                passthrough.extend([
+                    "--header-timeout".to_string(),
+                    timeout.as_secs_f64().to_string(),
+                ]);
+            }
+            if settings.insecure_no_api_key {
+                passthrough.push("--insecure-no-api-key".to_string());
+            }
             for i in 1..nodes {
                 cluster.peers.push(SocketAddr::new(
                     cluster.listen.ip(),
@@ -455,6 +556,7 @@ pub fn run(args: ServeArgs, default_model: Option<&str>) -> anyhow::Result<()> {
                     api: settings.addr,
                     cluster: cluster.listen,
                     cookie: cluster.cookie.as_deref().unwrap_or_default(),
+                    api_key: settings.api_key.as_ref().map(ApiKey::expose),
                     data_dir: &cluster.data_dir,
                     nodes,
                     passthrough,
@@ -483,9 +585,12 @@ fn cluster_setup(
     let cookie = dir.cookie(cluster.cookie.as_deref())?;
     if cookie.generated {
         eprintln!(
-            "generated a cluster cookie (kept in {}): other nodes join with --cookie {}",
-            cluster.data_dir.display(),
-            cookie.value
+            "generated a cluster cookie, kept in {} (mode 0600): for other nodes to join, copy \
+             that file to them and start them with --cookie-file PATH",
+            cluster
+                .data_dir
+                .join(canopy_runtime::cluster::identity::COOKIE_FILE)
+                .display()
         );
     }
     let mut config = ClusterConfig::new(node_id, cluster.listen, cookie.value);
@@ -543,6 +648,12 @@ async fn serve(
     let config = NodeConfig {
         api: ApiConfig {
             addr: settings.addr,
+            api_key: settings.api_key.clone(),
+            allowed_hosts: settings.allowed_hosts.clone(),
+            max_connections: settings.max_connections,
+            header_timeout: settings
+                .header_timeout
+                .unwrap_or(ApiConfig::default().header_timeout),
             ..ApiConfig::default()
         },
         runners,
@@ -595,8 +706,13 @@ async fn serve(
         }
         println!("Canopy is serving {id} at {base}/v1");
         println!("try:");
+        let auth = if settings.api_key.is_some() {
+            " -H \"Authorization: Bearer $CANOPY_API_KEY\""
+        } else {
+            ""
+        };
         println!(
-            "  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'"
+            "  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n    -d '{{\"model\": \"{id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'"
         );
     } else {
         println!("Canopy node is up; API at {base} (no model placed)");
@@ -661,6 +777,14 @@ mod tests {
             cluster_host: None,
             cluster_port: None,
             cookie: None,
+            cookie_file: None,
+            api_key: None,
+            api_key_file: None,
+            insecure_no_api_key: false,
+            allowed_hosts: Vec::new(),
+            model_path_allow: Vec::new(),
+            max_connections: None,
+            header_timeout: None,
             data_dir: None,
             peers: Vec::new(),
             expect: None,

@@ -435,6 +435,9 @@ impl NsNode {
         cmd.args(args)
             .env("CANOPY_MODEL_DIR", model_dir())
             .env("CANOPY_LOG", "info")
+            // The API listens on the namespace's address, which only this test's fabric
+            // reaches; the API key has its own tests (tests/api_security.rs).
+            .env("CANOPY_INSECURE_NO_API_KEY", "true")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

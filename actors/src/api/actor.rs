@@ -1,7 +1,7 @@
 //! `ApiActor`: the node's HTTP server as an actor in the supervision tree.
 //!
 //! `pre_start` binds exactly the configured address (a failure is a startup error naming
-//! it) and spawns the axum server; `post_stop` shuts it down in two bounded steps: first
+//! it) and spawns the server (`server`: header timeout, connection cap); `post_stop` shuts it down in two bounded steps: first
 //! gracefully (no new connections; open requests, streams included, may finish) for up to
 //! `shutdown_timeout`, then by ending every request still open (503, or an SSE error event
 //! and `[DONE]`, which drops its task handle and so cancels its task) and waiting up to
@@ -24,6 +24,7 @@ use super::backend::Backend;
 use super::config::ApiConfig;
 use super::metrics::Metrics;
 use super::routes::router;
+use super::server::{Limits, serve};
 
 /// How long `post_stop` waits for the server after ending the requests still open.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -108,20 +109,22 @@ impl Actor for ApiActor {
             .local_addr()
             .map_err(|source| ApiActorError::Bind { addr, source })?;
         let shutdown_timeout = args.config.shutdown_timeout;
+        let limits = Limits {
+            header_timeout: args.config.header_timeout,
+            max_connections: args.config.max_connections,
+        };
         let closing = CancellationToken::new();
         let app = router(args.backend, args.metrics, args.config, closing.clone());
         let shutdown = CancellationToken::new();
         let asked = shutdown.clone();
-        let serve =
-            axum::serve(listener, app).with_graceful_shutdown(asked.clone().cancelled_owned());
+        let serve = serve(listener, app, limits, asked.clone());
         let server = tokio::spawn(async move {
-            let outcome = AssertUnwindSafe(serve.into_future()).catch_unwind().await;
+            let outcome = AssertUnwindSafe(serve).catch_unwind().await;
             if asked.is_cancelled() {
                 return;
             }
             let reason = match outcome {
-                Ok(Ok(())) => "the server returned".to_string(),
-                Ok(Err(err)) => err.to_string(),
+                Ok(()) => "the server returned".to_string(),
                 Err(_) => "the server task panicked".to_string(),
             };
             tracing::error!(addr = %local_addr, %reason, "HTTP server stopped unexpectedly");

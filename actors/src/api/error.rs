@@ -10,6 +10,11 @@
 //! | bad body, bad parameter | 400 | `invalid_request_error` / `invalid_json`, `missing_required_parameter`, `invalid_type`, `invalid_value` |
 //! | unknown route / model | 404 | `invalid_request_error` / `unknown_url`, `model_not_found` |
 //! | body over the limit | 413 | `invalid_request_error` / `request_too_large` |
+//! | body not sent within the body timeout | 408 | `invalid_request_error` / `request_timeout` |
+//! | a JSON endpoint's body without `Content-Type: application/json` | 415 | `invalid_request_error` / `unsupported_media_type` |
+//! | no or a wrong API key (when the node has one) | 401 + `WWW-Authenticate: Bearer` | `invalid_request_error` / `invalid_api_key` |
+//! | a `Host` header the node does not answer to | 403 | `invalid_request_error` / `forbidden_host` |
+//! | more connections than the cap | 503 + `Retry-After` | `server_error` / `too_many_connections` |
 //! | every instance at capacity ([`SubmitError::Busy`], [`RunnerError::QueueFull`]) | 429 + `Retry-After` | `rate_limit_error` / `server_busy` |
 //! | the prompt does not fit the instance's context ([`RunnerError::TaskFailed`] of kind [`TaskErrorKind::ContextLengthExceeded`]) | 400 | `invalid_request_error` / `context_length_exceeded` (`param`: `messages`) |
 //! | the runner found the request unusable ([`RunnerError::TaskFailed`] of kind [`TaskErrorKind::InvalidRequest`]) | 400 | `invalid_request_error` / `invalid_request` |
@@ -139,6 +144,77 @@ impl ApiError {
             format!("The request body is larger than the limit of {limit} bytes."),
         )
         .with_code("request_too_large")
+    }
+
+    /// A 408: the body did not arrive within `timeout`.
+    pub(crate) fn body_timeout(timeout: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "The request body did not arrive within {} s.",
+                timeout.as_secs_f64()
+            ),
+        )
+        .with_code("request_timeout")
+    }
+
+    /// A 415: a JSON endpoint got a body of another content type (or none stated).
+    pub(crate) fn not_json(got: Option<&str>) -> Self {
+        let got = match got {
+            Some(t) => format!("`{t}`"),
+            None => "no Content-Type".to_string(),
+        };
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            format!(
+                "The request body must be sent with `Content-Type: application/json`, not \
+                 {got}."
+            ),
+        )
+        .with_code("unsupported_media_type")
+    }
+
+    /// A 401: no API key, or the wrong one (`presented` says which).
+    pub(crate) fn unauthorized(presented: bool) -> Self {
+        let message = if presented {
+            "Incorrect API key provided. The key is the one the node was started with \
+             (--api-key, CANOPY_API_KEY or --api-key-file)."
+        } else {
+            "You didn't provide an API key. Send it in the header `Authorization: Bearer \
+             <key>`; the key is the one the node was started with (--api-key, \
+             CANOPY_API_KEY or --api-key-file)."
+        };
+        Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message)
+            .with_code("invalid_api_key")
+    }
+
+    /// A 403: the `Host` header names a host this node does not answer to (a DNS-rebinding
+    /// page, or a name that needs `--allowed-host`).
+    pub(crate) fn foreign_host(host: &str) -> Self {
+        let shown: String = host.chars().take(64).collect();
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            format!(
+                "This node does not answer to the host name `{}`: use its IP address or \
+                 localhost, or start it with --allowed-host NAME.",
+                shown.escape_default()
+            ),
+        )
+        .with_code("forbidden_host")
+    }
+
+    /// A 503: the node serves as many connections as it may.
+    pub(crate) fn too_many_connections(limit: usize) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            format!("The node is serving its limit of {limit} connections; retry shortly."),
+        )
+        .with_code("too_many_connections")
+        .with_retry_after()
     }
 
     /// A 404 for a path nobody serves.
@@ -275,7 +351,6 @@ impl ApiError {
     }
 
     /// The HTTP status.
-    #[cfg(test)]
     pub(crate) fn status(&self) -> StatusCode {
         self.status
     }

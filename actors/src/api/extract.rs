@@ -1,11 +1,19 @@
 //! `OpenAiJson`: a JSON body extractor whose every rejection is an OpenAI-shaped error.
 //!
-//! axum's own `Json` answers bad bodies in plain text and insists on a JSON content type.
-//! This extractor instead accepts any content type (so `curl -d` works), enforces the body
-//! limit itself (answering 413 as soon as a `Content-Length` announces too much, before
-//! reading anything, or once the streamed body crosses the limit), and turns every parse
-//! failure into a 400 that names the offending parameter by its JSON path (through
-//! `serde_path_to_error`), e.g. `messages[1].content`.
+//! axum's own `Json` answers bad bodies in plain text. This extractor:
+//!
+//! - demands `Content-Type: application/json` (or `application/<x>+json`), else 415: a
+//!   web page can send `text/plain` or a form cross-origin without a CORS preflight, never
+//!   JSON, so this is what keeps a page the user opens from driving the API (`curl` needs
+//!   `-H 'Content-Type: application/json'`);
+//! - enforces the body limit itself (413 as soon as a `Content-Length` announces too much,
+//!   or once the streamed body crosses the limit), but first reads and discards what the
+//!   client is still sending, up to `drain_limit` bytes and within the body timeout (a
+//!   lingering close): clients that write their whole body before reading the answer
+//!   (Python's `http.client`, `requests`) would otherwise see a broken pipe, not the 413;
+//! - gives the whole body `body_timeout` to arrive, else 408;
+//! - turns every parse failure into a 400 that names the offending parameter by its JSON
+//!   path (through `serde_path_to_error`), e.g. `messages[1].content`.
 
 use axum::extract::{FromRequest, Request};
 use axum::http::header;
@@ -23,23 +31,105 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OpenAiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let limit = state.config.body_limit;
+        let config = &state.config;
+        let content_type = req.headers().get(header::CONTENT_TYPE);
+        if !is_json(content_type) {
+            let shown = content_type.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            let err = ApiError::not_json(shown.as_deref().map(|t| truncate(t, 100)));
+            return Err(
+                refuse_after_draining(req, err, config.drain_limit, config.body_timeout).await,
+            );
+        }
         let announced = req
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        let limit = config.body_limit;
         if announced.is_some_and(|len| len > limit as u64) {
-            return Err(ApiError::too_large(limit));
+            let err = ApiError::too_large(limit);
+            return Err(
+                refuse_after_draining(req, err, config.drain_limit, config.body_timeout).await,
+            );
         }
-        let body = read_limited(req, limit).await?;
+        let timeout = config.body_timeout;
+        let mut stream = req.into_body().into_data_stream();
+        let body = match tokio::time::timeout(timeout, read_limited(&mut stream, limit)).await {
+            Err(_) => return Err(ApiError::body_timeout(timeout)),
+            Ok(Err(err)) => {
+                if err.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    drain(&mut stream, config.drain_limit, timeout).await;
+                }
+                return Err(err);
+            }
+            Ok(Ok(body)) => body,
+        };
         parse(&body).map(OpenAiJson)
     }
 }
 
-/// Reads the whole body, failing with 413 past `limit` bytes.
-async fn read_limited(req: Request, limit: usize) -> Result<Vec<u8>, ApiError> {
+/// Whether a `Content-Type` value is JSON: `application/json` or `application/<x>+json`,
+/// with any parameters (`; charset=utf-8`).
+fn is_json(value: Option<&axum::http::HeaderValue>) -> bool {
+    let Some(value) = value.and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || essence
+            .strip_prefix("application/")
+            .is_some_and(|sub| sub.ends_with("+json"))
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => &text[..i],
+        None => text,
+    }
+}
+
+/// Reads and discards the rest of `req`'s body (bounded), then hands back `err`.
+async fn refuse_after_draining(
+    req: Request,
+    err: ApiError,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> ApiError {
     let mut stream = req.into_body().into_data_stream();
+    drain(&mut stream, limit, timeout).await;
+    err
+}
+
+/// Reads and discards up to `limit` bytes of `stream` within `timeout`. If the body is
+/// longer or slower, the rest is left unread and the server closes the connection after
+/// answering.
+async fn drain(
+    stream: &mut axum::body::BodyDataStream,
+    limit: usize,
+    timeout: std::time::Duration,
+) {
+    let read = async {
+        let mut seen = 0usize;
+        while let Some(Ok(chunk)) = stream.next().await {
+            seen = seen.saturating_add(chunk.len());
+            if seen > limit {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(timeout, read).await;
+}
+
+/// Reads the whole body, failing with 413 past `limit` bytes.
+async fn read_limited(
+    stream: &mut axum::body::BodyDataStream,
+    limit: usize,
+) -> Result<Vec<u8>, ApiError> {
     let mut body = Vec::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|err| {
@@ -133,14 +223,37 @@ mod tests {
 
     #[tokio::test]
     async fn a_streamed_body_is_cut_at_the_limit() {
-        let err = read_limited(chunked(&[600, 600]), 1000)
+        let mut stream = chunked(&[600, 600]).into_body().into_data_stream();
+        let err = read_limited(&mut stream, 1000)
             .await
             .expect_err("over the limit");
         assert_eq!(err.status(), 413);
-        let body = read_limited(chunked(&[500, 500]), 1000)
-            .await
-            .expect("at the limit");
+        let mut stream = chunked(&[500, 500]).into_body().into_data_stream();
+        let body = read_limited(&mut stream, 1000).await.expect("at the limit");
         assert_eq!(body.len(), 1000);
+    }
+
+    #[test]
+    fn json_content_types_are_recognised() {
+        use axum::http::HeaderValue;
+        for ok in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/merge-patch+json",
+        ] {
+            assert!(is_json(Some(&HeaderValue::from_static(ok))), "{ok}");
+        }
+        for bad in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "application/jsonp",
+            "text/json+plain",
+            "",
+        ] {
+            assert!(!is_json(Some(&HeaderValue::from_static(bad))), "{bad}");
+        }
+        assert!(!is_json(None));
     }
 
     #[test]

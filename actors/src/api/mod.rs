@@ -16,6 +16,14 @@
 //! for the status mapping). The API reaches the rest of the node only through the
 //! [`Backend`] trait.
 //!
+//! Security (see `guard`, `server` and `extract`): with an API key set, every route but
+//! `/health` needs `Authorization: Bearer <key>` (401); a `Host` header that is not an IP
+//! literal, `localhost` or an allowed name is a 403 (DNS rebinding); JSON endpoints demand
+//! `Content-Type: application/json` (415), so a web page cannot post to them without a CORS
+//! preflight, which is never granted; headers must arrive within `header_timeout`, bodies
+//! within `body_timeout` (408); connections past `max_connections` are answered 503; an
+//! oversized body is read and discarded (up to `drain_limit`) so the client sees its 413.
+//!
 //! Reliability decisions:
 //! - a request's task belongs to its handler, and for streams to the SSE body: a client
 //!   that disconnects drops the `TaskHandle`, which cancels the task in the runner;
@@ -37,6 +45,7 @@ mod chat;
 mod config;
 mod error;
 mod extract;
+mod guard;
 mod metrics;
 mod models;
 mod observe;
@@ -44,12 +53,14 @@ mod ops;
 mod request;
 mod response;
 mod routes;
+mod server;
 mod state;
 mod stream;
 mod task;
 
 pub use actor::{ApiActor, ApiActorError, ApiArgs, ApiMsg, ApiState, CLOSE_GRACE};
 pub use backend::{Backend, ModelInfo, SubmitError};
-pub use config::ApiConfig;
+pub use config::{ApiConfig, ApiKey, ApiKeyError, MAX_API_KEY_LEN, MIN_API_KEY_LEN};
 pub use metrics::Metrics;
 pub use routes::router;
+pub use server::{OVERFLOW_DEADLINE, OVERFLOW_SLOTS};

@@ -1,5 +1,5 @@
-//! The API's router: every route, the OpenAI-shaped 404/405 fallbacks, and the metrics
-//! middleware.
+//! The API's router: every route, the OpenAI-shaped 404/405 fallbacks, the guard (Host
+//! check and API key) and the metrics middleware.
 
 use std::sync::Arc;
 
@@ -13,6 +13,7 @@ use super::backend::Backend;
 use super::chat;
 use super::config::ApiConfig;
 use super::error::ApiError;
+use super::guard;
 use super::metrics::Metrics;
 use super::models;
 use super::observe;
@@ -49,6 +50,9 @@ pub fn router(
         .route("/instances/{id}", delete(ops::delete_instance))
         .fallback(unknown_url)
         .method_not_allowed_fallback(method_not_allowed)
+        // The guard (Host, API key) runs inside the metrics middleware, so refusals are
+        // counted by status like any answer.
+        .layer(middleware::from_fn_with_state(state.clone(), guard::guard))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             observe::observe,

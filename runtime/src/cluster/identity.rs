@@ -377,6 +377,21 @@ impl DataDir {
     }
 }
 
+/// Reads a secret the user keeps in a file (`--cookie-file`, `--api-key-file`): at most
+/// 4 KiB, surrounding whitespace trimmed; warns when other users may read the file.
+pub fn read_secret_file(path: &Path) -> Result<String, IdentityError> {
+    match read_small(path)? {
+        Some(content) => {
+            warn_if_readable_by_others(path);
+            Ok(content.trim().to_owned())
+        }
+        None => Err(IdentityError::Read {
+            path: path.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::NotFound, "no such file"),
+        }),
+    }
+}
+
 /// Reads a small text file; `None` when it does not exist.
 fn read_small(path: &Path) -> Result<Option<String>, IdentityError> {
     let file = match File::open(path) {
@@ -450,7 +465,7 @@ fn warn_if_readable_by_others(path: &Path) {
         tracing::warn!(
             path = %path.display(),
             mode = format_args!("{mode:o}"),
-            "the cookie file is accessible to other users; run `chmod 600` on it"
+            "this secret file is accessible to other users; run `chmod 600` on it"
         );
     }
 }
