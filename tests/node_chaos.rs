@@ -213,8 +213,9 @@ fn bad_input_gets_the_right_4xx_and_the_node_keeps_serving() {
             "after {what}"
         );
     }
-    // A huge body: the server answers 413 from the announced length, before reading it (so
-    // the client must not insist on sending all of it first).
+    // A huge body that the client stops sending: the server answers 413 once the client
+    // pauses (it reads an oversized body only so that a client sending all of it first still
+    // sees the answer).
     {
         use std::io::{Read, Write};
         let addr = node.base.trim_start_matches("http://");

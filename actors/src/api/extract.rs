@@ -9,8 +9,10 @@
 //! - enforces the body limit itself (413 as soon as a `Content-Length` announces too much,
 //!   or once the streamed body crosses the limit), but first reads and discards what the
 //!   client is still sending, up to `drain_limit` bytes and within the body timeout (a
-//!   lingering close): clients that write their whole body before reading the answer
-//!   (Python's `http.client`, `requests`) would otherwise see a broken pipe, not the 413;
+//!   lingering close; a pause of a second in the client's sending ends it): clients that
+//!   write their whole body before reading the answer (Python's `http.client`, `requests`)
+//!   would otherwise see a broken pipe, not the 413. A body announced larger than
+//!   `drain_limit` is answered at once;
 //! - gives the whole body `body_timeout` to arrive, else 408;
 //! - turns every parse failure into a 400 that names the offending parameter by its JSON
 //!   path (through `serde_path_to_error`), e.g. `messages[1].content`.
@@ -46,8 +48,12 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OpenAiJson<T> {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         let limit = config.body_limit;
-        if announced.is_some_and(|len| len > limit as u64) {
+        if let Some(len) = announced.filter(|&len| len > limit as u64) {
             let err = ApiError::too_large(limit);
+            if len > config.drain_limit as u64 {
+                // Too much to read just to say no: answer now and close.
+                return Err(err);
+            }
             return Err(
                 refuse_after_draining(req, err, config.drain_limit, config.body_timeout).await,
             );
@@ -115,7 +121,8 @@ async fn drain(
 ) {
     let read = async {
         let mut seen = 0usize;
-        while let Some(Ok(chunk)) = stream.next().await {
+        // A client that stops sending is not waited for: it is reading the answer already.
+        while let Ok(Some(Ok(chunk))) = tokio::time::timeout(DRAIN_IDLE, stream.next()).await {
             seen = seen.saturating_add(chunk.len());
             if seen > limit {
                 return;
@@ -145,6 +152,9 @@ async fn read_limited(
     }
     Ok(body)
 }
+
+/// How long draining an oversized body waits for the next chunk before it gives up.
+const DRAIN_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Parses `body`, which must hold one JSON object, into `T`, naming the offending
 /// parameter on failure.
