@@ -12,7 +12,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::netns::{NodeCluster, NsNode};
+use common::netns::{NodeCluster, NsNode, master, node_id, peers, state};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
@@ -59,27 +59,6 @@ impl Cluster {
         );
         nodes
     }
-}
-
-fn state(node: &NsNode) -> Value {
-    match node.get("/state") {
-        Ok((200, body)) => serde_json::from_str(&body).unwrap_or(Value::Null),
-        _ => Value::Null,
-    }
-}
-
-fn node_id(node: &NsNode) -> String {
-    state(node)["node"].as_str().expect("node id").to_string()
-}
-
-fn peers(node: &NsNode) -> usize {
-    state(node)["nodes"]
-        .as_array()
-        .map_or(0, |n| n.len().saturating_sub(1))
-}
-
-fn master(node: &NsNode) -> Option<String> {
-    state(node)["master"].as_str().map(str::to_string)
 }
 
 /// Waits until `ok` holds, polling; panics with `what` and the nodes' logs after `limit`.

@@ -25,8 +25,9 @@ use canopy_runtime::cluster::discovery::{
     BEACON_MAGIC, Beacon, BeaconInfo, DEFAULT_GROUP, DiscoveryKey, MAX_BEACON_LEN, decode_beacon,
     encode_beacon,
 };
-use common::netns::{NODE_API_PORT, NODE_COOKIE, NodeCluster, NsNode};
-use serde_json::Value;
+use common::netns::{
+    NODE_API_PORT, NODE_COOKIE, NodeCluster, NsNode, master, node_id, peers, state,
+};
 
 /// The namespace index of the attacker (nodes 0 and 1 run `canopy`).
 const ATTACKER: usize = 2;
@@ -53,27 +54,6 @@ fn start(cluster: &NodeCluster, i: usize) -> NsNode {
         node.log_text()
     );
     node
-}
-
-fn state(node: &NsNode) -> Value {
-    match node.get("/state") {
-        Ok((200, body)) => serde_json::from_str(&body).unwrap_or(Value::Null),
-        _ => Value::Null,
-    }
-}
-
-fn node_id(node: &NsNode) -> String {
-    state(node)["node"].as_str().expect("node id").to_string()
-}
-
-fn peers(node: &NsNode) -> usize {
-    state(node)["nodes"]
-        .as_array()
-        .map_or(0, |n| n.len().saturating_sub(1))
-}
-
-fn master(node: &NsNode) -> Option<String> {
-    state(node)["master"].as_str().map(str::to_string)
 }
 
 fn formed(a: &NsNode, b: &NsNode) -> bool {

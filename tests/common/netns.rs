@@ -764,3 +764,28 @@ impl NodeCluster {
         )
     }
 }
+
+/// A node's `/state` as JSON (`Null` while it does not answer 200).
+pub fn state(node: &NsNode) -> serde_json::Value {
+    match node.get("/state") {
+        Ok((200, body)) => serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+        _ => serde_json::Value::Null,
+    }
+}
+
+/// A node's id, from its `/state`.
+pub fn node_id(node: &NsNode) -> String {
+    state(node)["node"].as_str().expect("node id").to_string()
+}
+
+/// How many other nodes a node sees.
+pub fn peers(node: &NsNode) -> usize {
+    state(node)["nodes"]
+        .as_array()
+        .map_or(0, |n| n.len().saturating_sub(1))
+}
+
+/// The master a node sees, if any.
+pub fn master(node: &NsNode) -> Option<String> {
+    state(node)["master"].as_str().map(str::to_string)
+}
