@@ -25,9 +25,9 @@ use ractor_cluster::RactorMessage;
 
 use super::ModelResolver;
 use super::protocol::{
-    AppMsg, MAX_INSTANCES_PER_NODE, MAX_PLAN_BYTES, MAX_PLAN_INSTANCES, MAX_REPORTED_INSTANCES,
-    NodeReport, PlaceAnswer, PlaceError, PlaceRequest, Placed, Plan, PlanNode, PlanState,
-    PlannedInstance, encode, need_bytes,
+    AppMsg, MAX_INSTANCES_PER_NODE, MAX_PLAN_BYTES, MAX_PLAN_INSTANCES, NodeReport, PlaceAnswer,
+    PlaceError, PlaceRequest, Placed, Plan, PlanNode, PlanState, PlannedInstance, encode,
+    need_bytes,
 };
 
 /// Placement attempts of one instance before it is marked failed.
@@ -652,11 +652,14 @@ impl Actor for MasterActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             MasterMsg::Report(report) => {
-                if report.instances.len() <= MAX_REPORTED_INSTANCES {
-                    state.reports.insert(report.node.clone(), report);
-                } else {
-                    tracing::warn!(node = %report.node.short(), instances = report.instances.len(),
-                        "dropped a report listing more instances than a node may run");
+                let node = report.node.short().to_string();
+                match report.bounded() {
+                    Ok(report) => {
+                        state.reports.insert(report.node.clone(), report);
+                    }
+                    Err(why) => {
+                        tracing::warn!(node = %node, %why, "dropped an oversized report");
+                    }
                 }
             }
             MasterMsg::Place(request, reply) => {

@@ -53,6 +53,12 @@ pub const MAX_PLAN_INSTANCES: usize = 1024;
 pub const MAX_PLAN_BYTES: usize = 4 * 1024 * 1024;
 /// Most instances one node's report may list; a larger report is dropped.
 pub const MAX_REPORTED_INSTANCES: usize = 256;
+/// Longest instance id, model or source a report may carry, in bytes; a report with a longer
+/// one is dropped (ids are a model name plus a short suffix, so twice [`MAX_MODEL_LEN`]).
+pub const MAX_REPORTED_NAME_LEN: usize = 2 * MAX_MODEL_LEN;
+/// Longest failure text (`last_failure`, `error`) kept from a report, in bytes; longer ones
+/// are cut (a runner's stderr tail can be long, and a report must stay small).
+pub const MAX_REPORTED_TEXT_LEN: usize = 4096;
 
 /// What a node tells the leader about itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,6 +71,45 @@ pub struct NodeReport {
     pub mem_available: u64,
     /// Its instances (those placed by a plan and those it started itself).
     pub instances: Vec<InstanceReport>,
+}
+
+impl NodeReport {
+    /// The report with its failure texts cut to [`MAX_REPORTED_TEXT_LEN`], or why it is
+    /// refused: more than [`MAX_REPORTED_INSTANCES`] instances, or an id, model or source
+    /// longer than [`MAX_REPORTED_NAME_LEN`]. The leader copies reports into the plan, so an
+    /// unbounded one could make the plan too large to deliver.
+    pub fn bounded(mut self) -> Result<NodeReport, String> {
+        if self.instances.len() > MAX_REPORTED_INSTANCES {
+            return Err(format!(
+                "it lists {} instances; a node may run at most {MAX_REPORTED_INSTANCES}",
+                self.instances.len()
+            ));
+        }
+        for i in &mut self.instances {
+            let longest = i.id.len().max(i.model.len()).max(i.source.len());
+            if longest > MAX_REPORTED_NAME_LEN {
+                return Err(format!(
+                    "an instance's id, model or source is {longest} bytes long; the limit is \
+                     {MAX_REPORTED_NAME_LEN}"
+                ));
+            }
+            for text in [&mut i.last_failure, &mut i.error].into_iter().flatten() {
+                cut(text, MAX_REPORTED_TEXT_LEN);
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// Cuts `text` to at most `max` bytes, at a character boundary.
+fn cut(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
 }
 
 /// The lifecycle of a planned instance.
@@ -319,6 +364,47 @@ mod tests {
             node: None,
             wait_secs: 1,
         }
+    }
+
+    fn report(instances: Vec<InstanceReport>) -> NodeReport {
+        NodeReport {
+            node: NodeId::random(),
+            api: None,
+            mem_available: 0,
+            instances,
+        }
+    }
+
+    fn instance(id: &str, failure: &str) -> InstanceReport {
+        InstanceReport {
+            id: id.to_string(),
+            model: "m".to_string(),
+            source: "m".to_string(),
+            status: RunnerStatus::Ready,
+            pid: None,
+            restarts: 0,
+            last_failure: Some(failure.to_string()),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn reports_are_bounded() {
+        let ok = report(vec![instance("m-0", &"é".repeat(5000))])
+            .bounded()
+            .expect("a long failure is cut, not refused");
+        let failure = ok.instances[0].last_failure.as_deref().unwrap_or_default();
+        assert!(failure.len() <= MAX_REPORTED_TEXT_LEN && failure.len() > 4000);
+        assert!(
+            report(vec![instance(&"x".repeat(MAX_REPORTED_NAME_LEN + 1), "")])
+                .bounded()
+                .is_err()
+        );
+        assert!(
+            report(vec![instance("m-0", ""); MAX_REPORTED_INSTANCES + 1])
+                .bounded()
+                .is_err()
+        );
     }
 
     #[test]
