@@ -266,7 +266,7 @@ struct Settings {
     allowed_hosts: Vec<String>,
     model_path_allow: Vec<PathBuf>,
     max_connections: usize,
-    header_timeout: Option<Duration>,
+    header_timeout: Duration,
 }
 
 /// The cluster part of the settings (None when standalone).
@@ -316,9 +316,8 @@ impl Settings {
         let port = args.port.or(file.port).unwrap_or(DEFAULT_PORT);
         let api_key = security::api_key(args.api_key.as_deref(), args.api_key_file.as_deref())?;
         security::check_exposure(host, api_key.is_some(), args.insecure_no_api_key)?;
-        let max_connections = args
-            .max_connections
-            .unwrap_or(ApiConfig::default().max_connections);
+        let api_defaults = ApiConfig::default();
+        let max_connections = args.max_connections.unwrap_or(api_defaults.max_connections);
         if max_connections == 0 {
             anyhow::bail!("--max-connections must be at least 1");
         }
@@ -370,7 +369,7 @@ impl Settings {
             allowed_hosts: args.allowed_hosts,
             model_path_allow: args.model_path_allow,
             max_connections,
-            header_timeout: args.header_timeout,
+            header_timeout: args.header_timeout.unwrap_or(api_defaults.header_timeout),
             addr: SocketAddr::new(host, port),
             model: args
                 .model
@@ -536,12 +535,10 @@ pub fn run(args: ServeArgs, default_model: Option<&str>) -> anyhow::Result<()> {
                 "--max-connections".to_string(),
                 settings.max_connections.to_string(),
             ]);
-            if let Some(timeout) = settings.header_timeout {
-                passthrough.extend([
-                    "--header-timeout".to_string(),
-                    timeout.as_secs_f64().to_string(),
-                ]);
-            }
+            passthrough.extend([
+                "--header-timeout".to_string(),
+                settings.header_timeout.as_secs_f64().to_string(),
+            ]);
             if settings.insecure_no_api_key {
                 passthrough.push("--insecure-no-api-key".to_string());
             }
@@ -651,9 +648,7 @@ async fn serve(
             api_key: settings.api_key.clone(),
             allowed_hosts: settings.allowed_hosts.clone(),
             max_connections: settings.max_connections,
-            header_timeout: settings
-                .header_timeout
-                .unwrap_or(ApiConfig::default().header_timeout),
+            header_timeout: settings.header_timeout,
             ..ApiConfig::default()
         },
         runners,

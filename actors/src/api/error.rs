@@ -162,7 +162,7 @@ impl ApiError {
     /// A 415: a JSON endpoint got a body of another content type (or none stated).
     pub(crate) fn not_json(got: Option<&str>) -> Self {
         let got = match got {
-            Some(t) => format!("`{t}`"),
+            Some(t) => format!("`{}`", shown(t, 100)),
             None => "no Content-Type".to_string(),
         };
         Self::new(
@@ -193,7 +193,7 @@ impl ApiError {
     /// A 403: the `Host` header names a host this node does not answer to (a DNS-rebinding
     /// page, or a name that needs `--allowed-host`).
     pub(crate) fn foreign_host(host: &str) -> Self {
-        let shown: String = host.chars().take(64).collect();
+        let shown = shown(host, 64);
         Self::new(
             StatusCode::FORBIDDEN,
             "invalid_request_error",
@@ -386,6 +386,11 @@ impl ApiError {
                 .to_string()
         })
     }
+}
+
+/// The first `max` characters of a client-supplied `text`, for a message.
+fn shown(text: &str, max: usize) -> String {
+    text.chars().take(max).collect()
 }
 
 impl IntoResponse for ApiError {

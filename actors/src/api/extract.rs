@@ -37,7 +37,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OpenAiJson<T> {
         let content_type = req.headers().get(header::CONTENT_TYPE);
         if !is_json(content_type) {
             let shown = content_type.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-            let err = ApiError::not_json(shown.as_deref().map(|t| truncate(t, 100)));
+            let err = ApiError::not_json(shown.as_deref());
             return Err(
                 refuse_after_draining(req, err, config.drain_limit, config.body_timeout).await,
             );
@@ -90,13 +90,6 @@ fn is_json(value: Option<&axum::http::HeaderValue>) -> bool {
         || essence
             .strip_prefix("application/")
             .is_some_and(|sub| sub.ends_with("+json"))
-}
-
-fn truncate(text: &str, max: usize) -> &str {
-    match text.char_indices().nth(max) {
-        Some((i, _)) => &text[..i],
-        None => text,
-    }
 }
 
 /// Reads and discards the rest of `req`'s body (bounded), then hands back `err`.
