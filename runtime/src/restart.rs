@@ -91,6 +91,19 @@ impl Default for Backoff {
 }
 
 impl Backoff {
+    /// A delay that doubles from `initial` up to `max` with no jitter (for schedules other
+    /// than child restarts: redialling a peer, placing an instance again). `reset_after` is
+    /// the default one's.
+    pub fn doubling(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            factor: 2.0,
+            jitter: 0.0,
+            ..Self::default()
+        }
+    }
+
     /// No delay at all: restarts happen immediately (useful in tests).
     pub fn none() -> Self {
         Self {
@@ -159,6 +172,14 @@ impl BackoffState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn doubling_is_exact_and_capped() {
+        let b = Backoff::doubling(Duration::from_millis(250), Duration::from_secs(5));
+        let delays: Vec<u128> = (0..8).map(|n| b.delay(n).as_millis()).collect();
+        assert_eq!(delays, [250, 500, 1000, 2000, 4000, 5000, 5000, 5000]);
+        assert_eq!(b.delay(u32::MAX), Duration::from_secs(5));
+    }
 
     #[test]
     fn window_allows_max_restarts_then_refuses() {

@@ -52,6 +52,7 @@ use super::identity::NodeId;
 use super::peer::{PeerArgs, PeerHeartbeat, PeerMonitor, PeerMsg};
 use super::seal::{SessionKey, Sessions};
 use super::wire::{Beat, Envelope, InboxMsg, inbox_group};
+use crate::restart::Backoff;
 
 /// The highest term a beat may carry. Terms grow by one per election, so a real cluster never
 /// comes near it; a larger one is a forged or corrupt beat, dropped before it can overflow the
@@ -783,9 +784,9 @@ fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
     message
 }
 
+/// The wait before redialling a peer after `failures` failed dials: 250 ms doubling to 5 s.
 fn backoff(failures: u32) -> Duration {
-    let ms = 250u64.saturating_mul(1 << failures.min(5));
-    Duration::from_millis(ms.min(5000))
+    Backoff::doubling(Duration::from_millis(250), Duration::from_secs(5)).delay(failures)
 }
 
 impl Actor for ClusterActor {
