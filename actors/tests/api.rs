@@ -28,12 +28,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use canopy_actors::api::{
-    ApiActor, ApiArgs, ApiConfig, ApiMsg, Backend, Metrics, ModelInfo, SubmitError,
+    ApiActor, ApiArgs, ApiConfig, ApiMsg, Backend, LocalInstanceView, LocalState, Metrics,
+    ModelInfo, StateView, SubmitError,
 };
 use canopy_actors::runner::{RunnerError, RunnerEvent, TaskEvent, TaskHandle};
 use canopy_proto::{
     BatchStats, FinishReason, GenerateRequest, Prompt, TaskErrorKind, TokenChunk, Usage,
 };
+use canopy_runtime::introspect::ActorReport;
 use canopy_runtime::process::FailureReason;
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -254,13 +256,35 @@ impl Backend for Fake {
         .boxed()
     }
 
-    fn state(&self) -> BoxFuture<'static, Value> {
-        async { json!({"instances": [{"id": "i0", "model": "scripted", "status": "Ready"}]}) }
-            .boxed()
+    fn state(&self) -> BoxFuture<'static, StateView> {
+        let instance = LocalInstanceView {
+            instance: "i0".into(),
+            model: "scripted".into(),
+            status: "Ready".into(),
+            pid: Some(7),
+            restarts: 0,
+            last_failure: None,
+        };
+        let state = StateView::Local(LocalState {
+            instances: vec![instance],
+        });
+        async { state }.boxed()
     }
 
-    fn actors(&self) -> BoxFuture<'static, Value> {
-        async { json!({"name": "node", "children": [{"name": "api"}]}) }.boxed()
+    fn actors(&self) -> BoxFuture<'static, Option<ActorReport>> {
+        let actor = |name: &str, children| ActorReport {
+            id: "0.1".into(),
+            name: Some(name.into()),
+            child_id: None,
+            kind: name.into(),
+            status: "Running".into(),
+            uptime_ms: Some(1),
+            restarts: 0,
+            details: Value::Null,
+            children,
+        };
+        let tree = actor("node", vec![actor("api", vec![])]);
+        async { Some(tree) }.boxed()
     }
 }
 

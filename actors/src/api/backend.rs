@@ -9,10 +9,12 @@
 use std::time::Duration;
 
 use canopy_proto::GenerateRequest;
+use canopy_runtime::introspect::ActorReport;
 use futures::future::BoxFuture;
 use serde::Serialize;
 
-pub use crate::node::PlaceFailure;
+use super::views::{ClusterActors, StateView};
+use crate::placement::{PlaceError, PlaceRequest, Placed};
 use crate::runner::{RunnerError, TaskHandle};
 
 /// A model the node can serve, as listed by `GET /v1/models`.
@@ -75,38 +77,26 @@ pub trait Backend: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<TaskHandle, SubmitError>>;
 
     /// The node's instances and runners with their statuses, as served by `GET /state`.
-    fn state(&self) -> BoxFuture<'static, serde_json::Value>;
+    fn state(&self) -> BoxFuture<'static, StateView>;
 
-    /// The live actor tree, as served by `GET /v1/actors`.
-    fn actors(&self) -> BoxFuture<'static, serde_json::Value>;
+    /// The live actor tree, as served by `GET /v1/actors` (none before the node's
+    /// supervisor is up).
+    fn actors(&self) -> BoxFuture<'static, Option<ActorReport>>;
 
     /// Every node's actor tree (`GET /v1/cluster/actors`); `None` without a cluster.
-    fn cluster_actors(&self) -> Option<BoxFuture<'static, serde_json::Value>> {
+    fn cluster_actors(&self) -> Option<BoxFuture<'static, ClusterActors>> {
         None
     }
 
-    /// Places model instances (`POST /instances`; the body is passed on as it came).
-    fn place(
-        &self,
-        request: serde_json::Value,
-    ) -> BoxFuture<'static, Result<serde_json::Value, PlaceFailure>> {
+    /// Places model instances (`POST /instances`), answering once they are Ready.
+    fn place(&self, request: PlaceRequest) -> BoxFuture<'static, Result<Vec<Placed>, PlaceError>> {
         let _ = request;
-        Box::pin(async { Err(PlaceFailure::unsupported()) })
+        Box::pin(async { Err(PlaceError::Unsupported) })
     }
 
     /// Deletes an instance (`DELETE /instances/{id}`).
-    fn delete_instance(&self, instance: String) -> BoxFuture<'static, Result<(), PlaceFailure>> {
+    fn delete_instance(&self, instance: String) -> BoxFuture<'static, Result<(), PlaceError>> {
         let _ = instance;
-        Box::pin(async { Err(PlaceFailure::unsupported()) })
-    }
-}
-
-impl PlaceFailure {
-    fn unsupported() -> Self {
-        Self {
-            status: 400,
-            code: "unsupported".into(),
-            message: "this backend cannot place instances".into(),
-        }
+        Box::pin(async { Err(PlaceError::Unsupported) })
     }
 }

@@ -34,6 +34,7 @@ use serde::Serialize;
 use canopy_proto::TaskErrorKind;
 
 use super::backend::SubmitError;
+use crate::placement::PlaceError;
 use crate::runner::RunnerError;
 
 /// Seconds a client is told to wait (`Retry-After`) after a 429 or 503.
@@ -91,35 +92,6 @@ impl ApiError {
     fn with_retry_after(mut self) -> Self {
         self.retry_after = Some(RETRY_AFTER_SECS);
         self
-    }
-
-    /// A failed placement or deletion (`POST /instances`, `DELETE /instances/{id}`).
-    pub(crate) fn placement(failure: crate::node::PlaceFailure) -> Self {
-        let status =
-            StatusCode::from_u16(failure.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let kind = if status.is_client_error() {
-            "invalid_request_error"
-        } else {
-            "server_error"
-        };
-        let code = match failure.code.as_str() {
-            "no_room" => "no_room",
-            "unknown_node" => "unknown_node",
-            "placement_failed" => "placement_failed",
-            "timeout" => "timeout",
-            "no_such_instance" => "no_such_instance",
-            "no_leader" => "no_leader",
-            "invalid" => "invalid",
-            "standalone" => "standalone",
-            "unsupported" => "unsupported",
-            _ => "placement_error",
-        };
-        let err = Self::new(status, kind, failure.message).with_code(code);
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            err.with_retry_after()
-        } else {
-            err
-        }
     }
 
     /// A 400 about the request as a whole (no single parameter to blame).
@@ -407,5 +379,33 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
+    }
+}
+
+/// The one mapping of placement errors to HTTP (`POST /instances`, `DELETE /instances/{id}`).
+impl From<PlaceError> for ApiError {
+    fn from(err: PlaceError) -> Self {
+        let (status, code) = match &err {
+            PlaceError::NoRoom { .. } => (StatusCode::INSUFFICIENT_STORAGE, "no_room"),
+            PlaceError::UnknownNode(_) => (StatusCode::BAD_REQUEST, "unknown_node"),
+            PlaceError::Failed { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "placement_failed"),
+            PlaceError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            PlaceError::NoSuchInstance(_) => (StatusCode::NOT_FOUND, "no_such_instance"),
+            PlaceError::NoLeader => (StatusCode::SERVICE_UNAVAILABLE, "no_leader"),
+            PlaceError::Standalone => (StatusCode::BAD_REQUEST, "standalone"),
+            PlaceError::Unsupported => (StatusCode::BAD_REQUEST, "unsupported"),
+            PlaceError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
+        };
+        let kind = if status.is_client_error() {
+            "invalid_request_error"
+        } else {
+            "server_error"
+        };
+        let api = Self::new(status, kind, err.to_string()).with_code(code);
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            api.with_retry_after()
+        } else {
+            api
+        }
     }
 }

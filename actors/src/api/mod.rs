@@ -9,7 +9,7 @@
 //! | `GET /health` | 200 while the process serves |
 //! | `GET /ready` | 200 when an instance of some model is Ready, else 503 |
 //! | `GET /metrics` | Prometheus text ([`Metrics`]) |
-//! | `GET /state`, `GET /v1/actors` | instances and runners, and the actor tree, as JSON from the [`Backend`] |
+//! | `GET /state`, `GET /v1/actors` | instances and runners ([`StateView`]), and the actor tree, from the [`Backend`] |
 //!
 //! Every error, including a malformed body, an unknown route or a body over the limit, is
 //! answered in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` (see `error`
@@ -57,6 +57,7 @@ mod server;
 mod state;
 mod stream;
 mod task;
+mod views;
 
 pub use actor::{ApiActor, ApiActorError, ApiArgs, ApiMsg, ApiState, CLOSE_GRACE};
 pub use backend::{Backend, ModelInfo, SubmitError};
@@ -64,3 +65,7 @@ pub use config::{ApiConfig, ApiKey, ApiKeyError, MAX_API_KEY_LEN, MIN_API_KEY_LE
 pub use metrics::Metrics;
 pub use routes::router;
 pub use server::{OVERFLOW_DEADLINE, OVERFLOW_SLOTS};
+pub use views::{
+    ClusterActors, ClusterState, InstanceView, LocalInstanceView, LocalState, NodeActors, NodeView,
+    StateView,
+};

@@ -323,8 +323,13 @@ impl AgentState {
             (AppMsg::Event { key, event }, _) => self.args.shared.deliver(&from, key, event),
             (AppMsg::Cancel { key }, _) => self.args.shared.cancel_served(from, key),
             (AppMsg::Actors, Some(reply)) => {
-                let tree = self.args.router.local_actors();
-                let _ = reply.send(encode(&tree.to_string()));
+                // The tree travels as JSON text: its actors' details are free-form JSON.
+                match serde_json::to_string(&self.args.router.local_actors()) {
+                    Ok(tree) => {
+                        let _ = reply.send(encode(&tree));
+                    }
+                    Err(err) => tracing::warn!(%err, "cannot encode the actor tree"),
+                }
             }
             (other, None) => {
                 tracing::warn!(peer = %from.short(), msg = ?std::mem::discriminant(&other), "a call was sent as a cast; dropped");

@@ -16,6 +16,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::api::SubmitError;
+pub use crate::placement::{
+    MAX_INSTANCES_PER_REQUEST, MAX_MODEL_LEN, PlaceError, PlaceRequest, Placed,
+};
 use crate::runner::TaskEvent;
 
 /// One instance as the node running it reports it.
@@ -40,10 +43,6 @@ pub struct InstanceReport {
     pub error: Option<String>,
 }
 
-/// Longest model name (a catalogue name or a path) a placement request may carry, in bytes.
-pub const MAX_MODEL_LEN: usize = 512;
-/// Most instances one placement request may ask for.
-pub const MAX_INSTANCES_PER_REQUEST: usize = 64;
 /// Most instances one node may be assigned.
 pub const MAX_INSTANCES_PER_NODE: usize = 64;
 /// Most live (not deleted) instances the plan may hold.
@@ -194,100 +193,6 @@ impl Plan {
     }
 }
 
-/// A request to place instances of a model (`POST /instances`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PlaceRequest {
-    /// The model: a catalogue name or a path every chosen node can read.
-    pub model: String,
-    /// How many instances.
-    pub instances: usize,
-    /// A node to place them on (default: the leader chooses by free memory).
-    pub node: Option<NodeId>,
-    /// How long to wait for them to be Ready, in seconds.
-    pub wait_secs: u64,
-}
-
-impl PlaceRequest {
-    /// Checks the request's bounds: a model name of at most [`MAX_MODEL_LEN`] bytes without
-    /// control characters, and 1 to [`MAX_INSTANCES_PER_REQUEST`] instances.
-    pub fn validate(&self) -> Result<(), PlaceError> {
-        if self.model.is_empty() {
-            return Err(PlaceError::Invalid("`model` is empty".into()));
-        }
-        if self.model.len() > MAX_MODEL_LEN {
-            return Err(PlaceError::Invalid(format!(
-                "`model` is {} bytes long; the limit is {MAX_MODEL_LEN}",
-                self.model.len()
-            )));
-        }
-        if self.model.chars().any(char::is_control) {
-            return Err(PlaceError::Invalid(
-                "`model` contains control characters".into(),
-            ));
-        }
-        if self.instances == 0 || self.instances > MAX_INSTANCES_PER_REQUEST {
-            return Err(PlaceError::Invalid(format!(
-                "`instances` must be 1 to {MAX_INSTANCES_PER_REQUEST}, not {}",
-                self.instances
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// One placed instance, as `POST /instances` answers it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Placed {
-    /// The instance id.
-    pub id: String,
-    /// The node it runs on.
-    pub node: NodeId,
-}
-
-/// Why a placement or deletion failed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-pub enum PlaceError {
-    /// No node has the memory the model needs.
-    #[error(
-        "no node has enough free memory for {model}: it needs {needed} bytes, the most any node has is {best} bytes"
-    )]
-    NoRoom {
-        /// The model.
-        model: String,
-        /// Bytes needed.
-        needed: u64,
-        /// The most any node offered.
-        best: u64,
-    },
-    /// The requested node is not a live member.
-    #[error("node {0} is not a live member of the cluster")]
-    UnknownNode(String),
-    /// A node could not start or load the instance.
-    #[error("placing {instance} failed: {reason}")]
-    Failed {
-        /// The instance.
-        instance: String,
-        /// The node.
-        node: String,
-        /// Why.
-        reason: String,
-    },
-    /// The instances did not become Ready in time (they were removed again).
-    #[error("the instances did not become ready within {0} s (they were removed)")]
-    Timeout(u64),
-    /// No such instance.
-    #[error("no instance {0}")]
-    NoSuchInstance(String),
-    /// The cluster has no leader now (no quorum, or an election is under way).
-    #[error(
-        "the cluster has no leader right now (an election is under way, or fewer nodes than --expect are connected); try again"
-    )]
-    NoLeader,
-    /// A bad request.
-    #[error("{0}")]
-    Invalid(String),
-}
-
 /// Everything a node sends another over the cluster.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AppMsg {
@@ -357,15 +262,6 @@ pub fn need_bytes(file_size: Option<u64>) -> u64 {
 mod tests {
     use super::*;
 
-    fn request(model: &str, instances: usize) -> PlaceRequest {
-        PlaceRequest {
-            model: model.to_string(),
-            instances,
-            node: None,
-            wait_secs: 1,
-        }
-    }
-
     fn report(instances: Vec<InstanceReport>) -> NodeReport {
         NodeReport {
             node: NodeId::random(),
@@ -405,29 +301,6 @@ mod tests {
                 .bounded()
                 .is_err()
         );
-    }
-
-    #[test]
-    fn placement_requests_are_bounded() {
-        assert_eq!(request("qwen2.5-0.5b", 1).validate(), Ok(()));
-        assert_eq!(
-            request(&"m".repeat(MAX_MODEL_LEN), MAX_INSTANCES_PER_REQUEST).validate(),
-            Ok(())
-        );
-        for bad in [
-            request(&"m".repeat(1 << 20), 1),
-            request(&"m".repeat(MAX_MODEL_LEN + 1), 1),
-            request("", 1),
-            request("a\nb", 1),
-            request("m", 0),
-            request("m", MAX_INSTANCES_PER_REQUEST + 1),
-        ] {
-            assert!(
-                matches!(bad.validate(), Err(PlaceError::Invalid(_))),
-                "{:?} passed",
-                &bad.model[..bad.model.len().min(8)]
-            );
-        }
     }
 
     #[test]

@@ -9,19 +9,21 @@ use std::time::Duration;
 
 use canopy_proto::{GenerateRequest, RunnerStatus};
 use canopy_runtime::cluster::{ClusterHandle, ClusterView, NodeId};
+use canopy_runtime::introspect::ActorReport;
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use serde::Deserialize;
-use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use super::protocol::{
-    AppMsg, DeleteAnswer, PlaceAnswer, PlaceError, PlaceRequest, Plan, PlanState, SubmitAnswer,
-    decode, encode,
+    AppMsg, DeleteAnswer, PlaceAnswer, PlaceError, PlaceRequest, Placed, Plan, PlanState,
+    SubmitAnswer, decode, encode,
 };
-use crate::api::{ModelInfo, SubmitError};
-use crate::node::{ModelRouter, PlaceFailure, Remote};
+use crate::api::{
+    ClusterActors, ClusterState, InstanceView, LocalState, ModelInfo, NodeActors, NodeView,
+    SubmitError,
+};
+use crate::node::{ModelRouter, Remote};
 use crate::runner::{RunnerError, TaskEvent, TaskHandle};
 
 /// How long a node waits for another to acknowledge a task.
@@ -303,60 +305,60 @@ impl Shared {
         }
     }
 
-    fn state_json(&self, local: Value) -> Value {
+    fn cluster_state(&self, local: LocalState) -> ClusterState {
         let view = self.cluster.view();
         let plan = self.plan();
-        let mut nodes = Vec::new();
-        let mut ids: Vec<(&NodeId, Option<std::net::SocketAddr>)> =
-            vec![(&view.me, Some(view.addr))];
-        ids.extend(view.members.iter().map(|m| (&m.id, Some(m.addr))));
-        for (id, addr) in ids {
-            let planned = plan.as_ref().and_then(|p| p.nodes.get(id));
-            nodes.push(json!({
-                "id": id.to_string(),
-                "cluster_addr": addr.map(|a| a.to_string()),
-                "api": planned.and_then(|n| n.api).map(|a| a.to_string()),
-                "mem_available": planned.map(|n| n.mem_available),
-                "master": view.leader.as_ref() == Some(id),
-                "self": *id == view.me,
-            }));
-        }
-        let instances: Vec<Value> = match &plan {
-            Some(plan) => plan
-                .instances
+        let mut ids: Vec<(&NodeId, std::net::SocketAddr)> = vec![(&view.me, view.addr)];
+        ids.extend(view.members.iter().map(|m| (&m.id, m.addr)));
+        let nodes = ids
+            .into_iter()
+            .map(|(id, addr)| {
+                let planned = plan.as_ref().and_then(|p| p.nodes.get(id));
+                NodeView {
+                    id: id.to_string(),
+                    cluster_addr: Some(addr.to_string()),
+                    api: planned.and_then(|n| n.api).map(|a| a.to_string()),
+                    mem_available: planned.map(|n| n.mem_available),
+                    master: view.leader.as_ref() == Some(id),
+                    is_self: *id == view.me,
+                }
+            })
+            .collect();
+        let instances = plan.as_ref().map_or_else(Vec::new, |plan| {
+            plan.instances
                 .iter()
                 .filter(|(_, p)| p.state != PlanState::Deleted)
                 .map(|(id, p)| {
                     let report = plan.status_of(id).map(|(_, r)| r);
-                    json!({
-                        "id": id,
-                        "model": p.model,
-                        "node": p.node.as_ref().map(|n| n.to_string()),
-                        "state": match &p.state {
+                    InstanceView {
+                        id: id.clone(),
+                        model: p.model.clone(),
+                        node: p.node.as_ref().map(|n| n.to_string()),
+                        state: match &p.state {
                             PlanState::Active => "active".to_string(),
                             PlanState::Deleted => "deleted".to_string(),
                             PlanState::Failed { reason } => format!("failed: {reason}"),
                         },
-                        "status": report.map_or_else(|| "Placing".to_string(), |r| r.status.to_string()),
-                        "pid": report.and_then(|r| r.pid),
-                        "restarts": report.map_or(0, |r| r.restarts),
-                        "last_failure": report.and_then(|r| r.last_failure.clone()),
-                        "attempts": p.attempts,
-                    })
+                        status: report
+                            .map_or_else(|| "Placing".to_string(), |r| r.status.to_string()),
+                        pid: report.and_then(|r| r.pid),
+                        restarts: report.map_or(0, |r| r.restarts),
+                        last_failure: report.and_then(|r| r.last_failure.clone()),
+                        attempts: p.attempts,
+                    }
                 })
-                .collect(),
-            None => Vec::new(),
-        };
-        json!({
-            "node": view.me.to_string(),
-            "master": view.leader.as_ref().map(|l| l.to_string()),
-            "term": view.term,
-            "quorum": view.quorum,
-            "plan_version": plan.as_ref().map(|p| p.version),
-            "nodes": nodes,
-            "instances": instances,
-            "local": local,
-        })
+                .collect()
+        });
+        ClusterState {
+            node: view.me.to_string(),
+            master: view.leader.as_ref().map(|l| l.to_string()),
+            term: view.term,
+            quorum: view.quorum,
+            plan_version: plan.as_ref().map(|p| p.version),
+            nodes,
+            instances,
+            local,
+        }
     }
 }
 
@@ -370,43 +372,6 @@ impl ClusterRoutes {
     /// Routes over `shared`.
     pub fn new(shared: Shared) -> Self {
         Self { shared }
-    }
-}
-
-/// The body of `POST /instances`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PlaceBody {
-    model: String,
-    #[serde(default = "one")]
-    instances: usize,
-    node: Option<String>,
-    #[serde(default = "default_wait")]
-    wait: u64,
-}
-
-fn one() -> usize {
-    1
-}
-
-fn default_wait() -> u64 {
-    300
-}
-
-fn failure(err: PlaceError) -> PlaceFailure {
-    let (status, code) = match &err {
-        PlaceError::NoRoom { .. } => (507, "no_room"),
-        PlaceError::UnknownNode(_) => (400, "unknown_node"),
-        PlaceError::Failed { .. } => (422, "placement_failed"),
-        PlaceError::Timeout(_) => (504, "timeout"),
-        PlaceError::NoSuchInstance(_) => (404, "no_such_instance"),
-        PlaceError::NoLeader => (503, "no_leader"),
-        PlaceError::Invalid(_) => (400, "invalid"),
-    };
-    PlaceFailure {
-        status,
-        code: code.into(),
-        message: err.to_string(),
     }
 }
 
@@ -453,20 +418,21 @@ impl Remote for ClusterRoutes {
             .boxed()
     }
 
-    fn state(&self, local: Value) -> BoxFuture<'static, Value> {
-        let state = self.shared.state_json(local);
+    fn state(&self, local: LocalState) -> BoxFuture<'static, ClusterState> {
+        let state = self.shared.cluster_state(local);
         async move { state }.boxed()
     }
 
-    fn actors(&self, local: Value) -> BoxFuture<'static, Value> {
+    fn actors(&self, local: Option<ActorReport>) -> BoxFuture<'static, ClusterActors> {
         let cluster = self.shared.cluster.clone();
         async move {
             let view = cluster.view();
-            let mut nodes = vec![json!({
-                "node": view.me.to_string(),
-                "master": view.is_leader(),
-                "tree": local,
-            })];
+            let mut nodes = vec![NodeActors {
+                node: view.me.to_string(),
+                master: view.is_leader(),
+                tree: local,
+                error: None,
+            }];
             let calls = view.members.iter().map(|m| {
                 let cluster = cluster.clone();
                 let id = m.id.clone();
@@ -477,76 +443,67 @@ impl Remote for ClusterRoutes {
                         .await
                         .map_err(|e| e.to_string())
                         .and_then(|bytes| decode::<String>(&bytes))
-                        .and_then(|text| serde_json::from_str::<Value>(&text).map_err(|e| e.to_string()));
-                    match answer {
-                        Ok(tree) => json!({ "node": id.to_string(), "master": master, "tree": tree }),
-                        Err(err) => json!({ "node": id.to_string(), "master": master, "tree": null, "error": err }),
+                        .and_then(|text| {
+                            serde_json::from_str::<Option<ActorReport>>(&text)
+                                .map_err(|e| format!("an undecodable actor tree: {e}"))
+                        });
+                    let (tree, error) = match answer {
+                        Ok(tree) => (tree, None),
+                        Err(err) => (None, Some(err)),
+                    };
+                    NodeActors {
+                        node: id.to_string(),
+                        master,
+                        tree,
+                        error,
                     }
                 }
             });
             nodes.extend(futures::future::join_all(calls).await);
-            json!({ "nodes": nodes })
+            ClusterActors { nodes }
         }
         .boxed()
     }
 
-    fn place(&self, request: Value) -> BoxFuture<'static, Result<Value, PlaceFailure>> {
+    fn place(&self, request: PlaceRequest) -> BoxFuture<'static, Result<Vec<Placed>, PlaceError>> {
         let cluster = self.shared.cluster.clone();
         async move {
-            let body: PlaceBody = serde_json::from_value(request)
-                .map_err(|e| failure(PlaceError::Invalid(format!("invalid placement request: {e}"))))?;
-            if body.instances == 0 || body.instances > 64 {
-                return Err(failure(PlaceError::Invalid(
-                    "`instances` must be between 1 and 64".into(),
-                )));
-            }
-            let node = match body.node {
-                Some(n) => Some(n.parse::<NodeId>().map_err(|e| {
-                    failure(PlaceError::Invalid(format!("`node` is not a node id: {e}")))
-                })?),
-                None => None,
-            };
-            let leader = cluster.view().leader.ok_or_else(|| failure(PlaceError::NoLeader))?;
-            let request = PlaceRequest {
-                model: body.model,
-                instances: body.instances,
-                node,
-                wait_secs: body.wait.clamp(1, 3600),
-            };
+            request.validate()?;
+            let leader = cluster.view().leader.ok_or(PlaceError::NoLeader)?;
             let limit = Duration::from_secs(request.wait_secs + 15);
-            let bytes = cluster
-                .call(&leader, encode(&AppMsg::Place(request)), limit)
-                .await
-                .map_err(|e| failure(PlaceError::Failed {
-                    instance: "-".into(),
-                    node: leader.to_string(),
-                    reason: format!("the leader did not answer: {e}"),
-                }))?;
-            let answer: PlaceAnswer = decode(&bytes).map_err(|e| failure(PlaceError::Invalid(e)))?;
-            let placed = answer.map_err(failure)?;
-            Ok(json!({ "instances": placed.iter().map(|p| json!({ "id": p.id, "node": p.node.to_string() })).collect::<Vec<_>>() }))
+            let msg = encode(&AppMsg::Place(request));
+            let bytes =
+                cluster
+                    .call(&leader, msg, limit)
+                    .await
+                    .map_err(|e| PlaceError::Failed {
+                        instance: "-".into(),
+                        node: leader.to_string(),
+                        reason: format!("the leader did not answer: {e}"),
+                    })?;
+            decode::<PlaceAnswer>(&bytes).map_err(|e| PlaceError::Failed {
+                instance: "-".into(),
+                node: leader.to_string(),
+                reason: format!("the leader's answer is garbled: {e}"),
+            })?
         }
         .boxed()
     }
 
-    fn delete(&self, instance: String) -> BoxFuture<'static, Result<(), PlaceFailure>> {
+    fn delete(&self, instance: String) -> BoxFuture<'static, Result<(), PlaceError>> {
         let cluster = self.shared.cluster.clone();
         async move {
-            let leader = cluster
-                .view()
-                .leader
-                .ok_or_else(|| failure(PlaceError::NoLeader))?;
+            let leader = cluster.view().leader.ok_or(PlaceError::NoLeader)?;
+            let msg = encode(&AppMsg::Delete { instance });
             let bytes = cluster
-                .call(
-                    &leader,
-                    encode(&AppMsg::Delete { instance }),
-                    Duration::from_secs(30),
-                )
+                .call(&leader, msg, Duration::from_secs(30))
                 .await
-                .map_err(|_| failure(PlaceError::NoLeader))?;
-            let answer: DeleteAnswer =
-                decode(&bytes).map_err(|e| failure(PlaceError::Invalid(e)))?;
-            answer.map_err(failure)
+                .map_err(|_| PlaceError::NoLeader)?;
+            decode::<DeleteAnswer>(&bytes).map_err(|e| PlaceError::Failed {
+                instance: "-".into(),
+                node: leader.to_string(),
+                reason: format!("the leader's answer is garbled: {e}"),
+            })?
         }
         .boxed()
     }

@@ -13,7 +13,7 @@
 //! (children stop in reverse start order: user actors, then the API, then the worker, whose
 //! runners are asked to exit and are killed only if they do not).
 //!
-//! Decisions where DESIGN.md is silent: runner supervisors are *transient* children of the
+//! Decisions where docs/ARCHITECTURE.md is silent: runner supervisors are *transient* children of the
 //! worker, so one that gives up (its runner died too often, or its model cannot load) is
 //! restarted afresh by the worker, within the worker's own intensity (3 restarts in 5
 //! minutes); past that the worker fails, the node restarts it, and a node that keeps failing
@@ -25,4 +25,4 @@ mod router;
 
 pub use builder::{Node, NodeBuilder, NodeError, NodeHandle, Placer};
 pub use config::{NodeConfig, Placement, RunnerDefaults};
-pub use router::{LocalInstance, ModelRouter, PlaceFailure, Remote, runner_actor_name};
+pub use router::{LocalInstance, ModelRouter, Remote, runner_actor_name};

@@ -16,12 +16,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use canopy_proto::{GenerateRequest, RunnerStatus};
+use canopy_runtime::introspect::ActorReport;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use ractor::{ActorCell, ActorRef};
 use tokio::sync::watch;
 
-use crate::api::{Backend, Metrics, ModelInfo, SubmitError};
+use crate::api::{
+    Backend, ClusterActors, ClusterState, LocalInstanceView, LocalState, Metrics, ModelInfo,
+    StateView, SubmitError,
+};
+use crate::placement::{PlaceError, PlaceRequest, Placed};
 use crate::runner::{RunnerError, RunnerEvent, RunnerMsg, RunnerObserver, TaskHandle};
 
 /// Instances on other nodes: what the cluster layer plugs into the router so that a request
@@ -41,30 +46,16 @@ pub trait Remote: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<TaskHandle, SubmitError>>;
 
     /// The cluster's state for `GET /state`, given this node's own.
-    fn state(&self, local: serde_json::Value) -> BoxFuture<'static, serde_json::Value>;
+    fn state(&self, local: LocalState) -> BoxFuture<'static, ClusterState>;
 
     /// Every node's actor tree, given this node's own.
-    fn actors(&self, local: serde_json::Value) -> BoxFuture<'static, serde_json::Value>;
+    fn actors(&self, local: Option<ActorReport>) -> BoxFuture<'static, ClusterActors>;
 
     /// Places instances through the cluster's leader (`POST /instances`).
-    fn place(
-        &self,
-        request: serde_json::Value,
-    ) -> BoxFuture<'static, Result<serde_json::Value, PlaceFailure>>;
+    fn place(&self, request: PlaceRequest) -> BoxFuture<'static, Result<Vec<Placed>, PlaceError>>;
 
     /// Deletes an instance through the cluster's leader (`DELETE /instances/{id}`).
-    fn delete(&self, instance: String) -> BoxFuture<'static, Result<(), PlaceFailure>>;
-}
-
-/// Why a placement request failed, with the HTTP status it deserves.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PlaceFailure {
-    /// The HTTP status code.
-    pub status: u16,
-    /// A short machine-readable code.
-    pub code: String,
-    /// What happened and what to do.
-    pub message: String,
+    fn delete(&self, instance: String) -> BoxFuture<'static, Result<(), PlaceError>>;
 }
 
 /// One instance on this node, as the cluster layer reports it.
@@ -225,14 +216,10 @@ impl ModelRouter {
             .collect()
     }
 
-    /// The live tree of this node's actors, as JSON.
-    pub fn local_actors(&self) -> serde_json::Value {
-        let root = self.root.lock().ok().and_then(|r| r.clone());
-        match root {
-            Some(root) => serde_json::to_value(canopy_runtime::introspect::tree(&root))
-                .unwrap_or(serde_json::Value::Null),
-            None => serde_json::Value::Null,
-        }
+    /// The live tree of this node's actors (none before the node's supervisor is up).
+    pub fn local_actors(&self) -> Option<ActorReport> {
+        let root = self.root.lock().ok().and_then(|r| r.clone())?;
+        Some(canopy_runtime::introspect::tree(&root))
     }
 
     /// Records a newly placed instance of `model`, loaded from `source` (a path or a
@@ -468,24 +455,22 @@ impl ModelRouter {
         }
     }
 
-    /// The instances as JSON, for `GET /state`.
-    pub fn state_json(&self) -> serde_json::Value {
+    /// This node's instances, for `GET /state`.
+    pub fn local_state(&self) -> LocalState {
         let table = self.lock();
-        let instances: Vec<_> = table
+        let instances = table
             .instances
             .iter()
-            .map(|(name, i)| {
-                serde_json::json!({
-                    "instance": name,
-                    "model": i.model,
-                    "status": i.status.to_string(),
-                    "pid": i.pid,
-                    "restarts": i.restarts,
-                    "last_failure": i.last_failure,
-                })
+            .map(|(name, i)| LocalInstanceView {
+                instance: name.clone(),
+                model: i.model.clone(),
+                status: i.status.to_string(),
+                pid: i.pid,
+                restarts: i.restarts,
+                last_failure: i.last_failure.clone(),
             })
             .collect();
-        serde_json::json!({ "instances": instances })
+        LocalState { instances }
     }
 }
 
@@ -535,48 +520,38 @@ impl Backend for ModelRouter {
             .boxed()
     }
 
-    fn state(&self) -> BoxFuture<'static, serde_json::Value> {
-        let state = self.state_json();
+    fn state(&self) -> BoxFuture<'static, StateView> {
+        let local = self.local_state();
         match self.remote() {
-            Some(remote) => remote.state(state),
-            None => async move { state }.boxed(),
+            Some(remote) => remote
+                .state(local)
+                .map(|cluster| StateView::Cluster(Box::new(cluster)))
+                .boxed(),
+            None => async move { StateView::Local(local) }.boxed(),
         }
     }
 
-    fn actors(&self) -> BoxFuture<'static, serde_json::Value> {
+    fn actors(&self) -> BoxFuture<'static, Option<ActorReport>> {
         let tree = self.local_actors();
         async move { tree }.boxed()
     }
 
-    fn cluster_actors(&self) -> Option<BoxFuture<'static, serde_json::Value>> {
+    fn cluster_actors(&self) -> Option<BoxFuture<'static, ClusterActors>> {
         let tree = self.local_actors();
         self.remote().map(|r| r.actors(tree))
     }
 
-    fn place(
-        &self,
-        request: serde_json::Value,
-    ) -> BoxFuture<'static, Result<serde_json::Value, PlaceFailure>> {
+    fn place(&self, request: PlaceRequest) -> BoxFuture<'static, Result<Vec<Placed>, PlaceError>> {
         match self.remote() {
             Some(remote) => remote.place(request),
-            None => async { Err(standalone()) }.boxed(),
+            None => async { Err(PlaceError::Standalone) }.boxed(),
         }
     }
 
-    fn delete_instance(&self, instance: String) -> BoxFuture<'static, Result<(), PlaceFailure>> {
+    fn delete_instance(&self, instance: String) -> BoxFuture<'static, Result<(), PlaceError>> {
         match self.remote() {
             Some(remote) => remote.delete(instance),
-            None => async { Err(standalone()) }.boxed(),
+            None => async { Err(PlaceError::Standalone) }.boxed(),
         }
-    }
-}
-
-fn standalone() -> PlaceFailure {
-    PlaceFailure {
-        status: 400,
-        code: "standalone".into(),
-        message: "this node runs standalone (--standalone): placing and deleting instances \
-                  needs the cluster; start it without --standalone, or use --model at start"
-            .into(),
     }
 }
