@@ -2,7 +2,7 @@
 //!
 //! Each test starts a supervisor (under a probe parent actor that records supervision events)
 //! whose runner is the real `canopy` binary with the scripted test engine, then makes the
-//! runner die, freeze or wedge in one of the ways DESIGN.md's death-signal table lists, and
+//! runner die, freeze or wedge in one of the ways docs/ARCHITECTURE.md's death-signal table lists, and
 //! checks what every party sees: the task streams, the broadcast events, the parent, and the
 //! OS (no process left behind).
 

@@ -1,16 +1,13 @@
 //! An actor that owns one child OS process.
 //!
 //! [`ProcessActor`] spawns the child and turns everything that happens to it into the death
-//! signals of Canopy's contract (DESIGN.md), delivered to its supervisor by ractor's links:
-//!
-//! | what happens to the child                                | what the supervisor receives |
-//! |----------------------------------------------------------|------------------------------|
-//! | exits non-zero                                            | `ActorFailed` with [`FailureReason::Exited`] |
-//! | dies by a signal (SIGKILL, OOM kill, ...)                 | `ActorFailed` with [`FailureReason::Signaled`] |
-//! | exits 0 while no shutdown was asked                       | `ActorFailed` with [`FailureReason::UnexpectedExit`] |
-//! | exits after [`ProcessMsg::Shutdown`]                     | `ActorTerminated` (normal) |
-//! | alive but silent past the heartbeat timeout               | SIGKILL, then `ActorFailed` with [`FailureReason::HeartbeatMissed`] |
-//! | killed on request with a reason ([`ProcessMsg::Kill`])    | SIGKILL, then `ActorFailed` with that reason (e.g. [`FailureReason::Stalled`]) |
+//! signals of Canopy's contract (the table in `docs/ARCHITECTURE.md`, "Death signals"),
+//! delivered to its supervisor by ractor's links: a non-zero exit is
+//! [`FailureReason::Exited`], death by a signal [`FailureReason::Signaled`], an exit 0 nobody
+//! asked for [`FailureReason::UnexpectedExit`], silence past the heartbeat timeout a SIGKILL
+//! and [`FailureReason::HeartbeatMissed`], a kill on request ([`ProcessMsg::Kill`]) a SIGKILL
+//! and the reason given (e.g. [`FailureReason::Stalled`]); an exit after
+//! [`ProcessMsg::Shutdown`] is a normal `ActorTerminated`.
 //!
 //! The failure value is a [`ProcessFailed`], which also carries the child's pid and the last
 //! lines of its stderr; supervisors get it back with `err.downcast_ref::<ProcessFailed>()`.

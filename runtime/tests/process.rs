@@ -1,5 +1,5 @@
 //! The death-signal contract of `runtime::process`, pinned down with real child processes
-//! (`sh` scripts): every way a child can end maps to the supervision event DESIGN.md names.
+//! (`sh` scripts): every way a child can end maps to the supervision event docs/ARCHITECTURE.md names.
 
 use std::time::Duration;
 

@@ -19,7 +19,7 @@
 //!   and restarts it after a backoff delay, unless restarts exceeded the intensity limit: then
 //!   it fails itself with [`RunnerSupervisorError::GaveUp`], so the failure climbs the tree.
 //!
-//! Decisions where DESIGN.md is silent: a runner that reports `LoadFailed` is not restarted
+//! Decisions where docs/ARCHITECTURE.md is silent: a runner that reports `LoadFailed` is not restarted
 //! (a missing or corrupt model does not heal by retrying); the supervisor fails with
 //! [`RunnerSupervisorError::LoadFailed`]. A runner that sends a malformed frame or a bad
 //! handshake is killed and counts as a failure. Tasks are refused with

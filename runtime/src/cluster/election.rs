@@ -13,7 +13,7 @@
 //! With a quorum (`--expect N`), a component smaller than N has no leader at all: the
 //! minority side of a partition never elects, and a leader that loses its quorum steps down.
 //!
-//! Decision where DESIGN.md is silent: there is no separate election protocol with votes.
+//! Decision where docs/ARCHITECTURE.md is silent: there is no separate election protocol with votes.
 //! Peer heartbeats carry (term, leader), which is enough here because membership is already
 //! agreed by the heartbeats themselves, and a brief disagreement only delays the lead.
 
