@@ -59,6 +59,9 @@ pub fn spawn(plan: &LocalPlan<'_>) -> anyhow::Result<LocalNodes> {
             .env_remove("CANOPY_PORT")
             .env_remove("CANOPY_CLUSTER_PORT")
             .env_remove("CANOPY_DATA_DIR")
+            // The settings the children need are passed as flags: a config file named in
+            // the environment would hand them node 0's model and addresses too.
+            .env_remove("CANOPY_CONFIG")
             // Secrets travel in the environment, which only the same user (and root) can
             // read, never in argv, which every local user can.
             .env_remove("CANOPY_COOKIE_FILE")
