@@ -25,6 +25,11 @@
 //! peer go to the remote actors of that peer's own session. Beats with an implausible term
 //! ([`MAX_TERM`]) are dropped, and the tables of addresses learned from beacons and beats are
 //! bounded ([`MAX_KNOWN`]) and forget nodes not heard from for [`KNOWN_TTL`].
+//!
+//! The rooms: `view` (what the node knows: [`ClusterView`]), `handle` (sending to peers:
+//! [`ClusterHandle`]), `inbox` (receiving from peers), `session` (`NodeServer` session events
+//! and what each does to the state), `dial` (which addresses to dial, and when); this file
+//! holds the actor, its state, the election and the peer table.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -36,23 +41,35 @@ use ractor::{
 };
 use ractor_cluster::RactorMessage;
 use ractor_cluster::node::{
-    NodeConnectionMode, NodeEventSubscription, NodeServer, NodeServerMessage,
-    NodeServerSessionInformation, NodeSessionMessage,
+    NodeConnectionMode, NodeServer, NodeServerMessage, NodeServerSessionInformation,
+    NodeSessionMessage,
 };
-use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::discovery::{
-    Announcer, BeaconInfo, Discovered, Discovery, DiscoveryConfig, DiscoveryCounts, DiscoveryKey,
-    DiscoveryStats, should_dial,
+    Announcer, BeaconInfo, Discovered, Discovery, DiscoveryConfig, DiscoveryKey, DiscoveryStats,
+    should_dial,
 };
 use super::election::{Candidate, Election};
 use super::identity::NodeId;
-use super::peer::{PeerArgs, PeerHeartbeat, PeerMonitor, PeerMsg};
-use super::seal::{SessionKey, Sessions};
-use super::wire::{Beat, Envelope, InboxMsg, inbox_group};
-use crate::restart::Backoff;
+use super::peer::{PeerHeartbeat, PeerMsg};
+use super::seal::Sessions;
+use super::wire::{Beat, InboxMsg, inbox_group};
+
+mod dial;
+mod handle;
+mod inbox;
+mod session;
+mod view;
+
+use dial::{Dial, backoff};
+pub(crate) use handle::peer_inbox;
+pub use handle::{ClusterError, ClusterHandle, Incoming};
+use inbox::{Inbox, InboxArgs, RateLimit};
+pub use session::SessionEvent;
+use session::{Subscription, handle_session};
+pub use view::{ClusterView, Member};
 
 /// The highest term a beat may carry. Terms grow by one per election, so a real cluster never
 /// comes near it; a larger one is a forged or corrupt beat, dropped before it can overflow the
@@ -113,201 +130,6 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A connected, live peer as the view reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Member {
-    /// The peer.
-    pub id: NodeId,
-    /// Its cluster address.
-    pub addr: SocketAddr,
-    /// Its start time (unix ms).
-    pub started_ms: u64,
-    /// Its priority.
-    pub priority: i32,
-}
-
-/// What this node knows about the cluster now.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ClusterView {
-    /// This node.
-    pub me: NodeId,
-    /// This node's cluster address.
-    pub addr: SocketAddr,
-    /// The highest term known.
-    pub term: u64,
-    /// The leader this node follows (possibly itself).
-    pub leader: Option<NodeId>,
-    /// Whether the component is large enough to elect (always true without `--expect`).
-    pub quorum: bool,
-    /// The live peers (this node excluded), sorted by id.
-    pub members: Vec<Member>,
-}
-
-impl ClusterView {
-    /// Whether this node leads.
-    pub fn is_leader(&self) -> bool {
-        self.leader.as_ref() == Some(&self.me)
-    }
-
-    /// Whether `id` is this node or a live peer.
-    pub fn contains(&self, id: &NodeId) -> bool {
-        *id == self.me || self.members.iter().any(|m| m.id == *id)
-    }
-}
-
-/// An application message from a peer (or from this node to itself).
-pub struct Incoming {
-    /// The sender.
-    pub from: NodeId,
-    /// The application's bytes.
-    pub payload: Vec<u8>,
-    /// Where to answer, for a call.
-    pub reply: Option<RpcReplyPort<Vec<u8>>>,
-}
-
-/// Why a message to a peer could not be delivered.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ClusterError {
-    /// The peer is not connected (or its inbox is not known yet).
-    #[error("node {0} is not connected")]
-    NotConnected(NodeId),
-    /// The peer did not answer in time, or its session closed while waiting (ractor can
-    /// report a remote timeout either way).
-    #[error("node {0} did not answer in time")]
-    Timeout(NodeId),
-    /// The message could not be encoded or sealed.
-    #[error("cannot encode a message for node {node}: {reason}")]
-    Encode {
-        /// The peer.
-        node: NodeId,
-        /// Why.
-        reason: String,
-    },
-    /// The message could not be sent.
-    #[error("cannot send to node {node}: {reason}")]
-    Send {
-        /// The peer.
-        node: NodeId,
-        /// Why.
-        reason: String,
-    },
-}
-
-/// Sends application messages to other nodes and reads the view. Cheap to clone.
-#[derive(Clone)]
-pub struct ClusterHandle {
-    me: NodeId,
-    view: watch::Receiver<ClusterView>,
-    sessions: Arc<Sessions>,
-    discovery: DiscoveryStats,
-}
-
-/// The inbox of `peer` reached through `peer`'s own authenticated session (not a member of its
-/// process group that another node advertised), or this node's own inbox.
-pub(crate) fn peer_inbox(sessions: &Sessions, peer: &NodeId) -> Option<ActorRef<InboxMsg>> {
-    let members = ractor::pg::get_members(&inbox_group(peer));
-    if peer == sessions.me() {
-        return members
-            .into_iter()
-            .find(|c| c.get_id().is_local())
-            .map(ActorRef::from);
-    }
-    let route = sessions.route(peer)?;
-    members
-        .into_iter()
-        .find(|c| !c.get_id().is_local() && c.get_id().node() == route.session)
-        .map(ActorRef::from)
-}
-
-impl ClusterHandle {
-    /// This node's id.
-    pub fn me(&self) -> &NodeId {
-        &self.me
-    }
-
-    /// The current view.
-    pub fn view(&self) -> ClusterView {
-        self.view.borrow().clone()
-    }
-
-    /// A receiver that wakes on every change of the view.
-    pub fn subscribe(&self) -> watch::Receiver<ClusterView> {
-        self.view.clone()
-    }
-
-    fn inbox(&self, to: &NodeId) -> Result<ActorRef<InboxMsg>, ClusterError> {
-        peer_inbox(&self.sessions, to).ok_or_else(|| ClusterError::NotConnected(to.clone()))
-    }
-
-    fn envelope(&self, to: &NodeId, payload: Vec<u8>) -> Result<Vec<u8>, ClusterError> {
-        let encode = |reason: String| ClusterError::Encode {
-            node: to.clone(),
-            reason,
-        };
-        let body = Envelope::App {
-            from: self.me.clone(),
-            payload,
-        }
-        .encode()
-        .map_err(|e| encode(e.to_string()))?;
-        self.sessions.seal(to, body).map_err(|e| match e {
-            super::seal::SealError::UnknownSender(_) => ClusterError::NotConnected(to.clone()),
-            other => encode(other.to_string()),
-        })
-    }
-
-    /// Messages from peers refused so far because their seal did not check out (a forged
-    /// sender, a frame for another node, garbage).
-    pub fn refused_frames(&self) -> u64 {
-        self.sessions.stats().total()
-    }
-
-    /// Discovery datagrams refused so far (forged or altered beacons, beacons of another
-    /// cookie, stale or replayed ones, other versions, garbage); beacons of another discovery
-    /// namespace are not counted. Zero when discovery is off.
-    pub fn dropped_beacons(&self) -> u64 {
-        self.discovery.dropped()
-    }
-
-    /// The discovery counters by reason (accepted beacons included).
-    pub fn discovery_counts(&self) -> DiscoveryCounts {
-        self.discovery.snapshot()
-    }
-
-    /// Sends `payload` to node `to` (possibly this node) without waiting.
-    pub fn send(&self, to: &NodeId, payload: Vec<u8>) -> Result<(), ClusterError> {
-        let inbox = self.inbox(to)?;
-        inbox
-            .cast(InboxMsg::Cast(self.envelope(to, payload)?))
-            .map_err(|e| ClusterError::Send {
-                node: to.clone(),
-                reason: e.to_string(),
-            })
-    }
-
-    /// Sends `payload` to node `to` and waits up to `timeout` for its answer.
-    pub async fn call(
-        &self,
-        to: &NodeId,
-        payload: Vec<u8>,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, ClusterError> {
-        let inbox = self.inbox(to)?;
-        let bytes = self.envelope(to, payload)?;
-        match inbox
-            .call(|reply| InboxMsg::Call(bytes, reply), Some(timeout))
-            .await
-        {
-            Ok(ractor::rpc::CallResult::Success(answer)) => Ok(answer),
-            Ok(_) => Err(ClusterError::Timeout(to.clone())),
-            Err(e) => Err(ClusterError::Send {
-                node: to.clone(),
-                reason: e.to_string(),
-            }),
-        }
-    }
-}
-
 /// What the cluster actor is started with (cloneable: a restarted actor reuses it).
 #[derive(Clone)]
 pub struct ClusterArgs {
@@ -360,19 +182,6 @@ pub fn cluster_channels(
     )
 }
 
-/// A `NodeServer` session event.
-#[derive(Debug)]
-pub enum SessionEvent {
-    /// A connection opened.
-    Opened(NodeServerSessionInformation),
-    /// It authenticated.
-    Authenticated(NodeServerSessionInformation),
-    /// It finished its state exchange.
-    Ready(NodeServerSessionInformation),
-    /// It closed.
-    Disconnected(NodeServerSessionInformation),
-}
-
 /// Messages of the [`ClusterActor`].
 #[derive(RactorMessage)]
 pub enum ClusterMsg {
@@ -390,147 +199,6 @@ pub enum ClusterMsg {
     View(RpcReplyPort<ClusterView>),
 }
 
-/// Forwards the `NodeServer`'s session events to the cluster actor, and installs and removes
-/// session keys at once: the `NodeServer` calls it before the session tells the peer it is
-/// ready, so the key is in place before the peer's first message can arrive.
-struct Subscription {
-    cluster: ActorRef<ClusterMsg>,
-    sessions: Arc<Sessions>,
-}
-
-impl NodeEventSubscription for Subscription {
-    fn node_session_opened(&self, ses: NodeServerSessionInformation) {
-        let _ = self
-            .cluster
-            .cast(ClusterMsg::Session(SessionEvent::Opened(ses)));
-    }
-    fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
-        if let Some(id) = peer_id(&ses) {
-            self.sessions.remove(&id, ses.node_id);
-        }
-        let _ = self
-            .cluster
-            .cast(ClusterMsg::Session(SessionEvent::Disconnected(ses)));
-    }
-    fn node_session_authenticated(&self, ses: NodeServerSessionInformation) {
-        match (peer_id(&ses), ses.session_key) {
-            (Some(id), Some(key)) if &id != self.sessions.me() => {
-                self.sessions
-                    .install(id, SessionKey::new(*key.as_bytes()), ses.node_id);
-            }
-            _ => {}
-        }
-        let _ = self
-            .cluster
-            .cast(ClusterMsg::Session(SessionEvent::Authenticated(ses)));
-    }
-    fn node_session_ready(&self, ses: NodeServerSessionInformation) {
-        let _ = self
-            .cluster
-            .cast(ClusterMsg::Session(SessionEvent::Ready(ses)));
-    }
-}
-
-/// The node's inbox: decodes envelopes from peers and hands them on.
-struct Inbox;
-
-struct InboxArgs {
-    cluster: ActorRef<ClusterMsg>,
-    incoming: mpsc::UnboundedSender<Incoming>,
-    sessions: Arc<Sessions>,
-    refusals: RateLimit,
-}
-
-/// At most one warning per interval.
-struct RateLimit {
-    every: Duration,
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimit {
-    fn new(every: Duration) -> Self {
-        Self {
-            every,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    /// Whether to log now, and how many were not logged since the last time.
-    fn allow(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < self.every)
-        {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
-    }
-}
-
-impl Actor for Inbox {
-    type Msg = InboxMsg;
-    type State = (InboxArgs, crate::introspect::Registration);
-    type Arguments = InboxArgs;
-
-    async fn pre_start(
-        &self,
-        myself: ActorRef<InboxMsg>,
-        args: InboxArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
-        Ok((
-            args,
-            crate::introspect::register(&myself.get_cell(), "inbox"),
-        ))
-    }
-
-    async fn handle(
-        &self,
-        _: ActorRef<InboxMsg>,
-        msg: InboxMsg,
-        (args, _): &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        let (bytes, reply) = match msg {
-            InboxMsg::Cast(bytes) => (bytes, None),
-            InboxMsg::Call(bytes, reply) => (bytes, Some(reply)),
-        };
-        let body = match args.sessions.open(&bytes) {
-            Ok((from, body)) => match Envelope::decode(&body) {
-                Ok(envelope) if *envelope.from() == from => Ok(envelope),
-                Ok(envelope) => Err(format!(
-                    "a message from {} names {} as its sender",
-                    from.short(),
-                    envelope.from().short()
-                )),
-                Err(err) => Err(err.to_string()),
-            },
-            Err(err) => Err(err.to_string()),
-        };
-        match body {
-            Ok(Envelope::Beat(beat)) => {
-                let _ = args.cluster.cast(ClusterMsg::Beat(beat));
-            }
-            Ok(Envelope::App { from, payload }) => {
-                let _ = args.incoming.send(Incoming {
-                    from,
-                    payload,
-                    reply,
-                });
-            }
-            Err(err) => {
-                if let Some(suppressed) = args.refusals.allow() {
-                    tracing::warn!(%err, suppressed, "refused a message from a peer");
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
 struct Peer {
     session: ActorRef<NodeSessionMessage>,
     /// The `ractor_cluster` node id of the session.
@@ -543,12 +211,6 @@ struct Peer {
 struct SessionInfo {
     authenticated: bool,
     peer_addr: String,
-}
-
-struct Dial {
-    failures: u32,
-    next: Instant,
-    in_flight: bool,
 }
 
 /// The cluster actor's state.
@@ -651,72 +313,6 @@ impl ClusterState {
         });
     }
 
-    /// Addresses worth a dial now.
-    fn due_dials(&mut self) -> Vec<SocketAddr> {
-        let connected: Vec<SocketAddr> = self
-            .peers
-            .values()
-            .filter_map(|p| p.beat.as_ref().map(|b| b.addr))
-            .chain(
-                self.sessions
-                    .values()
-                    .filter_map(|s| s.peer_addr.parse().ok()),
-            )
-            .collect();
-        let me = self.me().clone();
-        let listen = self.config().listen;
-        let mut wanted: Vec<SocketAddr> = self.config().peers.clone();
-        wanted.extend(
-            self.known
-                .iter()
-                .filter(|(id, _)| {
-                    !self.peers.contains_key(*id) && should_dial(me.as_str(), id.as_str())
-                })
-                .map(|(_, (addr, _))| *addr),
-        );
-        // Dial state of addresses no longer wanted (a node that went away) is forgotten.
-        self.dials
-            .retain(|addr, d| d.in_flight || wanted.contains(addr));
-        let now = Instant::now();
-        let mut due = Vec::new();
-        for addr in wanted {
-            if addr == listen || connected.contains(&addr) || due.contains(&addr) {
-                continue;
-            }
-            let dial = self.dials.entry(addr).or_insert(Dial {
-                failures: 0,
-                next: now,
-                in_flight: false,
-            });
-            if !dial.in_flight && dial.next <= now {
-                dial.in_flight = true;
-                due.push(addr);
-            }
-        }
-        due
-    }
-
-    fn dial(&mut self, myself: &ActorRef<ClusterMsg>) {
-        for addr in self.due_dials() {
-            let server = self.server.clone();
-            let myself = myself.clone();
-            let limit = self.config().dial_timeout;
-            tokio::spawn(async move {
-                let outcome = match tokio::time::timeout(
-                    limit,
-                    ractor_cluster::client_connect(&server, addr),
-                )
-                .await
-                {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err(format!("no answer within {limit:?}")),
-                };
-                let _ = myself.cast(ClusterMsg::Dialed(addr, outcome));
-            });
-        }
-    }
-
     /// Remembers `id`'s address; the table stays within [`MAX_KNOWN`] and forgets nodes
     /// silent for [`KNOWN_TTL`].
     fn learn(&mut self, id: NodeId, addr: SocketAddr) {
@@ -782,11 +378,6 @@ fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     message
-}
-
-/// The wait before redialling a peer after `failures` failed dials: 250 ms doubling to 5 s.
-fn backoff(failures: u32) -> Duration {
-    Backoff::doubling(Duration::from_millis(250), Duration::from_secs(5)).delay(failures)
 }
 
 impl Actor for ClusterActor {
@@ -1034,136 +625,4 @@ fn monitor_of(state: &ClusterState, cell: &ActorCell) -> Option<NodeId> {
         .iter()
         .find(|(_, p)| p.monitor.get_id() == cell.get_id())
         .map(|(id, _)| id.clone())
-}
-
-async fn handle_session(
-    myself: &ActorRef<ClusterMsg>,
-    state: &mut ClusterState,
-    event: SessionEvent,
-) -> Result<(), ActorProcessingErr> {
-    match event {
-        SessionEvent::Opened(info) => {
-            state.sessions.insert(
-                info.actor.get_id(),
-                SessionInfo {
-                    authenticated: false,
-                    peer_addr: info.peer_addr.clone(),
-                },
-            );
-        }
-        SessionEvent::Authenticated(info) => {
-            if let Some(s) = state.sessions.get_mut(&info.actor.get_id()) {
-                s.authenticated = true;
-            }
-        }
-        SessionEvent::Ready(info) => {
-            let Some(id) = peer_id(&info) else {
-                tracing::warn!(addr = %info.peer_addr, "a peer without a valid node id connected; dropping it");
-                info.actor.stop(Some("invalid node id".into()));
-                return Ok(());
-            };
-            if id == *state.me() {
-                info.actor.stop(Some("connection to self".into()));
-                return Ok(());
-            }
-            if state
-                .args
-                .sessions
-                .route(&id)
-                .is_none_or(|r| r.session != info.node_id)
-            {
-                tracing::warn!(peer = %id.short(), addr = %info.peer_addr,
-                    "a session became ready without its handshake's key; dropping it");
-                info.actor.stop(Some("no session key".into()));
-                return Ok(());
-            }
-            if let Some(old) = state.peers.remove(&id) {
-                old.monitor.stop(None);
-            }
-            let (monitor, _) = Actor::spawn_linked(
-                None,
-                PeerMonitor,
-                PeerArgs {
-                    peer: id.clone(),
-                    session: info.actor.clone(),
-                    heartbeat: state.config().heartbeat,
-                    beat: state.beat.subscribe(),
-                    sessions: state.args.sessions.clone(),
-                },
-                myself.get_cell(),
-            )
-            .await?;
-            tracing::info!(peer = %id.short(), addr = %info.peer_addr, "peer connected");
-            let registration = crate::introspect::register(&info.actor.get_cell(), "node-session");
-            {
-                let (peer, addr) = (id.to_string(), info.peer_addr.clone());
-                registration.set_details(Arc::new(
-                    move || serde_json::json!({ "peer": peer, "addr": addr }),
-                ));
-            }
-            state.peers.insert(
-                id,
-                Peer {
-                    session: info.actor.clone(),
-                    session_node: info.node_id,
-                    monitor,
-                    beat: None,
-                    _session_registration: registration,
-                },
-            );
-        }
-        SessionEvent::Disconnected(info) => {
-            let session = state.sessions.remove(&info.actor.get_id());
-            let peer = state
-                .peers
-                .iter()
-                .find(|(_, p)| p.session.get_id() == info.actor.get_id())
-                .map(|(id, _)| id.clone());
-            match (peer, session) {
-                (Some(id), _) => {
-                    state.remove_peer(&id, "its connection closed");
-                    state.elect_and_publish();
-                }
-                (None, Some(s)) if !s.authenticated => {
-                    let duplicate = peer_id(&info).is_some_and(|id| state.peers.contains_key(&id));
-                    if !duplicate {
-                        explain_refusal(&s.peer_addr, info.exit_reason.as_deref());
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Logs why a session that never authenticated ended, from the reason its session actor
-/// stopped with: a wrong cookie or a node claiming this node's own name is worth a warning; the
-/// loser of a simultaneous connect, or a connection closed before the handshake said anything,
-/// is an ordinary race.
-fn explain_refusal(addr: &str, reason: Option<&str>) {
-    match reason {
-        Some("auth_fail: wrong_cookie") => tracing::warn!(
-            addr,
-            "refused a cluster connection that did not authenticate: the other node has a different cookie"
-        ),
-        Some("auth_fail: own_name") => tracing::warn!(
-            addr,
-            "refused a cluster connection from a node that claims this node's own name"
-        ),
-        Some("auth_fail: legacy_handshake") => tracing::warn!(
-            addr,
-            "refused a cluster connection that uses the old handshake without nonces (an older canopy or a plain ractor_cluster node)"
-        ),
-        Some("auth_fail") => tracing::warn!(
-            addr,
-            "a cluster handshake failed: the other node refused this one (a different cookie, see that node's log)"
-        ),
-        Some("duplicate_connection" | "session_election_lost") => {
-            tracing::debug!(addr, "a simultaneous cluster connection was settled")
-        }
-        other => {
-            tracing::debug!(addr, reason = ?other, "a cluster connection closed before it authenticated")
-        }
-    }
 }
