@@ -377,7 +377,7 @@ impl Actor for RogueInbox {
             && let Ok(Envelope::App { payload, .. }) = Envelope::decode(&body)
             && let Ok(AppMsg::Submit { key, .. }) = decode::<AppMsg>(&payload)
         {
-            let _ = reply.send(encode(&SubmitAnswer::Ok(())));
+            let _ = reply.send(encode(&SubmitAnswer::Ok(())).expect("encodes"));
             let _ = state.submits.send((from, key));
         }
         Ok(())
@@ -1065,7 +1065,7 @@ fn forged_plan(leader: &NodeId, term: u64, node: &NodeId) -> Vec<u8> {
             attempts: 0,
         },
     );
-    encode(&AppMsg::Plan(Box::new(plan)))
+    encode(&AppMsg::Plan(Box::new(plan))).expect("encodes")
 }
 
 /// A rogue with the cookie that dials `nodes`, beats like a (junior, priority 0) member
@@ -1287,7 +1287,8 @@ fn an_insider_cannot_act_in_another_name_as_the_leader_or_break_the_term() {
             last_failure: None,
             error: None,
         }],
-    }));
+    }))
+    .expect("encodes");
     {
         let (sessions, id, a_id) = (r1.sessions.clone(), r1.id.clone(), a_id.clone());
         r1.tasks.push(tokio::spawn(async move {
@@ -1382,7 +1383,7 @@ fn an_insider_cannot_act_in_another_name_as_the_leader_or_break_the_term() {
     };
     let event = |from: &NodeId, key: u64, event: TaskEvent| Envelope::App {
         from: from.clone(),
-        payload: encode(&AppMsg::Event { key, event }),
+        payload: encode(&AppMsg::Event { key, event }).expect("encodes"),
     };
     // R2 injects into R1's stream, tries to end it, and guesses at other keys.
     for k in [key, key.wrapping_add(1), key.wrapping_sub(1), 1, 2, 3] {

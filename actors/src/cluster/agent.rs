@@ -22,10 +22,11 @@ use ractor_cluster::RactorMessage;
 use tokio::sync::mpsc;
 
 use super::ModelResolver;
+use super::ResolveError;
 use super::master::{MasterActor, MasterArgs, MasterMsg};
 use super::protocol::{
-    AppMsg, DeleteAnswer, InstanceReport, NodeReport, PlaceAnswer, PlaceError, Plan, PlanState,
-    decode, encode, need_bytes,
+    self, AppMsg, DeleteAnswer, InstanceReport, NodeReport, PlaceAnswer, PlaceError, Plan,
+    PlanState, decode, encode, need_bytes,
 };
 use super::shared::Shared;
 use crate::node::{ModelRouter, Placer};
@@ -153,12 +154,14 @@ impl AgentState {
             mem_available,
             instances,
         };
-        if let Err(err) = self
-            .args
-            .shared
-            .cluster()
-            .send(&leader, encode(&AppMsg::Report(report)))
-        {
+        let msg = match encode(&AppMsg::Report(report)) {
+            Ok(msg) => msg,
+            Err(err) => {
+                tracing::error!(%err, "cannot report to the leader");
+                return;
+            }
+        };
+        if let Err(err) = self.args.shared.cluster().send(&leader, msg) {
             tracing::debug!(%err, "cannot report to the leader");
         }
     }
@@ -204,14 +207,18 @@ impl AgentState {
             let resolved = {
                 tokio::task::spawn_blocking(move || resolver.resolve(&source))
                     .await
-                    .unwrap_or_else(|e| Err(format!("resolving the model panicked: {e}")))
+                    .unwrap_or_else(|e| {
+                        Err(ResolveError::Other(format!(
+                            "resolving the model panicked: {e}"
+                        )))
+                    })
             };
             let outcome = match resolved {
                 Ok(load) => placer
                     .start(&id, &model, load)
                     .await
                     .map_err(|e| e.to_string()),
-                Err(err) => Err(err),
+                Err(err) => Err(err.to_string()),
             };
             let _ = myself.cast(AgentMsg::Started(id, outcome));
         });
@@ -299,7 +306,7 @@ impl AgentState {
                     let _ = master.cast(MasterMsg::Place(request, reply));
                 }
                 None => {
-                    let _ = reply.send(encode(&PlaceAnswer::Err(PlaceError::NoLeader)));
+                    protocol::reply(reply, &PlaceAnswer::Err(PlaceError::NoLeader));
                 }
             },
             (AppMsg::Delete { instance }, Some(reply)) => match &self.master {
@@ -307,7 +314,7 @@ impl AgentState {
                     let _ = master.cast(MasterMsg::Delete(instance, reply));
                 }
                 None => {
-                    let _ = reply.send(encode(&DeleteAnswer::Err(PlaceError::NoLeader)));
+                    protocol::reply(reply, &DeleteAnswer::Err(PlaceError::NoLeader));
                 }
             },
             (
@@ -326,7 +333,7 @@ impl AgentState {
                 // The tree travels as JSON text: its actors' details are free-form JSON.
                 match serde_json::to_string(&self.args.router.local_actors()) {
                     Ok(tree) => {
-                        let _ = reply.send(encode(&tree));
+                        protocol::reply(reply, &tree);
                     }
                     Err(err) => tracing::warn!(%err, "cannot encode the actor tree"),
                 }

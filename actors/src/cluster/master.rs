@@ -13,7 +13,7 @@ use ractor_cluster::RactorMessage;
 
 use super::ModelResolver;
 use super::planner::{Members, Planner, Ready, Ticket};
-use super::protocol::{AppMsg, NodeReport, PlaceAnswer, PlaceRequest, Plan, encode};
+use super::protocol::{self, AppMsg, NodeReport, PlaceAnswer, PlaceRequest, Plan, encode, reply};
 
 pub use super::planner::RETRY_BUDGET;
 
@@ -67,7 +67,13 @@ impl MasterState {
     fn carry_out(&mut self, ready: Ready) {
         self.answer(ready.answers);
         if let Some(plan) = ready.publish {
-            let msg = encode(&AppMsg::Plan(Box::new(plan)));
+            let msg = match encode(&AppMsg::Plan(Box::new(plan))) {
+                Ok(msg) => msg,
+                Err(err) => {
+                    tracing::error!(%err, "cannot publish the plan");
+                    return;
+                }
+            };
             for node in self.members().alive {
                 if let Err(err) = self.cluster.send(&node, msg.clone()) {
                     tracing::debug!(%err, "cannot send the plan");
@@ -78,8 +84,8 @@ impl MasterState {
 
     fn answer(&mut self, answers: Vec<(Ticket, PlaceAnswer)>) {
         for (ticket, answer) in answers {
-            if let Some(reply) = self.waiting.remove(&ticket) {
-                let _ = reply.send(encode(&answer));
+            if let Some(port) = self.waiting.remove(&ticket) {
+                reply(port, &answer);
             }
         }
     }
@@ -147,7 +153,7 @@ impl Actor for MasterActor {
                 state.planner.place(ticket, request, &members, now);
             }
             MasterMsg::Delete(id, reply) => {
-                let _ = reply.send(encode(&state.planner.delete(&id)));
+                protocol::reply(reply, &state.planner.delete(&id));
             }
             MasterMsg::Tick => {
                 let members = state.members();

@@ -36,7 +36,7 @@ pub use shared::{ClusterRoutes, Shared};
 pub trait ModelResolver: Send + Sync + 'static {
     /// What a runner loads for `model` on this node; may download, so it is called on a
     /// blocking thread. `Err` says why the model cannot run here.
-    fn resolve(&self, model: &str) -> Result<LoadSpec, String>;
+    fn resolve(&self, model: &str) -> Result<LoadSpec, ResolveError>;
 
     /// The size of the model's file in bytes, if known without downloading it.
     fn size_hint(&self, model: &str) -> Option<u64>;
@@ -44,6 +44,26 @@ pub trait ModelResolver: Send + Sync + 'static {
     /// The id clients use for `model` (a catalogue alias becomes the catalogue name, a path
     /// its file stem).
     fn model_id(&self, model: &str) -> String;
+}
+
+/// Why a model cannot run on this node; the text travels in the node's report to the leader,
+/// which places the instance elsewhere or fails the placement with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    /// The name is not a catalogue model, nor a file this node may load.
+    #[error("{0}")]
+    Unknown(String),
+    /// A catalogue model that could not be fetched or verified here.
+    #[error("cannot fetch {model}: {reason}")]
+    Fetch {
+        /// The catalogue name.
+        model: String,
+        /// Why.
+        reason: String,
+    },
+    /// Resolving failed in another way (the resolver itself panicked, say).
+    #[error("{0}")]
+    Other(String),
 }
 
 /// How a node joins a cluster (see `NodeBuilder::cluster`).

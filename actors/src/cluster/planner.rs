@@ -34,8 +34,8 @@ use canopy_runtime::restart::Backoff;
 use super::ModelResolver;
 use super::protocol::{
     AppMsg, DeleteAnswer, InstanceReport, MAX_INSTANCES_PER_NODE, MAX_PLAN_BYTES,
-    MAX_PLAN_INSTANCES, NodeReport, PlaceAnswer, PlaceError, PlaceRequest, Placed, Plan, PlanNode,
-    PlanState, PlannedInstance, encode, need_bytes,
+    MAX_PLAN_INSTANCES, NodeReport, OversizedReport, PlaceAnswer, PlaceError, PlaceRequest, Placed,
+    Plan, PlanNode, PlanState, PlannedInstance, encode, need_bytes,
 };
 
 /// Placement attempts of one instance before it is marked failed.
@@ -186,7 +186,7 @@ impl Planner {
 
     /// Takes a node's report (bounded: see [`NodeReport::bounded`]); a refused one changes
     /// nothing and the error says why.
-    pub fn report(&mut self, report: NodeReport) -> Result<(), String> {
+    pub fn report(&mut self, report: NodeReport) -> Result<(), OversizedReport> {
         let report = report.bounded()?;
         self.reports.insert(report.node.clone(), report);
         Ok(())
@@ -701,9 +701,9 @@ impl Planner {
     }
 }
 
-/// The size of the plan as it is published.
+/// The size of the plan as it is published (a plan that does not encode counts as too large).
 fn plan_bytes(plan: &Plan) -> usize {
-    encode(&AppMsg::Plan(Box::new(plan.clone()))).len()
+    encode(&AppMsg::Plan(Box::new(plan.clone()))).map_or(usize::MAX, |b| b.len())
 }
 
 #[cfg(test)]
@@ -712,6 +712,7 @@ mod tests {
     //! reports, requests and instants, and checks the plan and the answers it hands back.
 
     use super::*;
+    use crate::cluster::ResolveError;
     use canopy_proto::LoadSpec;
 
     const MIB: u64 = 1024 * 1024;
@@ -722,8 +723,8 @@ mod tests {
     }
 
     impl ModelResolver for Models {
-        fn resolve(&self, _: &str) -> Result<LoadSpec, String> {
-            Err("the planner never resolves".into())
+        fn resolve(&self, _: &str) -> Result<LoadSpec, ResolveError> {
+            Err(ResolveError::Other("the planner never resolves".into()))
         }
         fn size_hint(&self, _: &str) -> Option<u64> {
             Some(self.size)

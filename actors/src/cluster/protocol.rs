@@ -77,20 +77,20 @@ impl NodeReport {
     /// refused: more than [`MAX_REPORTED_INSTANCES`] instances, or an id, model or source
     /// longer than [`MAX_REPORTED_NAME_LEN`]. The leader copies reports into the plan, so an
     /// unbounded one could make the plan too large to deliver.
-    pub fn bounded(mut self) -> Result<NodeReport, String> {
+    pub fn bounded(mut self) -> Result<NodeReport, OversizedReport> {
         if self.instances.len() > MAX_REPORTED_INSTANCES {
-            return Err(format!(
+            return Err(OversizedReport(format!(
                 "it lists {} instances; a node may run at most {MAX_REPORTED_INSTANCES}",
                 self.instances.len()
-            ));
+            )));
         }
         for i in &mut self.instances {
             let longest = i.id.len().max(i.model.len()).max(i.source.len());
             if longest > MAX_REPORTED_NAME_LEN {
-                return Err(format!(
+                return Err(OversizedReport(format!(
                     "an instance's id, model or source is {longest} bytes long; the limit is \
                      {MAX_REPORTED_NAME_LEN}"
-                ));
+                )));
             }
             for text in [&mut i.last_failure, &mut i.error].into_iter().flatten() {
                 cut(text, MAX_REPORTED_TEXT_LEN);
@@ -99,6 +99,11 @@ impl NodeReport {
         Ok(self)
     }
 }
+
+/// Why the leader refused a node's report: it is larger than a report may be.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct OversizedReport(pub String);
 
 /// Cuts `text` to at most `max` bytes, at a character boundary.
 fn cut(text: &mut String, max: usize) {
@@ -240,15 +245,54 @@ pub type DeleteAnswer = Result<(), PlaceError>;
 /// The answer to [`AppMsg::Submit`].
 pub type SubmitAnswer = Result<(), SubmitError>;
 
+/// Why a message or an answer could not be encoded or decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// The value does not encode (a bug, never a peer's doing).
+    #[error("cannot encode {what}: {reason}")]
+    Encode {
+        /// The type.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The bytes are not the expected message (a bad or hostile peer, or another version).
+    #[error("undecodable {what}: {reason}")]
+    Decode {
+        /// The type expected.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
 /// Encodes a message or an answer.
-pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    rmp_serde::to_vec_named(value).unwrap_or_default()
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, ProtocolError> {
+    rmp_serde::to_vec_named(value).map_err(|e| ProtocolError::Encode {
+        what: std::any::type_name::<T>(),
+        reason: e.to_string(),
+    })
 }
 
 /// Decodes a message or an answer; garbage is an error naming what was expected.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    rmp_serde::from_slice(bytes)
-        .map_err(|e| format!("undecodable {}: {e}", std::any::type_name::<T>()))
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ProtocolError> {
+    rmp_serde::from_slice(bytes).map_err(|e| ProtocolError::Decode {
+        what: std::any::type_name::<T>(),
+        reason: e.to_string(),
+    })
+}
+
+/// Answers a call with `answer`. An answer that does not encode is logged and not sent, so
+/// the caller's call fails (and it reports that) rather than reading an empty answer.
+/// `false` when nothing was sent (or the caller is gone).
+pub fn reply<T: Serialize>(port: ractor::RpcReplyPort<Vec<u8>>, answer: &T) -> bool {
+    match encode(answer) {
+        Ok(bytes) => port.send(bytes).is_ok(),
+        Err(err) => {
+            tracing::error!(%err, "cannot answer a call");
+            false
+        }
+    }
 }
 
 /// The memory one instance of a model is assumed to need: its file plus a quarter (KV cache
@@ -320,7 +364,9 @@ mod tests {
                 },
             );
         }
-        let size = encode(&AppMsg::Plan(Box::new(plan))).len();
+        let size = encode(&AppMsg::Plan(Box::new(plan)))
+            .expect("encodes")
+            .len();
         assert!(size < MAX_PLAN_BYTES, "{size} bytes");
     }
 }

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use super::protocol::{
-    AppMsg, DeleteAnswer, PlaceAnswer, PlaceError, PlaceRequest, Placed, Plan, PlanState,
+    self, AppMsg, DeleteAnswer, PlaceAnswer, PlaceError, PlaceRequest, Placed, Plan, PlanState,
     SubmitAnswer, decode, encode,
 };
 use crate::api::{
@@ -166,11 +166,11 @@ impl Shared {
             let handle = match shared.router.submit_local(&model, &request).await {
                 Ok(handle) => handle,
                 Err(err) => {
-                    let _ = reply.send(encode(&SubmitAnswer::Err(err)));
+                    protocol::reply(reply, &SubmitAnswer::Err(err));
                     return;
                 }
             };
-            if reply.send(encode(&SubmitAnswer::Ok(()))).is_err() {
+            if !protocol::reply(reply, &SubmitAnswer::Ok(())) {
                 // The origin gave up waiting: dropping the handle cancels the task.
                 return;
             }
@@ -181,7 +181,23 @@ impl Shared {
                     let mut handle: TaskHandle = handle;
                     while let Some(event) = handle.next().await {
                         let end = matches!(event, TaskEvent::Done { .. } | TaskEvent::Failed(_));
-                        let msg = encode(&AppMsg::Event { key, event });
+                        let (msg, end) = match encode(&AppMsg::Event { key, event }) {
+                            Ok(msg) => (msg, end),
+                            Err(err) => {
+                                // End the origin's stream with the reason rather than leave
+                                // it waiting for events that will never come.
+                                tracing::error!(%err, "cannot forward a task event");
+                                let failed = TaskEvent::Failed(RunnerError::TaskFailed {
+                                    instance: model.clone(),
+                                    message: err.to_string(),
+                                    kind: canopy_proto::TaskErrorKind::Internal,
+                                });
+                                match encode(&AppMsg::Event { key, event: failed }) {
+                                    Ok(msg) => (msg, true),
+                                    Err(_) => break,
+                                }
+                            }
+                        };
                         if shared.cluster.send(&origin, msg).is_err() || end {
                             break;
                         }
@@ -263,20 +279,26 @@ impl Shared {
                 model: model.clone(),
                 request: request.clone(),
             });
-            let answer = self.cluster.call(&host, msg, SUBMIT_TIMEOUT).await;
-            let answer = answer
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| decode::<SubmitAnswer>(&bytes));
+            let answer = match msg {
+                Ok(msg) => self
+                    .cluster
+                    .call(&host, msg, SUBMIT_TIMEOUT)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(err) => Err(err.to_string()),
+            };
+            let answer =
+                answer.and_then(|bytes| decode::<SubmitAnswer>(&bytes).map_err(|e| e.to_string()));
             match answer {
                 Ok(Ok(())) => {
                     let shared = self.clone();
                     tokio::spawn(async move {
                         tx.closed().await;
                         let gone = shared.lock().streams.remove(&key);
-                        if let Some(stream) = gone {
-                            let _ = shared
-                                .cluster
-                                .send(&stream.host, encode(&AppMsg::Cancel { key }));
+                        if let Some(stream) = gone
+                            && let Ok(msg) = encode(&AppMsg::Cancel { key })
+                        {
+                            let _ = shared.cluster.send(&stream.host, msg);
                         }
                     });
                     return Ok(TaskHandle {
@@ -438,11 +460,15 @@ impl Remote for ClusterRoutes {
                 let id = m.id.clone();
                 let master = view.leader.as_ref() == Some(&m.id);
                 async move {
-                    let answer = cluster
-                        .call(&id, encode(&AppMsg::Actors), Duration::from_secs(3))
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|bytes| decode::<String>(&bytes))
+                    let answer = match encode(&AppMsg::Actors) {
+                        Ok(msg) => cluster
+                            .call(&id, msg, Duration::from_secs(3))
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Err(err) => Err(err.to_string()),
+                    };
+                    let answer = answer
+                        .and_then(|bytes| decode::<String>(&bytes).map_err(|e| e.to_string()))
                         .and_then(|text| {
                             serde_json::from_str::<Option<ActorReport>>(&text)
                                 .map_err(|e| format!("an undecodable actor tree: {e}"))
@@ -471,7 +497,11 @@ impl Remote for ClusterRoutes {
             request.validate()?;
             let leader = cluster.view().leader.ok_or(PlaceError::NoLeader)?;
             let limit = Duration::from_secs(request.wait_secs + 15);
-            let msg = encode(&AppMsg::Place(request));
+            let msg = encode(&AppMsg::Place(request)).map_err(|e| PlaceError::Failed {
+                instance: "-".into(),
+                node: leader.to_string(),
+                reason: e.to_string(),
+            })?;
             let bytes =
                 cluster
                     .call(&leader, msg, limit)
@@ -494,7 +524,11 @@ impl Remote for ClusterRoutes {
         let cluster = self.shared.cluster.clone();
         async move {
             let leader = cluster.view().leader.ok_or(PlaceError::NoLeader)?;
-            let msg = encode(&AppMsg::Delete { instance });
+            let msg = encode(&AppMsg::Delete { instance }).map_err(|e| PlaceError::Failed {
+                instance: "-".into(),
+                node: leader.to_string(),
+                reason: e.to_string(),
+            })?;
             let bytes = cluster
                 .call(&leader, msg, Duration::from_secs(30))
                 .await

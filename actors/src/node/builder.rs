@@ -40,6 +40,10 @@ pub enum NodeError {
     /// The node is not running any more.
     #[error("the node is not running")]
     Gone,
+    /// The node's supervision tree failed on its own (a child escalated past its restart
+    /// intensity, or the root itself failed).
+    #[error("the node failed: {0}")]
+    Failed(String),
 }
 
 /// Entry point: `Node::builder(config)`.
@@ -476,15 +480,15 @@ impl NodeHandle {
         Ok(())
     }
 
-    /// Waits until the node ends on its own; `Err` with the reason if it failed.
+    /// Waits until the node ends on its own; [`NodeError::Failed`] with the reason if it failed.
     /// Cancel-safe: a `wait` dropped before the node ends can be called again.
-    pub async fn wait(&mut self) -> Result<(), String> {
+    pub async fn wait(&mut self) -> Result<(), NodeError> {
         let outcome = match &mut self.done {
             Some(done) => done.await.unwrap_or(Ok(())),
             None => return Ok(()),
         };
         self.done = None;
-        outcome
+        outcome.map_err(NodeError::Failed)
     }
 }
 

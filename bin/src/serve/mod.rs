@@ -300,11 +300,8 @@ async fn serve(
     }
 }
 
-fn node_ended(outcome: Result<(), String>) -> anyhow::Result<()> {
-    match outcome {
-        Ok(()) => Ok(()),
-        Err(reason) => Err(anyhow::anyhow!("the node failed: {reason}")),
-    }
+fn node_ended(outcome: Result<(), canopy_actors::node::NodeError>) -> anyhow::Result<()> {
+    Ok(outcome?)
 }
 
 async fn stop(node: canopy_actors::node::NodeHandle) -> anyhow::Result<()> {

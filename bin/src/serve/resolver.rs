@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use canopy_actors::cluster::ModelResolver;
+use canopy_actors::cluster::{ModelResolver, ResolveError};
 use canopy_engine::store::ModelStore;
 use canopy_proto::LoadSpec;
 
@@ -56,18 +56,21 @@ impl StoreResolver {
 }
 
 impl ModelResolver for StoreResolver {
-    fn resolve(&self, model: &str) -> Result<LoadSpec, String> {
+    fn resolve(&self, model: &str) -> Result<LoadSpec, ResolveError> {
         let path = if self.passthrough() {
             PathBuf::from(model)
         } else if let Ok(entry) = self.store.entry(model) {
             let id = entry.name.clone();
             self.store
                 .ensure(&id, &mut BarProgress::default())
-                .map_err(|e| e.to_string())?
+                .map_err(|e| ResolveError::Fetch {
+                    model: id.clone(),
+                    reason: e.to_string(),
+                })?
         } else {
             self.paths
                 .check(model)
-                .ok_or_else(|| ModelPaths::refusal(model))?
+                .ok_or_else(|| ResolveError::Unknown(ModelPaths::refusal(model)))?
         };
         Ok(LoadSpec {
             model: path.display().to_string(),
