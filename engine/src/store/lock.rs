@@ -1,40 +1,54 @@
 //! [`PullLock`]: one pull of a model at a time across threads and processes, and the cleanup
 //! of what crashed pulls leave behind.
 //!
-//! The lock is a file `.FILE.lock` next to the model file, created with `O_EXCL`
-//! (`create_new`) and holding the owner's process id; dropping the guard deletes it. A waiter
-//! polls until the file is gone. If its owner is dead (a pull that was killed), the lock is
-//! stale and is broken. Process liveness is checked with `kill(pid, 0)` on Unix; elsewhere a
-//! lock counts as stale only once it is older than the longest wait.
+//! The lock is an exclusive advisory lock (`flock`, through `std::fs::File::try_lock`: the one
+//! cross-process lock Canopy uses, the data directory's too) on a file `.FILE.lock` next to
+//! the model file. The kernel drops it when its holder exits, however it exits, so a killed
+//! pull never leaves a stale lock. The holder writes its process id into the file, so that a
+//! waiter can say whom it waits for. Dropping the guard removes the file and then releases the
+//! lock; a waiter that got the lock of a file already removed (it opened it before the
+//! removal) notices that the path no longer names what it locked and tries again.
 //!
 //! The lock saves duplicate downloads; it is not what keeps the store correct. Every pull writes
 //! its own temporary file and moves it into place with an atomic rename only after the sha256
-//! matched, so even two pulls that both got past the lock (two waiters breaking the same stale
-//! lock at the same instant) cannot leave a corrupt model file: the last rename wins, and both
-//! files are the same bytes.
+//! matched, so two pulls that both wrote cannot leave a corrupt model file: the last rename
+//! wins, and both files are the same bytes.
 //!
 //! Scratch entries carry their creator's process id (`.FILE.PID.…`), so [`remove_leftovers`]
 //! can delete those of dead processes without touching a live download.
 
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use super::StoreError;
 use super::progress::Progress;
 
-/// How often a waiter looks at the lock again.
+/// How often a waiter tries the lock again.
 const POLL: Duration = Duration::from_millis(100);
-
-/// How old an empty or unreadable lock file must be before it counts as stale (its owner died
-/// between creating it and writing its process id).
-const EMPTY_LOCK_GRACE: Duration = Duration::from_secs(30);
 
 /// Holds the pull lock of one model file; releases it on drop.
 #[derive(Debug)]
 pub(crate) struct PullLock {
     path: PathBuf,
+    file: Option<File>,
+}
+
+/// Whether `file` is still the file at `path` (not removed or replaced since it was opened).
+#[cfg(unix)]
+fn still_at(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Whether `file` is still the file at `path` (not removed or replaced since it was opened).
+#[cfg(not(unix))]
+fn still_at(_: &File, path: &Path) -> bool {
+    path.exists()
 }
 
 impl PullLock {
@@ -43,7 +57,7 @@ impl PullLock {
         dir.join(format!(".{file_name}.lock"))
     }
 
-    /// Takes the lock at `path`, waiting up to `max_wait` for a live owner to release it.
+    /// Takes the lock at `path`, waiting up to `max_wait` for its holder to release it.
     pub(crate) fn acquire(
         path: &Path,
         max_wait: Duration,
@@ -52,35 +66,31 @@ impl PullLock {
         let started = Instant::now();
         let mut waiting = false;
         let result = loop {
-            match OpenOptions::new().write(true).create_new(true).open(path) {
-                Ok(mut file) => {
-                    let pid = std::process::id();
-                    if let Err(e) = writeln!(file, "{pid}") {
-                        let _ = fs::remove_file(path);
-                        break Err(StoreError::io("write the lock file", path, e));
-                    }
-                    break Ok(Self {
-                        path: path.to_path_buf(),
-                    });
+            let file = match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+            {
+                Ok(file) => file,
+                Err(e) => break Err(StoreError::io("open the lock file", path, e)),
+            };
+            match file.try_lock() {
+                Ok(()) if still_at(&file, path) => break Self::hold(path, file),
+                // The holder removed it between our open and our lock: try the new one.
+                Ok(()) => continue,
+                Err(TryLockError::WouldBlock) => {}
+                Err(TryLockError::Error(e)) => {
+                    break Err(StoreError::io("lock the lock file", path, e));
                 }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => break Err(StoreError::io("create the lock file", path, e)),
             }
             let holder = fs::read_to_string(path).unwrap_or_default();
-            if is_stale(path, &holder, max_wait) {
-                tracing::warn!(lock = %path.display(), holder = holder.trim(), "breaking a stale pull lock");
-                // Only remove it if it is still the same stale lock (another waiter may have
-                // broken it and taken a fresh one meanwhile).
-                if fs::read_to_string(path).unwrap_or_default() == holder {
-                    let _ = fs::remove_file(path);
-                }
-                continue;
-            }
+            let holder = match holder.trim() {
+                "" => "unknown".to_owned(),
+                pid => pid.to_owned(),
+            };
             if started.elapsed() >= max_wait {
-                let holder = match holder.trim() {
-                    "" => "unknown".to_owned(),
-                    pid => pid.to_owned(),
-                };
                 break Err(StoreError::Locked {
                     path: path.to_path_buf(),
                     holder,
@@ -89,13 +99,10 @@ impl PullLock {
             }
             if !waiting {
                 waiting = true;
-                tracing::info!(lock = %path.display(), holder = holder.trim(), "waiting for another pull of this model");
+                tracing::info!(lock = %path.display(), %holder, "waiting for another pull of this model");
                 progress.start(
                     None,
-                    &format!(
-                        "waiting for another pull of this model (process {})",
-                        holder.trim()
-                    ),
+                    &format!("waiting for another pull of this model (process {holder})"),
                 );
             }
             std::thread::sleep(POLL);
@@ -105,34 +112,31 @@ impl PullLock {
         }
         result
     }
+
+    /// Writes this process's id into the locked `file`.
+    fn hold(path: &Path, mut file: File) -> Result<Self, StoreError> {
+        let written = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| writeln!(file, "{}", std::process::id()));
+        if let Err(e) = written {
+            return Err(StoreError::io("write the lock file", path, e));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: Some(file),
+        })
+    }
 }
 
 impl Drop for PullLock {
     fn drop(&mut self) {
+        // Remove first, release after: whoever locks the removed file next sees it is gone.
         if let Err(e) = fs::remove_file(&self.path) {
             tracing::warn!(lock = %self.path.display(), error = %e, "could not remove the pull lock");
         }
+        drop(self.file.take());
     }
-}
-
-/// Whether the lock at `path`, whose content is `holder`, belongs to nobody alive.
-fn is_stale(path: &Path, holder: &str, max_wait: Duration) -> bool {
-    match holder.trim().parse::<u32>() {
-        Ok(pid) => match process_alive(pid) {
-            Some(alive) => !alive,
-            None => older_than(path, max_wait),
-        },
-        Err(_) => older_than(path, EMPTY_LOCK_GRACE),
-    }
-}
-
-/// Whether the file at `path` was last modified more than `age` ago (false if unknown).
-fn older_than(path: &Path, age: Duration) -> bool {
-    fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|modified| SystemTime::now().duration_since(modified).ok())
-        .is_some_and(|elapsed| elapsed > age)
 }
 
 /// Whether process `pid` exists; `None` where that cannot be known.
@@ -237,9 +241,10 @@ mod tests {
         PullLock::acquire(&path, Duration::from_secs(5), &mut NoProgress).expect("relock");
     }
 
-    #[cfg(unix)]
     #[test]
-    fn a_lock_of_a_dead_process_is_broken() {
+    fn a_lock_file_left_behind_holds_nothing() {
+        // A pull killed before it could remove its lock file leaves the file, but not the
+        // lock: the kernel released that with the process.
         let dir = tempfile::tempdir().expect("tempdir");
         let path = PullLock::path_for(dir.path(), "m.gguf");
         std::fs::write(&path, format!("{DEAD_PID}\n")).expect("write");
@@ -247,6 +252,28 @@ mod tests {
             PullLock::acquire(&path, Duration::from_secs(5), &mut NoProgress).expect("lock");
         let held = std::fs::read_to_string(&path).expect("read");
         assert_eq!(held.trim(), std::process::id().to_string());
+    }
+
+    #[test]
+    fn a_waiter_gets_the_lock_when_its_holder_lets_go() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = PullLock::path_for(dir.path(), "m.gguf");
+        let lock = PullLock::acquire(&path, Duration::from_secs(5), &mut NoProgress).expect("lock");
+        let waiter = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                PullLock::acquire(&path, Duration::from_secs(10), &mut NoProgress).map(|l| {
+                    let held = std::fs::read_to_string(&path).expect("read");
+                    drop(l);
+                    held
+                })
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        drop(lock);
+        let held = waiter.join().expect("joins").expect("the waiter locks");
+        assert_eq!(held.trim(), std::process::id().to_string());
+        assert!(!path.exists());
     }
 
     #[cfg(unix)]

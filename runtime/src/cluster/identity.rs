@@ -3,7 +3,8 @@
 //! A node keeps a small data directory (by default `$XDG_DATA_HOME/canopy`, see
 //! [`default_data_dir`]) holding:
 //!
-//! - `lock`: an empty file on which the node holds an exclusive advisory lock (`flock`) for as
+//! - `lock`: an empty file on which the node holds an exclusive advisory lock (`flock`, through
+//!   `std::fs::File::try_lock`, the one cross-process lock Canopy uses) for as
 //!   long as its [`DataDir`] lives. Two nodes sharing one directory would be two nodes with one
 //!   id, which breaks membership and the election, so the second one is refused with
 //!   [`IdentityError::InUse`]. `flock` locks die with the process, so a crashed node never leaves
@@ -28,14 +29,12 @@
 //! - [`Cookie`]'s `Debug` does not print the secret, so it can be logged with `?cookie`.
 
 use std::fmt;
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions, TryLockError};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde::{Deserialize, Serialize};
@@ -236,7 +235,7 @@ impl fmt::Debug for Cookie {
 
 /// Checks that `value` is acceptable as a cookie: non-empty, at most [`MAX_COOKIE_LEN`] bytes,
 /// printable ASCII without whitespace. The error says what is wrong, without the value.
-pub fn validate_cookie(value: &str) -> Result<(), String> {
+pub(crate) fn validate_cookie(value: &str) -> Result<(), String> {
     if value.is_empty() {
         return Err("the cookie is empty".to_owned());
     }
@@ -262,7 +261,8 @@ pub fn validate_cookie(value: &str) -> Result<(), String> {
 #[derive(Debug)]
 pub struct DataDir {
     path: PathBuf,
-    _lock: Flock<File>,
+    /// The open lock file; its lock is released when it is closed.
+    _lock: File,
 }
 
 impl DataDir {
@@ -292,18 +292,18 @@ impl DataDir {
                 path: lock_path.clone(),
                 source,
             })?;
-        let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => lock,
-            Err((_, Errno::EWOULDBLOCK)) => return Err(IdentityError::InUse { path }),
-            Err((_, errno)) => {
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Err(IdentityError::InUse { path }),
+            Err(TryLockError::Error(source)) => {
                 return Err(IdentityError::Lock {
                     path: lock_path,
-                    source: io::Error::from(errno),
+                    source,
                 });
             }
-        };
+        }
         tracing::debug!(path = %path.display(), "data directory opened and locked");
-        Ok(DataDir { path, _lock: lock })
+        Ok(DataDir { path, _lock: file })
     }
 
     /// The directory.
