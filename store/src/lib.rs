@@ -1,4 +1,7 @@
-//! The model store: a catalogue of known models and the directory they are downloaded into.
+//! `canopy-store`: the model store: a catalogue of known models and the directory they are
+//! downloaded into. It is its own crate, apart from the engines, so that downloading code
+//! builds unoptimised and quickly (the engine builds at opt-level 3 even in dev) and the
+//! engine does not carry an HTTP client.
 //!
 //! `canopy model pull NAME` / `list` / `rm` / `path` are thin wrappers around [`ModelStore`].
 //! Engines never download anything themselves: they get a path from

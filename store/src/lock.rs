@@ -219,7 +219,7 @@ pub(crate) fn remove_leftovers(dir: &Path, file_name: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::NoProgress;
+    use crate::NoProgress;
 
     /// A process id that is certainly not running: the largest Linux allows is 2^22.
     const DEAD_PID: u32 = 99_999_999;
