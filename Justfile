@@ -21,7 +21,7 @@ bench-api:
 
 # Chaos: the supervision suite with its fault-injection cases, repeated to catch flakes.
 chaos times="5":
-    for i in $(seq {{times}}); do cargo test -p canopy --test runner_supervision || exit 1; done
+    for i in $(seq {{times}}); do cargo test -p canopy --test e2e runner_supervision:: || exit 1; done
 
 # Builds llama.cpp's llama-bench first (scripts/build-llama-cpp.sh, cached under
 # /tmp/canopy-llama.cpp) unless LLAMA_BENCH names one; if that build fails, Canopy is
@@ -54,7 +54,7 @@ bench-serve:
 
 # Soak: a 3-node cluster (network namespaces, root) on a saturated machine must declare no peer dead; CANOPY_SOAK_SECS (default 120).
 soak-cluster:
-    cargo test -p canopy --test cluster -- --ignored --nocapture no_false_peer_deaths
+    cargo test -p canopy --test e2e -- --ignored --nocapture cluster::no_false_peer_deaths
 
 # Cluster numbers with real processes in network namespaces (needs root): formation, failure detection (kill -9, SIGSTOP), master failover, cross-node vs local request.
 bench-cluster:

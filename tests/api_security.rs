@@ -5,14 +5,12 @@
 //! read by Python's `http.client` (which writes its whole body before reading), and a
 //! node that will not serve a non-loopback address without a key.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::NodeProcess;
+use crate::common::NodeProcess;
 
 const KEY: &str = "test-key-0123456789abcdef";
 

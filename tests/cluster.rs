@@ -7,12 +7,12 @@
 //! Every test prints the timings it observes (`--nocapture` shows them); the numbers in the
 //! README come from `just bench-cluster`, which runs these tests and collects them.
 
-mod common;
-
+use crate::common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::netns::{NodeCluster, NsNode, master, node_id, peers, state};
+use crate::common::netns::{NodeCluster, NsNode, formed, master, node_id, peers, state};
+use crate::common::tail;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
@@ -28,8 +28,8 @@ impl std::ops::Deref for Cluster {
 }
 
 impl Cluster {
-    fn new(n: usize) -> Option<Self> {
-        NodeCluster::new(n, "test").map(Cluster)
+    fn new(n: usize) -> Self {
+        Cluster(NodeCluster::new(n, "test"))
     }
 
     /// Starts node `i` (scripted engine, then `extra`) and waits until it serves HTTP.
@@ -62,49 +62,13 @@ impl Cluster {
 }
 
 /// Waits until `ok` holds, polling; panics with `what` and the nodes' logs after `limit`.
-fn wait_for(
-    limit: Duration,
-    what: &str,
-    nodes: &[&NsNode],
-    mut ok: impl FnMut() -> bool,
-) -> Duration {
-    let start = Instant::now();
-    while !ok() {
-        if start.elapsed() > limit {
-            let logs: Vec<String> = nodes
-                .iter()
-                .map(|n| format!("--- node {}:\n{}", n.index(), tail(&n.log_text(), 60)))
-                .collect();
-            panic!(
-                "timed out after {limit:?} waiting for {what}\n{}",
-                logs.join("\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    start.elapsed()
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// Whether every node sees `n - 1` peers and all name the same master.
-fn formed(nodes: &[&NsNode]) -> bool {
-    let n = nodes.len();
-    let masters: BTreeSet<Option<String>> = nodes.iter().map(|node| master(node)).collect();
-    nodes.iter().all(|node| peers(node) == n - 1)
-        && masters.len() == 1
-        && masters.iter().next().is_some_and(|m| m.is_some())
-}
-
-fn chat(model: &str, stream: bool) -> Value {
-    json!({
-        "model": model,
-        "stream": stream,
-        "max_tokens": 8,
-        "messages": [{ "role": "user", "content": "hello" }],
+fn wait_for(limit: Duration, what: &str, nodes: &[&NsNode], ok: impl FnMut() -> bool) -> Duration {
+    common::eventually(limit, what, ok).unwrap_or_else(|why| {
+        let logs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("--- node {}:\n{}", n.index(), tail(&n.log_text(), 60)))
+            .collect();
+        panic!("{why}\n{}", logs.join("\n"))
     })
 }
 
@@ -127,10 +91,12 @@ fn instance_status(node: &NsNode, id: &str) -> Option<(String, String)> {
 }
 
 #[test]
+#[cfg_attr(
+    not(canopy_root),
+    ignore = "needs root (network namespaces); CI runs the suite as root"
+)]
 fn two_then_three_nodes_form_by_discovery_alone_with_no_route_out() {
-    let Some(cluster) = Cluster::new(3) else {
-        return;
-    };
+    let cluster = Cluster::new(3);
     // No internet: nothing but the bridge's subnet is routable.
     for i in 0..3 {
         let out = cluster
@@ -185,10 +151,12 @@ fn two_then_three_nodes_form_by_discovery_alone_with_no_route_out() {
 }
 
 #[test]
+#[cfg_attr(
+    not(canopy_root),
+    ignore = "needs root (network namespaces); CI runs the suite as root"
+)]
 fn a_request_to_one_node_streams_from_a_model_placed_only_on_another() {
-    let Some(cluster) = Cluster::new(2) else {
-        return;
-    };
+    let cluster = Cluster::new(2);
     let [a, b] = cluster.start_formed::<2>(&[]);
     let b_id = node_id(&b);
 
@@ -221,7 +189,10 @@ fn a_request_to_one_node_streams_from_a_model_placed_only_on_another() {
         &[&a],
         || a.get("/ready").is_ok_and(|(s, _)| s == 200),
     );
-    let (status, body) = a.post("/v1/chat/completions", &chat("scripted", false));
+    let (status, body) = a.post(
+        "/v1/chat/completions",
+        &common::chat_body("scripted", "hello", 8, false),
+    );
     assert_eq!(status, 200, "{body}");
     let text = body["choices"][0]["message"]["content"]
         .as_str()
@@ -230,9 +201,10 @@ fn a_request_to_one_node_streams_from_a_model_placed_only_on_another() {
     assert!(!text.is_empty(), "{body}");
 
     let mut events = Vec::new();
-    let status = a.stream(&chat("scripted", true), |data, _| {
-        events.push(data.to_string())
-    });
+    let status = a.stream(
+        &common::chat_body("scripted", "hello", 8, true),
+        |data, _| events.push(data.to_string()),
+    );
     assert_eq!(status, 200);
     assert_eq!(
         events.last().map(String::as_str),
@@ -269,7 +241,10 @@ fn a_request_to_one_node_streams_from_a_model_placed_only_on_another() {
         &[&a, &b],
         || !state(&b)["local"]["instances"].to_string().contains(&id),
     );
-    let (status, body) = a.post("/v1/chat/completions", &chat("scripted", false));
+    let (status, body) = a.post(
+        "/v1/chat/completions",
+        &common::chat_body("scripted", "hello", 8, false),
+    );
     assert_eq!(status, 404, "{body}");
     let (status, _) = a.delete(&format!("/instances/{id}"));
     assert_eq!(status, 404);
@@ -281,10 +256,12 @@ fn a_request_to_one_node_streams_from_a_model_placed_only_on_another() {
 }
 
 #[test]
+#[cfg_attr(
+    not(canopy_root),
+    ignore = "needs root (network namespaces); CI runs the suite as root"
+)]
 fn placement_without_room_is_refused_with_the_reason() {
-    let Some(cluster) = Cluster::new(1) else {
-        return;
-    };
+    let cluster = Cluster::new(1);
     let a = cluster.start(0, &["--memory", "1M"]);
     wait_for(Duration::from_secs(20), "a master", &[&a], || {
         master(&a).is_some()
@@ -296,10 +273,12 @@ fn placement_without_room_is_refused_with_the_reason() {
 }
 
 #[test]
+#[cfg_attr(
+    not(canopy_root),
+    ignore = "needs root (network namespaces); CI runs the suite as root"
+)]
 fn master_killed_a_new_one_takes_over_and_the_lost_instance_is_placed_again() {
-    let Some(cluster) = Cluster::new(3) else {
-        return;
-    };
+    let cluster = Cluster::new(3);
     let [a, b, c] = cluster.start_formed::<3>(&[]);
     let a_id = node_id(&a);
     assert_eq!(master(&b), Some(a_id.clone()));
@@ -318,7 +297,10 @@ fn master_killed_a_new_one_takes_over_and_the_lost_instance_is_placed_again() {
         let load = s.spawn(|| {
             let (mut failures, mut served) = (Vec::new(), 0);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match b.try_post("/v1/chat/completions", &chat("scripted", false)) {
+                match b.try_post(
+                    "/v1/chat/completions",
+                    &common::chat_body("scripted", "hello", 8, false),
+                ) {
                     Ok((200, _)) => served += 1,
                     other => failures.push(format!("{other:?}")),
                 }
@@ -376,10 +358,12 @@ fn master_killed_a_new_one_takes_over_and_the_lost_instance_is_placed_again() {
 }
 
 #[test]
+#[cfg_attr(
+    not(canopy_root),
+    ignore = "needs root (network namespaces); CI runs the suite as root"
+)]
 fn a_frozen_node_is_declared_dead_and_rejoins_cleanly_after_sigcont() {
-    let Some(cluster) = Cluster::new(3) else {
-        return;
-    };
+    let cluster = Cluster::new(3);
     let [a, b, c] = cluster.start_formed::<3>(&[]);
     let c_id = node_id(&c);
 
@@ -419,10 +403,12 @@ fn a_frozen_node_is_declared_dead_and_rejoins_cleanly_after_sigcont() {
 }
 
 #[test]
+#[cfg_attr(
+    not(canopy_root),
+    ignore = "needs root (network namespaces); CI runs the suite as root"
+)]
 fn a_partitioned_minority_never_elects_and_the_cluster_heals_to_one_master() {
-    let Some(cluster) = Cluster::new(3) else {
-        return;
-    };
+    let cluster = Cluster::new(3);
     let [a, b, c] = cluster.start_formed::<3>(&["--expect", "2"]);
     assert_eq!(master(&c), Some(node_id(&a)));
 
@@ -470,10 +456,12 @@ fn a_partitioned_minority_never_elects_and_the_cluster_heals_to_one_master() {
 }
 
 #[test]
+#[cfg_attr(
+    not(canopy_root),
+    ignore = "needs root (network namespaces); CI runs the suite as root"
+)]
 fn a_node_with_the_wrong_cookie_is_refused() {
-    let Some(cluster) = Cluster::new(3) else {
-        return;
-    };
+    let cluster = Cluster::new(3);
     let [a, b] = cluster.start_formed::<2>(&[]);
     let intruder = cluster.start(2, &["--cookie", "not-the-cookie"]);
     let intruder_id = node_id(&intruder);
@@ -548,7 +536,7 @@ fn up_with_nodes_starts_a_local_cluster_that_serves_from_every_node_and_stops_cl
     // The second node has no instance of its own: it routes to the first.
     let mut r = agent
         .post(format!("{second}/v1/chat/completions"))
-        .send_json(chat("scripted", false))
+        .send_json(common::chat_body("scripted", "hello", 8, false))
         .expect("request");
     assert_eq!(r.status(), 200);
     let body: Value = r.body_mut().read_json().expect("json");
@@ -594,9 +582,7 @@ fn up_with_nodes_starts_a_local_cluster_that_serves_from_every_node_and_stops_cl
 #[test]
 #[ignore = "a long soak; run with `just soak-cluster`"]
 fn no_false_peer_deaths_on_a_saturated_machine() {
-    let Some(cluster) = Cluster::new(3) else {
-        return;
-    };
+    let cluster = Cluster::new(3);
     let secs: u64 = std::env::var("CANOPY_SOAK_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -618,7 +604,10 @@ fn no_false_peer_deaths_on_a_saturated_machine() {
         let load = s.spawn(|| {
             let mut served = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok((200, _)) = a.try_post("/v1/chat/completions", &chat("scripted", false)) {
+                if let Ok((200, _)) = a.try_post(
+                    "/v1/chat/completions",
+                    &common::chat_body("scripted", "hello", 8, false),
+                ) {
                     served += 1;
                 }
             }
@@ -641,10 +630,12 @@ fn no_false_peer_deaths_on_a_saturated_machine() {
 }
 
 #[test]
+#[cfg_attr(
+    not(canopy_root),
+    ignore = "needs root (network namespaces); CI runs the suite as root"
+)]
 fn a_restarted_node_is_the_same_node_not_a_ghost() {
-    let Some(cluster) = Cluster::new(2) else {
-        return;
-    };
+    let cluster = Cluster::new(2);
     let [a, mut b] = cluster.start_formed::<2>(&[]);
     let b_id = node_id(&b);
     b.kill();
@@ -669,10 +660,12 @@ fn a_restarted_node_is_the_same_node_not_a_ghost() {
 }
 
 #[test]
+#[cfg_attr(
+    not(canopy_root),
+    ignore = "needs root (network namespaces); CI runs the suite as root"
+)]
 fn placing_a_missing_model_or_a_garbage_file_fails_with_the_reason_and_leaves_nothing() {
-    let Some(cluster) = Cluster::new(1) else {
-        return;
-    };
+    let cluster = Cluster::new(1);
     // The real engine (no --engine scripted): the node resolves and loads what it is given.
     let garbage = cluster.dirs.path().join("garbage.gguf");
     std::fs::write(&garbage, b"GGUF but not really a model").expect("write");
@@ -754,10 +747,12 @@ fn local_status(node: &NsNode, id: &str) -> Option<String> {
 }
 
 #[test]
+#[cfg_attr(
+    not(canopy_root),
+    ignore = "needs root (network namespaces); CI runs the suite as root"
+)]
 fn a_cross_node_stream_is_cancelled_when_its_client_leaves_and_fails_fast_when_its_node_dies() {
-    let Some(cluster) = Cluster::new(2) else {
-        return;
-    };
+    let cluster = Cluster::new(2);
     let [a, b] = cluster.start_formed::<2>(&[]);
     let (status, body) = place(&a, json!({ "model": "scripted", "node": node_id(&b) }));
     assert_eq!(status, 201, "{body}");

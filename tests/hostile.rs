@@ -61,8 +61,7 @@
 //! HTTP API, so refusals are checked through the nodes' logs (the inbox logs at most one
 //! refusal per 10 s, so each kind is aimed at a node that has not logged one yet).
 
-mod common;
-
+use crate::common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -70,6 +69,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::{NodeProcess, eventually, holds_for, tail};
 use canopy_actors::cluster::protocol::{
     AppMsg, InstanceReport, NodeReport, Plan, PlanState, PlannedInstance, SubmitAnswer, decode,
     encode,
@@ -79,7 +79,6 @@ use canopy_proto::{FinishReason, RunnerStatus, TokenChunk, Usage};
 use canopy_runtime::cluster::NodeId;
 use canopy_runtime::cluster::seal::{SessionKey, Sessions};
 use canopy_runtime::cluster::wire::{Beat, Envelope, InboxMsg, inbox_group};
-use common::NodeProcess;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::node::{NodeServer, NodeServerSessionInformation};
 use ractor_cluster::{NodeEventSubscription, NodeServerMessage};
@@ -229,25 +228,6 @@ impl Snapshot {
     }
 }
 
-/// Polls `ok` every 50 ms for up to `limit`.
-fn eventually(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if ok() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 fn logs(nodes: &[&Node]) -> String {
     nodes
         .iter()
@@ -267,7 +247,7 @@ fn two_node_cluster_as(a_id: Option<&str>, b_id: Option<&str>) -> (Node, Node) {
     let a = Node::start_as(a_id, COOKIE, &[]);
     let b = Node::start_as(b_id, COOKIE, &[a.cluster]);
     let a_id = a.id().to_string();
-    let formed = eventually(Duration::from_secs(15), || {
+    let formed = eventually(Duration::from_secs(15), "the cluster to form", || {
         let (sa, sb) = (a.snapshot(), b.snapshot());
         sa.members.len() == 2
             && sb.members.len() == 2
@@ -276,7 +256,9 @@ fn two_node_cluster_as(a_id: Option<&str>, b_id: Option<&str>) -> (Node, Node) {
             && sa.term == sb.term
             && sa.term > 0
     });
-    assert!(formed, "the cluster did not form\n{}", logs(&[&a, &b]));
+    if let Err(why) = formed {
+        panic!("{why}\n{}", logs(&[&a, &b]));
+    }
     (a, b)
 }
 
@@ -658,9 +640,10 @@ fn no_cookie_and_own_name_are_refused() {
         rogue.events()
     );
     assert!(
-        eventually(Duration::from_secs(3), || a
+        eventually(Duration::from_secs(3), "the refusal in A's log", || a
             .log()
-            .contains("different cookie")),
+            .contains("different cookie"))
+        .is_ok(),
         "A did not log the refusal\n{}",
         tail(&a.log(), 30)
     );
@@ -678,9 +661,12 @@ fn no_cookie_and_own_name_are_refused() {
         impostor.events()
     );
     assert!(
-        eventually(Duration::from_secs(3), || a
-            .log()
-            .contains("claims this node's own name")),
+        eventually(
+            Duration::from_secs(3),
+            "the own-name refusal in A's log",
+            || a.log().contains("claims this node's own name")
+        )
+        .is_ok(),
         "A did not log the own-name refusal\n{}",
         tail(&a.log(), 30)
     );
@@ -925,8 +911,13 @@ fn a_relayed_handshake_authenticates_neither_session() {
     let b = Node::start(COOKIE, &[a.cluster]);
     let a_id = a.id();
     assert!(
-        eventually(Duration::from_secs(15), || a.snapshot().members.len() == 2
-            && b.snapshot().master == Some(a_id.to_string())),
+        eventually(Duration::from_secs(15), "the cluster to form", || a
+            .snapshot()
+            .members
+            .len()
+            == 2
+            && b.snapshot().master == Some(a_id.to_string()))
+        .is_ok(),
         "cluster did not form\n{}",
         logs(&[&a, &b])
     );
@@ -1004,9 +995,10 @@ fn a_relayed_handshake_authenticates_neither_session() {
     );
     let log = || a.log();
     assert!(
-        eventually(Duration::from_secs(3), || log()
+        eventually(Duration::from_secs(3), "the condition", || log()
             .contains("different cookie")
-            && log().contains("the server's proof does not match")),
+            && log().contains("the server's proof does not match"))
+        .is_ok(),
         "A did not log both refusals\n{}",
         tail(&a.log(), 30)
     );
@@ -1031,10 +1023,11 @@ fn a_relayed_handshake_authenticates_neither_session() {
         "A answered a challenge in its own name: {answer:?}"
     );
     assert!(
-        eventually(Duration::from_secs(3), || a
+        eventually(Duration::from_secs(3), "the condition", || a
             .log()
             .contains("claims this node's own name")
-            && a.log().contains("presents this node's own name")),
+            && a.log().contains("presents this node's own name"))
+        .is_ok(),
         "A did not log the own-name refusals\n{}",
         tail(&a.log(), 30)
     );
@@ -1089,10 +1082,11 @@ fn insider(
     for (node, _) in nodes {
         let id = rogue.id.to_string();
         assert!(
-            eventually(Duration::from_secs(5), || node
+            eventually(Duration::from_secs(5), "the condition", || node
                 .snapshot()
                 .members
-                .contains_key(&id)),
+                .contains_key(&id))
+            .is_ok(),
             "the insider's own, correctly sealed beats did not make it a member\n{}",
             tail(&node.log(), 30)
         );
@@ -1103,17 +1097,6 @@ fn insider(
 /// The key of `rogue`'s live session with `peer`.
 fn key_with(rogue: &Rogue, peer: &NodeId) -> SessionKey {
     rogue.sessions.route(peer).expect("a session").key
-}
-
-/// Polls for `limit`, asserting `ok` on every round.
-fn holds_for(limit: Duration, mut ok: impl FnMut() -> Result<(), String>) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if let Err(why) = ok() {
-            panic!("{why}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -1157,14 +1140,18 @@ fn an_insider_cannot_act_in_another_name_as_the_leader_or_break_the_term() {
         Ok(())
     });
     assert!(
-        eventually(Duration::from_secs(2), || a
+        eventually(Duration::from_secs(2), "the condition", || a
             .log()
-            .contains("whose seal does not match")),
+            .contains("whose seal does not match"))
+        .is_ok(),
         "A did not log the bad seal\n{}",
         tail(&a.log(), 20)
     );
     assert!(
-        eventually(Duration::from_secs(2), || b.log().contains("as its sender")),
+        eventually(Duration::from_secs(2), "the condition", || b
+            .log()
+            .contains("as its sender"))
+        .is_ok(),
         "B did not log the sender mismatch\n{}",
         tail(&b.log(), 20)
     );
@@ -1303,10 +1290,11 @@ fn an_insider_cannot_act_in_another_name_as_the_leader_or_break_the_term() {
         }));
     }
     assert!(
-        eventually(Duration::from_secs(5), || a
+        eventually(Duration::from_secs(5), "the condition", || a
             .state()
             .to_string()
-            .contains("rogue-instance")),
+            .contains("rogue-instance"))
+        .is_ok(),
         "the leader did not adopt the rogue's instance\n{}",
         tail(&a.log(), 20)
     );
@@ -1463,9 +1451,10 @@ fn an_insider_cannot_take_another_members_name() {
         .block_on(impostor.wait_event("ready", Some(b_id.as_str()), Duration::from_secs(2)))
         .is_some();
     if joined
-        && eventually(Duration::from_secs(2), || {
+        && eventually(Duration::from_secs(2), "the condition", || {
             remote_inbox(&impostor.sessions, &b_id).is_some()
         })
+        .is_ok()
     {
         impostor.peers.lock().expect("peers").push(b_id.clone());
         std::thread::sleep(Duration::from_millis(600));

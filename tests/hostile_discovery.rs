@@ -15,18 +15,17 @@
 //!
 //! Skipped (with a message) when not root.
 
-mod common;
-
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::common;
+use crate::common::netns::{
+    NODE_API_PORT, NODE_COOKIE, NodeCluster, NsNode, formed, master, node_id, peers, state,
+};
 use canopy_runtime::cluster::discovery::{
     BEACON_MAGIC, Beacon, BeaconInfo, DEFAULT_GROUP, DiscoveryKey, MAX_BEACON_LEN, decode_beacon,
     encode_beacon,
-};
-use common::netns::{
-    NODE_API_PORT, NODE_COOKIE, NodeCluster, NsNode, master, node_id, peers, state,
 };
 
 /// The namespace index of the attacker (nodes 0 and 1 run `canopy`).
@@ -56,28 +55,12 @@ fn start(cluster: &NodeCluster, i: usize) -> NsNode {
     node
 }
 
-fn formed(a: &NsNode, b: &NsNode) -> bool {
-    peers(a) == 1 && peers(b) == 1 && master(a).is_some() && master(a) == master(b)
-}
-
 fn logs(nodes: &[&NsNode]) -> String {
     nodes
         .iter()
         .map(|n| format!("--- node {}:\n{}", n.index(), n.log_text()))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// Waits up to `limit` for `ok`.
-fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while !ok() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    true
 }
 
 /// Whether `listener` (non-blocking) has had a connection.
@@ -90,11 +73,13 @@ fn was_dialed(listener: &TcpListener) -> Option<SocketAddr> {
 }
 
 #[test]
+#[cfg_attr(
+    not(canopy_root),
+    ignore = "needs root (network namespaces); CI runs the suite as root"
+)]
 fn forged_replayed_oversized_and_v1_beacons_are_dropped() {
     let t0 = Instant::now();
-    let Some(cluster) = NodeCluster::new(3, "hostile") else {
-        return;
-    };
+    let cluster = NodeCluster::new(3, "hostile");
     let fabric = &cluster.fabric;
     let namespace = cluster.namespace.clone();
     let group = DEFAULT_GROUP;
@@ -122,7 +107,10 @@ fn forged_replayed_oversized_and_v1_beacons_are_dropped() {
     let a = start(&cluster, 0);
     let b = start(&cluster, 1);
     assert!(
-        wait_until(Duration::from_secs(20), || formed(&a, &b)),
+        common::eventually(Duration::from_secs(20), "the condition", || formed(&[
+            &a, &b
+        ]))
+        .is_ok(),
         "the two nodes did not form; {}",
         logs(&[&a, &b])
     );
@@ -245,10 +233,11 @@ fn forged_replayed_oversized_and_v1_beacons_are_dropped() {
     sender.send_to(&genuine, targets[0]).expect("send genuine");
     let mut dialed = None;
     assert!(
-        wait_until(Duration::from_secs(5), || {
+        common::eventually(Duration::from_secs(5), "the condition", || {
             dialed = was_dialed(&listener);
             dialed.is_some()
-        }),
+        })
+        .is_ok(),
         "an authentic beacon naming the listener was not dialed: the negative checks prove \
          nothing; {}",
         logs(&[&a])

@@ -4,8 +4,7 @@
 //!
 //! Every test skips (passes after printing "skipping: ...") when not run as root.
 
-mod common;
-
+use crate::common;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -15,7 +14,7 @@ use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::netns::*;
+use crate::common::netns::*;
 use nix::sys::signal::Signal;
 
 /// Connects from inside node `from` to `to` with `limit`.
@@ -39,10 +38,14 @@ fn interfaces() -> Vec<String> {
 }
 
 #[test]
+#[cfg_attr(
+    not(canopy_root),
+    ignore = "needs root (network namespaces); CI runs the suite as root"
+)]
 fn nodes_reach_each_other_and_nothing_else() {
     let before = interfaces();
     let t0 = Instant::now();
-    let Some(fabric) = Fabric::new(2) else { return };
+    let fabric = Fabric::new(2);
     eprintln!("2-node fabric up in {:?}", t0.elapsed());
     assert_eq!(fabric.nodes(), 2);
     assert_eq!(fabric.addr(0), Ipv4Addr::new(10, 213, 0, 1));
@@ -111,8 +114,12 @@ fn set_multicast_if(socket: &UdpSocket, addr: Ipv4Addr) -> std::io::Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    not(canopy_root),
+    ignore = "needs root (network namespaces); CI runs the suite as root"
+)]
 fn multicast_works_without_a_multicast_route() {
-    let Some(fabric) = Fabric::new(3) else { return };
+    let fabric = Fabric::new(3);
     let group = Ipv4Addr::new(239, 255, 41, 95);
     let port = 41_595;
 
@@ -203,8 +210,12 @@ fn multicast_works_without_a_multicast_route() {
 }
 
 #[test]
+#[cfg_attr(
+    not(canopy_root),
+    ignore = "needs root (network namespaces); CI runs the suite as root"
+)]
 fn cut_partitions_a_node_and_heal_restores_it() {
-    let Some(fabric) = Fabric::new(3) else { return };
+    let fabric = Fabric::new(3);
     let listener = fabric
         .in_ns(1, || TcpListener::bind((fabric.addr(1), 0)))
         .expect("listener in node 1");
@@ -256,8 +267,12 @@ fn cut_partitions_a_node_and_heal_restores_it() {
 }
 
 #[test]
+#[cfg_attr(
+    not(canopy_root),
+    ignore = "needs root (network namespaces); CI runs the suite as root"
+)]
 fn command_execs_the_program_inside_the_namespace() {
-    let Some(fabric) = Fabric::new(1) else { return };
+    let fabric = Fabric::new(1);
     let mut child = fabric
         .command(0, "sleep")
         .arg("1000")
@@ -285,8 +300,12 @@ fn command_execs_the_program_inside_the_namespace() {
 }
 
 #[test]
+#[cfg_attr(
+    not(canopy_root),
+    ignore = "needs root (network namespaces); CI runs the suite as root"
+)]
 fn drop_removes_namespaces_and_processes() {
-    let Some(fabric) = Fabric::new(2) else { return };
+    let fabric = Fabric::new(2);
     let prefix = fabric.prefix().to_string();
     assert_eq!(
         leftover_namespaces(&prefix).len(),
@@ -326,18 +345,19 @@ fn drop_removes_namespaces_and_processes() {
 }
 
 #[test]
+#[cfg_attr(
+    not(canopy_root),
+    ignore = "needs root (network namespaces); CI runs the suite as root"
+)]
 fn fabrics_run_concurrently() {
     let t = Instant::now();
-    let fabrics: Vec<Option<Fabric>> = std::thread::scope(|s| {
+    let fabrics: Vec<Fabric> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..3).map(|_| s.spawn(|| Fabric::new(2))).collect();
         handles
             .into_iter()
             .map(|h| h.join().expect("fabric thread"))
             .collect()
     });
-    let Some(fabrics) = fabrics.into_iter().collect::<Option<Vec<Fabric>>>() else {
-        return;
-    };
     eprintln!("3 fabrics of 2 nodes up in {:?}", t.elapsed());
     let mut prefixes: Vec<&str> = fabrics.iter().map(Fabric::prefix).collect();
     prefixes.dedup();
@@ -352,8 +372,12 @@ fn fabrics_run_concurrently() {
 }
 
 #[test]
+#[cfg_attr(
+    not(canopy_root),
+    ignore = "needs root (network namespaces); CI runs the suite as root"
+)]
 fn a_canopy_node_serves_http_inside_its_namespace() {
-    let Some(fabric) = Fabric::new(2) else { return };
+    let fabric = Fabric::new(2);
     let port = 52_415;
     let t = Instant::now();
     let mut nodes: Vec<NsNode> = (0..2)

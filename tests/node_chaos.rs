@@ -3,12 +3,11 @@
 //! shutdown. The scripted engine keeps these fast and exact; the real model's path is
 //! covered by `node_model.rs`.
 
-mod common;
-
+use crate::common;
 use std::time::{Duration, Instant};
 
-use common::NodeProcess;
-use serde_json::{Value, json};
+use crate::common::{NodeProcess, chat_body, eventually};
+use serde_json::Value;
 
 fn scripted_node(fault: Option<&str>) -> (NodeProcess, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -26,41 +25,33 @@ fn scripted_node(fault: Option<&str>) -> (NodeProcess, tempfile::TempDir) {
     (node, dir)
 }
 
-fn chat(script: &str, stream: bool) -> Value {
-    json!({
-        "model": "scripted",
-        "messages": [{"role": "user", "content": script}],
-        "max_tokens": 64,
-        "stream": stream,
-    })
-}
-
 fn wait_ready(node: &NodeProcess) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !matches!(node.get("/ready"), Ok((200, _))) {
-        assert!(Instant::now() < deadline, "not ready again");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(
+        Duration::from_secs(30),
+        "the node to be ready again",
+        || matches!(node.get("/ready"), Ok((200, _))),
+    )
+    .expect("ready");
 }
 
-fn metric(node: &NodeProcess, prefix: &str) -> f64 {
+fn metric(node: &NodeProcess, name: &str) -> f64 {
     let (_, text) = node.get("/metrics").expect("metrics");
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    common::metric(&text, name)
 }
 
 #[test]
 fn serves_streams_inspects_and_shuts_down_cleanly() {
     let (node, _dir) = scripted_node(None);
-    let (status, body) = node.post("/v1/chat/completions", &chat("tokens=4", false));
+    let (status, body) = node.post(
+        "/v1/chat/completions",
+        &chat_body("scripted", "tokens=4", 64, false),
+    );
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["choices"][0]["message"]["content"], "0 1 2 3 ");
     assert_eq!(body["usage"]["completion_tokens"], 4);
 
     let mut events = Vec::new();
-    let status = node.stream(&chat("tokens=3", true), |data, _| {
+    let status = node.stream(&chat_body("scripted", "tokens=3", 64, true), |data, _| {
         events.push(data.to_string())
     });
     assert_eq!(status, 200);
@@ -80,7 +71,7 @@ fn serves_streams_inspects_and_shuts_down_cleanly() {
     assert_eq!(status, 200);
     assert!(models.contains("\"scripted\""), "{models}");
     assert_eq!(node.get("/health").expect("health").0, 200);
-    assert!(metric(&node, "canopy_tokens_generated") >= 7.0);
+    assert!(metric(&node, "canopy_tokens_generated_total") >= 7.0);
 
     // `canopy inspect --json` shows the runner with its pid.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_canopy"))
@@ -106,22 +97,25 @@ fn a_runner_killed_mid_stream_ends_the_stream_with_an_error_and_restarts() {
     let mut last_chunk_at = None;
     let mut error_at = None;
     let mut done = false;
-    let status = node.stream(&chat("tokens=50 delay_ms=20", true), |data, at| {
-        if data == "[DONE]" {
-            done = true;
-            return;
-        }
-        let event: Value = serde_json::from_str(data).expect("json event");
-        if event.get("error").is_some() {
-            error_at = Some(at);
-        } else if event["choices"][0]["delta"]["content"]
-            .as_str()
-            .is_some_and(|c| !c.is_empty())
-        {
-            chunks += 1;
-            last_chunk_at = Some(at);
-        }
-    });
+    let status = node.stream(
+        &chat_body("scripted", "tokens=50 delay_ms=20", 64, true),
+        |data, at| {
+            if data == "[DONE]" {
+                done = true;
+                return;
+            }
+            let event: Value = serde_json::from_str(data).expect("json event");
+            if event.get("error").is_some() {
+                error_at = Some(at);
+            } else if event["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+            {
+                chunks += 1;
+                last_chunk_at = Some(at);
+            }
+        },
+    );
     assert_eq!(status, 200);
     assert_eq!(chunks, 3);
     assert!(done, "the stream ends with [DONE]");
@@ -130,16 +124,22 @@ fn a_runner_killed_mid_stream_ends_the_stream_with_an_error_and_restarts() {
     // bound leaves room for a loaded machine and still tells the two apart.
     assert!(gap < Duration::from_secs(20), "error after {gap:?}");
     wait_ready(&node);
-    let (status, body) = node.post("/v1/chat/completions", &chat("tokens=2", false));
+    let (status, body) = node.post(
+        "/v1/chat/completions",
+        &chat_body("scripted", "tokens=2", 64, false),
+    );
     assert_eq!(status, 200, "{body}");
-    assert!(metric(&node, "canopy_runner_restarts") >= 1.0);
+    assert!(metric(&node, "canopy_runner_restarts_total") >= 1.0);
     node.interrupt_and_check();
 }
 
 #[test]
 fn a_runner_killed_before_the_first_token_is_retried_transparently() {
     let (node, _dir) = scripted_node(Some("crash-on-generate,once={marker}"));
-    let (status, body) = node.post("/v1/chat/completions", &chat("tokens=3", false));
+    let (status, body) = node.post(
+        "/v1/chat/completions",
+        &chat_body("scripted", "tokens=3", 64, false),
+    );
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["choices"][0]["message"]["content"], "0 1 2 ");
     node.interrupt_and_check();
@@ -151,7 +151,7 @@ fn a_runner_killed_after_tokens_fails_a_plain_request_with_502_then_recovers() {
     let started = Instant::now();
     let (status, body) = node.post(
         "/v1/chat/completions",
-        &chat("tokens=50 delay_ms=20", false),
+        &chat_body("scripted", "tokens=50 delay_ms=20", 64, false),
     );
     assert_eq!(status, 502, "{body}");
     assert!(body["error"]["message"].is_string(), "{body}");
@@ -163,8 +163,11 @@ fn a_runner_killed_after_tokens_fails_a_plain_request_with_502_then_recovers() {
     );
     wait_ready(&node);
     assert_eq!(
-        node.post("/v1/chat/completions", &chat("tokens=1", false))
-            .0,
+        node.post(
+            "/v1/chat/completions",
+            &chat_body("scripted", "tokens=1", 64, false)
+        )
+        .0,
         200
     );
     node.interrupt_and_check();
@@ -207,8 +210,11 @@ fn bad_input_gets_the_right_4xx_and_the_node_keeps_serving() {
             "{what}: not OpenAI-shaped: {text}"
         );
         assert_eq!(
-            node.post("/v1/chat/completions", &chat("tokens=1", false))
-                .0,
+            node.post(
+                "/v1/chat/completions",
+                &chat_body("scripted", "tokens=1", 64, false)
+            )
+            .0,
             200,
             "after {what}"
         );
@@ -235,8 +241,11 @@ fn bad_input_gets_the_right_4xx_and_the_node_keeps_serving() {
         assert!(answer.contains("\"error\""), "not OpenAI-shaped: {answer}");
     }
     assert_eq!(
-        node.post("/v1/chat/completions", &chat("tokens=1", false))
-            .0,
+        node.post(
+            "/v1/chat/completions",
+            &chat_body("scripted", "tokens=1", 64, false)
+        )
+        .0,
         200
     );
     node.interrupt_and_check();
@@ -266,7 +275,7 @@ fn requests_beyond_capacity_get_429() {
             .into();
         agent
             .post(format!("{base}/v1/chat/completions"))
-            .send_json(chat("tokens=40 delay_ms=50", false))
+            .send_json(chat_body("scripted", "tokens=40 delay_ms=50", 64, false))
             .map(|r| r.status().as_u16())
     });
     // Wait until the slow request holds the runner (its status turns Running), then probe.
@@ -283,7 +292,10 @@ fn requests_beyond_capacity_get_429() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let (status, _) = node.post("/v1/chat/completions", &chat("tokens=1", false));
+    let (status, _) = node.post(
+        "/v1/chat/completions",
+        &chat_body("scripted", "tokens=1", 64, false),
+    );
     assert_eq!(status, 429);
     assert_eq!(slow.join().expect("slow request").expect("answered"), 200);
     drop(dir);
@@ -345,7 +357,7 @@ fn a_prompt_longer_than_the_context_is_a_400_and_the_runner_stays_up() {
     for stream in [false, true] {
         let (status, body) = node.post(
             "/v1/chat/completions",
-            &chat("one two three max_context=2", stream),
+            &chat_body("scripted", "one two three max_context=2", 64, stream),
         );
         assert_eq!(status, 400, "stream={stream}: {body}");
         let error = &body["error"];
@@ -363,7 +375,10 @@ fn a_prompt_longer_than_the_context_is_a_400_and_the_runner_stays_up() {
     assert_eq!(metric(&node, "canopy_runner_failures_total"), 0.0);
     assert_eq!(metric(&node, "canopy_request_retries_total"), 0.0);
     assert_eq!(runner_details(&node)["restarts"], 0);
-    let (status, body) = node.post("/v1/chat/completions", &chat("tokens=2", false));
+    let (status, body) = node.post(
+        "/v1/chat/completions",
+        &chat_body("scripted", "tokens=2", 64, false),
+    );
     assert_eq!(status, 200, "{body}");
     node.interrupt_and_check();
 }
@@ -422,7 +437,10 @@ fn parallel_reaches_the_runner_and_inspect_shows_its_batch() {
         true,
     );
     assert_eq!(runner_details(&node)["parallel_requested"], 3);
-    let (status, body) = node.post("/v1/chat/completions", &chat("tokens=3", false));
+    let (status, body) = node.post(
+        "/v1/chat/completions",
+        &chat_body("scripted", "tokens=3", 64, false),
+    );
     assert_eq!(status, 200, "{body}");
     // The runner reports its batch after loading and as tasks come and go; the scripted
     // engine cannot batch, so it runs one sequence at a time.

@@ -10,19 +10,18 @@
 //! `pip install openai`); it is skipped, saying so, only when there is no `python3` or pip
 //! cannot reach the package index.
 
-mod common;
-
 // The example, compiled into this test so that its actor is exercised, not just built.
 #[path = "../actors/examples/failure_log.rs"]
 #[allow(dead_code)]
 mod failure_log;
 
+use crate::common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::NodeProcess;
+use crate::common::{NodeProcess, metric};
 use serde_json::{Value, json};
 
 /// The default model's id in the API.
@@ -33,14 +32,6 @@ static REAL_MODEL: Mutex<()> = Mutex::new(());
 
 fn real_model_turn() -> std::sync::MutexGuard<'static, ()> {
     REAL_MODEL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 fn find_kind<'a>(actor: &'a Value, kind: &str, out: &mut Vec<&'a Value>) {

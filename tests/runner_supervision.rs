@@ -6,12 +6,11 @@
 //! checks what every party sees: the task streams, the broadcast events, the parent, and the
 //! OS (no process left behind).
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::alive;
 use canopy_actors::runner::{
     RestartPolicy, RunnerCommand, RunnerConfig, RunnerError, RunnerEvent, RunnerMsg,
     RunnerObserver, RunnerSnapshot, RunnerSupervisor, RunnerSupervisorArgs, RunnerSupervisorError,
@@ -20,7 +19,6 @@ use canopy_actors::runner::{
 use canopy_proto::{FinishReason, GenerateParams, GenerateRequest, LoadSpec, Prompt, RunnerStatus};
 use canopy_runtime::process::{CommandLine, FailureReason, HeartbeatPolicy};
 use canopy_runtime::restart::{Backoff, Intensity};
-use common::alive;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -644,7 +642,11 @@ async fn host_process_for_orphan_test() {
 fn no_orphan_after_the_node_process_is_sigkilled() {
     use std::io::{BufRead, BufReader};
     let mut host = std::process::Command::new(std::env::current_exe().expect("test binary"))
-        .args(["--exact", "host_process_for_orphan_test", "--nocapture"])
+        .args([
+            "--exact",
+            "runner_supervision::host_process_for_orphan_test",
+            "--nocapture",
+        ])
         .env("CANOPY_TEST_HOST", "1")
         .stdout(std::process::Stdio::piped())
         .spawn()

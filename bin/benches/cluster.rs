@@ -35,7 +35,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::netns::{NodeCluster, NsNode};
+use common::netns::{NodeCluster, NsNode, formed, state};
+use common::tail;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
@@ -64,9 +65,9 @@ fn reps() -> usize {
 struct Cluster(NodeCluster);
 
 impl Cluster {
-    /// A fresh fabric of `n` nodes, or `None` without root.
-    fn new(n: usize) -> Option<Self> {
-        NodeCluster::new(n, "bench").map(Cluster)
+    /// A fresh fabric of `n` nodes (needs root: `main` checks first).
+    fn new(n: usize) -> Self {
+        Cluster(NodeCluster::new(n, "bench"))
     }
 
     /// Spawns every node at once and waits until they form: the nodes and the formation
@@ -79,14 +80,6 @@ impl Cluster {
         let all: Vec<&NsNode> = nodes.iter().collect();
         let formed = wait(t, "formation", &all, || formed(&all));
         (nodes, formed)
-    }
-}
-
-/// The node's `/state`, or `Null` when it does not answer 200 with JSON.
-fn state(node: &NsNode) -> Value {
-    match node.get("/state") {
-        Ok((200, body)) => serde_json::from_str(&body).unwrap_or(Value::Null),
-        _ => Value::Null,
     }
 }
 
@@ -103,19 +96,6 @@ fn listed(state: &Value) -> BTreeSet<String> {
 /// The master a state names.
 fn master_of(state: &Value) -> Option<String> {
     state["master"].as_str().map(str::to_string)
-}
-
-/// Whether every node lists all of them and all name the same master.
-fn formed(nodes: &[&NsNode]) -> bool {
-    let mut masters = BTreeSet::new();
-    for node in nodes {
-        let s = state(node);
-        if listed(&s).len() != nodes.len() {
-            return false;
-        }
-        masters.insert(master_of(&s));
-    }
-    masters.len() == 1 && masters.first().is_some_and(Option::is_some)
 }
 
 /// Polls `ok` every [`POLL`] until it holds: the time since `since`, or `None` (after
@@ -139,12 +119,6 @@ fn wait(
         }
         std::thread::sleep(POLL);
     }
-}
-
-/// The last `lines` lines of `text`.
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// The samples of one measured quantity, with the repetitions that timed out.
@@ -201,7 +175,7 @@ enum Failure {
 /// Forms a 3-node cluster (its formation time goes to `formation`) and measures `failure`
 /// on it: the time from the signal to the survivors' agreement.
 fn failure_rep(failure: Failure, formation: &mut Samples) -> Option<Duration> {
-    let cluster = Cluster::new(3)?;
+    let cluster = Cluster::new(3);
     let scripted = ["--engine", "scripted"];
     let (mut nodes, formed) = cluster.form(&scripted);
     formation.time(formed);
@@ -343,15 +317,12 @@ fn cross_node(reps: usize) -> CrossNode {
     let model_file = common::model_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
     if !model_file.exists() {
         out.skipped = Some(format!(
-            "{} is missing (run `cargo test -p canopy --test node_model` once)",
+            "{} is missing (run `cargo test -p canopy --test e2e node_model::` once)",
             model_file.display()
         ));
         return out;
     }
-    let Some(cluster) = Cluster::new(2) else {
-        out.skipped = Some("no fabric".into());
-        return out;
-    };
+    let cluster = Cluster::new(2);
     let models = common::model_dir().display().to_string();
     let extra = ["--threads", "2", "--model-dir", &models];
     let (mut nodes, formed) = cluster.form(&extra);
@@ -464,8 +435,8 @@ fn main() {
     let reps = reps();
     let began = Instant::now();
     // Probe for root (and namespace support) once, before anything else.
-    if common::netns::Fabric::new(1).is_none() {
-        println!("skipping: needs root for network namespaces");
+    if let Err(why) = common::netns::Fabric::available() {
+        println!("skipping: {why}");
         return;
     }
 
@@ -473,9 +444,7 @@ fn main() {
     let mut form2 = Samples::default();
     let mut form3 = Samples::default();
     for _ in 0..reps {
-        if let Some(cluster) = Cluster::new(2) {
-            form2.time(cluster.form(&scripted).1);
-        }
+        form2.time(Cluster::new(2).form(&scripted).1);
     }
     eprintln!("formation of 2 nodes: done ({:.0?})", began.elapsed());
     let mut kill_peer = Samples::default();

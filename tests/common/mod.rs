@@ -113,7 +113,7 @@ impl NodeProcess {
         }
         let mut child = cmd.spawn().expect("canopy starts");
         let log = capture_output(&mut child);
-        let node = Self {
+        let mut node = Self {
             child: Some(child),
             base: format!("http://127.0.0.1:{port}"),
             log,
@@ -144,15 +144,9 @@ impl NodeProcess {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
-    fn exited(&self) -> Option<std::process::ExitStatus> {
-        // SAFETY of the borrow dance: try_wait needs &mut.
-        let child = self.child.as_ref()?;
-        let pid = child.id();
-        if alive(pid) {
-            None
-        } else {
-            Some(std::process::ExitStatus::default())
-        }
+    /// How the node exited, if it has (reaping it).
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
     }
 
     fn agent() -> ureq::Agent {
@@ -262,8 +256,9 @@ fn collect_pids(actor: &Value, out: &mut Vec<u32>) {
 impl Drop for NodeProcess {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let pid = child.id();
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            // Child::kill is a no-op for a child already reaped, so a recycled pid is never
+            // signalled.
+            let _ = child.kill();
             let _ = child.wait();
         }
     }
@@ -301,3 +296,60 @@ pub fn unique_tag(what: &str) -> String {
     )
 }
 pub mod netns;
+
+/// Polls `ok` every 50 ms until it holds: how long that took, or (after `limit`) an error
+/// saying what was awaited, for the caller to add its logs to. The one waiting loop of the
+/// tests.
+pub fn eventually(
+    limit: Duration,
+    what: &str,
+    mut ok: impl FnMut() -> bool,
+) -> Result<Duration, String> {
+    let start = Instant::now();
+    loop {
+        if ok() {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            return Err(format!("timed out after {limit:?} waiting for {what}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls `ok` every 50 ms for `limit`, panicking with its reason the first time it fails.
+pub fn holds_for(limit: Duration, mut ok: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Err(why) = ok() {
+            panic!("{why}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The sum of every sample of metric `name` (all label sets) in Prometheus text; 0 when the
+/// metric is absent. `name` is the whole name (`canopy_runner_restarts_total`), not a prefix.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A chat completion request: one user message `content` to `model`.
+pub fn chat_body(model: &str, content: &str, max_tokens: u32, stream: bool) -> Value {
+    serde_json::json!({
+        "model": model,
+        "messages": [{ "role": "user", "content": content }],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    })
+}
+
+/// The last `lines` lines of `text`.
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

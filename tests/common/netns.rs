@@ -70,25 +70,21 @@ pub struct Fabric {
 }
 
 impl Fabric {
-    /// Creates a fabric of `nodes` nodes (1 to 253). Returns `None`, after printing
-    /// `skipping: ...` on stderr, when the process is not root or `ip netns add` fails (no `ip`,
-    /// no permission to create namespaces).
+    /// Creates a fabric of `nodes` nodes (1 to 253).
     ///
     /// # Panics
     ///
-    /// When `nodes` is out of range, or when wiring the namespaces fails after they were
-    /// created (no bridge or veth support: a broken environment that a test should not hide).
-    /// What was created is removed first.
-    pub fn new(nodes: usize) -> Option<Fabric> {
+    /// When `nodes` is out of range, when the process is not root (tests that need a fabric
+    /// are ignored, with that reason, in a build that is not root: see `tests/main.rs`), or
+    /// when the namespaces cannot be made or wired (no `ip`, no veth or bridge support: a
+    /// broken environment that a test should not hide). What was created is removed first.
+    pub fn new(nodes: usize) -> Fabric {
         assert!(
             (1..=253).contains(&nodes),
             "a fabric has 1 to 253 nodes, not {nodes}"
         );
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let euid = unsafe { libc::geteuid() };
-        if euid != 0 {
-            eprintln!("skipping: network-namespace tests need root (euid {euid})");
-            return None;
+        if let Err(why) = Fabric::available() {
+            panic!("{why}");
         }
         static REAP: Once = Once::new();
         REAP.call_once(reap_stale_namespaces);
@@ -110,18 +106,27 @@ impl Fabric {
             .collect();
         for name in names {
             if let Err(e) = run_ip(&["netns", "add", &name], None) {
-                eprintln!("skipping: cannot create network namespace {name}: {e}");
-                return None; // Drop removes those already created.
+                drop(fabric); // removes those already created
+                panic!("cannot create network namespace {name}: {e}");
             }
             fabric.created.push(name);
         }
         if let Err(e) = fabric.wire() {
-            // Namespaces without veth or bridge support (a restricted container): the
-            // machine cannot host these tests, which is not what they test.
-            eprintln!("skipping: cannot wire the network namespaces (veth/bridge): {e}");
-            return None; // Drop removes the namespaces.
+            drop(fabric); // removes the namespaces
+            panic!("cannot wire the network namespaces (veth/bridge): {e}");
         }
-        Some(fabric)
+        fabric
+    }
+
+    /// Whether this process can make fabrics: `Err` says why not (it is not root).
+    pub fn available() -> Result<(), String> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        if euid == 0 {
+            Ok(())
+        } else {
+            Err(format!("network-namespace tests need root (euid {euid})"))
+        }
     }
 
     /// Creates the bridge, the veth pairs and the addresses.
@@ -713,16 +718,16 @@ pub struct NodeCluster {
 }
 
 impl NodeCluster {
-    /// A fresh fabric of `n` nodes whose discovery namespace starts with `label`, or `None`
-    /// where network namespaces cannot be made (see [`Fabric::new`]).
-    pub fn new(n: usize, label: &str) -> Option<Self> {
-        let fabric = Fabric::new(n)?;
+    /// A fresh fabric of `n` nodes whose discovery namespace starts with `label` (panics
+    /// where network namespaces cannot be made: see [`Fabric::new`]).
+    pub fn new(n: usize, label: &str) -> Self {
+        let fabric = Fabric::new(n);
         let namespace = format!("{label}-{}", fabric.prefix());
-        Some(Self {
+        Self {
             fabric,
             dirs: tempfile::tempdir().expect("tempdir"),
             namespace,
-        })
+        }
     }
 
     /// The flags of `canopy node` for node `i`: its API and cluster addresses, the discovery
@@ -788,4 +793,18 @@ pub fn peers(node: &NsNode) -> usize {
 /// The master a node sees, if any.
 pub fn master(node: &NsNode) -> Option<String> {
     state(node)["master"].as_str().map(str::to_string)
+}
+
+/// Whether every node lists all of them (itself included) and all name the same master,
+/// from one `/state` of each.
+pub fn formed(nodes: &[&NsNode]) -> bool {
+    let mut masters = std::collections::BTreeSet::new();
+    for node in nodes {
+        let s = state(node);
+        if s["nodes"].as_array().map_or(0, Vec::len) != nodes.len() {
+            return false;
+        }
+        masters.insert(s["master"].as_str().map(str::to_string));
+    }
+    masters.len() == 1 && masters.first().is_some_and(Option::is_some)
 }
