@@ -54,10 +54,13 @@ pub(super) fn spawn_reader(
                 Err(err) => {
                     let _ = supervisor
                         .send_message(RunnerMsg::ProtocolError(generation, err.to_string()));
-                    break;
+                    return;
                 }
             }
         }
+        // After every frame: a dead runner's tasks are failed only once what it wrote
+        // before dying has reached them.
+        let _ = supervisor.send_message(RunnerMsg::OutputClosed(generation));
     })
 }
 

@@ -241,4 +241,12 @@ pub enum RunnerMsg {
     /// Internal: check the stall timers.
     #[doc(hidden)]
     CheckStalls,
+    /// Internal: the runner of the given generation closed its stdout (every frame it wrote
+    /// has been delivered before this).
+    #[doc(hidden)]
+    OutputClosed(u64),
+    /// Internal: the runner of the given generation died and its output did not close within
+    /// the drain grace; fail its tasks now.
+    #[doc(hidden)]
+    DrainOver(u64),
 }

@@ -2,7 +2,7 @@
 //! See the module docs of `runner` for the behaviour.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use canopy_proto::{FromRunner, RunnerStatus, TaskId, ToRunner};
 use canopy_runtime::introspect::{self, Registration};
@@ -42,6 +42,11 @@ pub struct RunnerSupervisorArgs {
 /// [`RunnerSupervisorArgs::observer`]); it must be quick and must not block.
 pub type RunnerObserver = Arc<dyn Fn(&RunnerEvent) + Send + Sync>;
 
+/// How long a dead runner's output may take to close (delivering the frames it wrote before
+/// dying) before its tasks are failed anyway: a grandchild holding the pipe open must not delay
+/// the failure.
+const DRAIN_GRACE: Duration = Duration::from_millis(250);
+
 /// The live runner process of one generation.
 struct Runner {
     process: ActorRef<ProcessMsg>,
@@ -51,6 +56,9 @@ struct Runner {
     writer: JoinHandle<()>,
     started_at: Instant,
     last_beat: Arc<Mutex<Option<Instant>>>,
+    /// Set when the process died while its output may still hold frames: how it died, and
+    /// its stderr tail. Its tasks fail once the output closes (or [`DRAIN_GRACE`] passes).
+    dying: Option<(FailureReason, Vec<String>)>,
 }
 
 impl Runner {
@@ -183,6 +191,7 @@ impl RunnerSupervisor {
             writer,
             started_at: Instant::now(),
             last_beat,
+            dying: None,
         };
         runner.send(ToRunner::Handshake(canopy_proto::Handshake::ours()));
         tracing::info!(instance = %state.config.instance, pid = io.pid, generation, "runner started");
@@ -434,6 +443,13 @@ impl RunnerSupervisor {
                     Self::on_frame(myself, state, event)?;
                 }
             }
+            RunnerMsg::OutputClosed(generation) | RunnerMsg::DrainOver(generation) => {
+                if generation == state.generation
+                    && let Some((reason, tail)) = state.runner.as_mut().and_then(|r| r.dying.take())
+                {
+                    Self::on_runner_death(myself, state, reason, tail)?;
+                }
+            }
             RunnerMsg::ProtocolError(generation, error) => {
                 if generation == state.generation
                     && let Some(runner) = &state.runner
@@ -492,7 +508,18 @@ impl RunnerSupervisor {
                         Vec::new(),
                     ),
                 };
-                Self::on_runner_death(myself, state, reason, tail)
+                // ractor delivers a supervision event before the messages already queued, so
+                // the runner's last frames (a chunk written just before it died) may still be
+                // on their way: let the reader deliver them first.
+                match state.runner.as_mut() {
+                    Some(runner) if !runner.reader.is_finished() => {
+                        runner.dying = Some((reason, tail));
+                        let generation = state.generation;
+                        myself.send_after(DRAIN_GRACE, move || RunnerMsg::DrainOver(generation));
+                        Ok(())
+                    }
+                    _ => Self::on_runner_death(myself, state, reason, tail),
+                }
             }
             SupervisionEvent::ActorTerminated(cell, _, why) if Some(cell.get_id()) == current => {
                 // Only we ask a runner to stop, and then we are stopping too; anything else
