@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::NodeProcess;
+use crate::common::{self, NodeProcess};
 
 const KEY: &str = "test-key-0123456789abcdef";
 
@@ -166,15 +166,13 @@ fn idle_connections_time_out_and_the_cap_is_answered() {
     assert!(over.to_ascii_lowercase().contains("retry-after"), "{over}");
     // Once the slow ones time out, the node serves again.
     drop(holders);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let again = raw(&node, &request("GET", "/health", &["Host: 127.0.0.1"], ""));
-        if status_of(&again) == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not serving again: {again}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::eventually(Duration::from_secs(5), "the node to serve again", || {
+        status_of(&raw(
+            &node,
+            &request("GET", "/health", &["Host: 127.0.0.1"], ""),
+        )) == 200
+    })
+    .expect("serving again");
     node.interrupt_and_check();
 }
 

@@ -520,19 +520,17 @@ fn up_with_nodes_starts_a_local_cluster_that_serves_from_every_node_and_stops_cl
         .build()
         .into();
     let second = format!("http://127.0.0.1:{}", api + 1);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = agent.get(format!("{second}/ready")).call()
-            && r.status() == 200
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the second node never became ready"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::eventually(
+        Duration::from_secs(60),
+        "the second node to be ready",
+        || {
+            agent
+                .get(format!("{second}/ready"))
+                .call()
+                .is_ok_and(|r| r.status() == 200)
+        },
+    )
+    .expect("the second node ready");
     // The second node has no instance of its own: it routes to the first.
     let mut r = agent
         .post(format!("{second}/v1/chat/completions"))
@@ -559,14 +557,10 @@ fn up_with_nodes_starts_a_local_cluster_that_serves_from_every_node_and_stops_cl
         Signal::SIGINT,
     )
     .expect("SIGINT");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "canopy up did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = common::eventually_some(Duration::from_secs(60), "canopy up to exit", || {
+        child.try_wait().expect("wait")
+    })
+    .expect("canopy up exits");
     assert!(status.success(), "{status}");
     for pid in started {
         assert!(

@@ -283,11 +283,10 @@ fn command_execs_the_program_inside_the_namespace() {
         .expect("netns file")
         .ino();
     // `ip netns exec` execs: the same pid becomes `sleep` in the namespace.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep") {
-        assert!(Instant::now() < deadline, "pid {pid} never became sleep");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::eventually(Duration::from_secs(5), "the child to exec sleep", || {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
+    })
+    .expect("the child became sleep");
     let inode = std::fs::metadata(format!("/proc/{pid}/ns/net"))
         .expect("ns of the child")
         .ino();

@@ -279,19 +279,12 @@ fn requests_beyond_capacity_get_429() {
             .map(|r| r.status().as_u16())
     });
     // Wait until the slow request holds the runner (its status turns Running), then probe.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually(Duration::from_secs(20), "the slow request to run", || {
         let (_, state) = node.get("/state").expect("state");
         let state: Value = serde_json::from_str(&state).expect("json state");
-        if state["instances"][0]["status"] == "Running" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the slow request never ran: {state}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+        state["instances"][0]["status"] == "Running"
+    })
+    .expect("the slow request runs");
     let (status, _) = node.post(
         "/v1/chat/completions",
         &chat_body("scripted", "tokens=1", 64, false),
@@ -444,18 +437,13 @@ fn parallel_reaches_the_runner_and_inspect_shows_its_batch() {
     assert_eq!(status, 200, "{body}");
     // The runner reports its batch after loading and as tasks come and go; the scripted
     // engine cannot batch, so it runs one sequence at a time.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let batch = loop {
+    let batch = common::eventually_some(Duration::from_secs(20), "the runner's batch", || {
         let details = runner_details(&node);
-        if details["batch"].is_object() {
-            break details["batch"].clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the runner never reported its batch: {details}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+        details["batch"]
+            .is_object()
+            .then(|| details["batch"].clone())
+    })
+    .expect("the runner reports its batch");
     assert_eq!(batch["parallel"], 1, "{batch}");
     for key in [
         "running",

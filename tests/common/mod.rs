@@ -299,16 +299,27 @@ pub mod netns;
 
 /// Polls `ok` every 50 ms until it holds: how long that took, or (after `limit`) an error
 /// saying what was awaited, for the caller to add its logs to. The one waiting loop of the
-/// tests.
+/// tests, with [`eventually_some`].
 pub fn eventually(
     limit: Duration,
     what: &str,
     mut ok: impl FnMut() -> bool,
 ) -> Result<Duration, String> {
     let start = Instant::now();
+    eventually_some(limit, what, || ok().then_some(())).map(|()| start.elapsed())
+}
+
+/// Polls `probe` every 50 ms until it gives a value, or (after `limit`) an error saying what
+/// was awaited.
+pub fn eventually_some<T>(
+    limit: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> Option<T>,
+) -> Result<T, String> {
+    let start = Instant::now();
     loop {
-        if ok() {
-            return Ok(start.elapsed());
+        if let Some(value) = probe() {
+            return Ok(value);
         }
         if start.elapsed() > limit {
             return Err(format!("timed out after {limit:?} waiting for {what}"));
