@@ -57,9 +57,9 @@
 //! seal's MAC check, the sender check, `MAX_TERM`, the plan's leader check, the stream's host
 //! check): each made its test fail.
 //!
-//! Not observable end to end: `ClusterHandle::refused_frames()` is not exposed through the
-//! HTTP API, so refusals are checked through the nodes' logs (the inbox logs at most one
-//! refusal per 10 s, so each kind is aimed at a node that has not logged one yet).
+//! Refusals are checked through the nodes' logs (the inbox logs at most one refusal per 10 s,
+//! so each kind is aimed at a node that has not logged one yet) and through
+//! `canopy_cluster_refused_frames_total` in `/metrics`.
 
 use crate::common;
 use std::collections::{BTreeMap, BTreeSet};
@@ -1179,6 +1179,12 @@ fn an_insider_cannot_act_in_another_name_as_the_leader_or_break_the_term() {
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_millis(800));
+    // The plan forged in A's name does not open under B's session with the rogue: B counts it.
+    let (_, metrics) = b.proc.get("/metrics").expect("B's metrics");
+    assert!(
+        common::metric(&metrics, "canopy_cluster_refused_frames_total") >= 1.0,
+        "B did not count the frames it refused:\n{metrics}"
+    );
     for node in [&a, &b] {
         assert!(
             !node.state().to_string().contains("forged-instance"),

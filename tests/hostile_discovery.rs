@@ -220,6 +220,19 @@ fn forged_replayed_oversized_and_v1_beacons_are_dropped() {
         "node 1 did not log the forged beacons:\n{}",
         b.log_text()
     );
+    // ... and in its /metrics, by outcome.
+    let metrics = match a.get("/metrics") {
+        Ok((200, text)) => text,
+        other => panic!("no metrics from node 0: {other:?}"),
+    };
+    for outcome in ["bad_mac", "replayed", "oversize", "version", "accepted"] {
+        let series = format!("canopy_discovery_beacons_total{{outcome=\"{outcome}\"}}");
+        let n: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
+            .unwrap_or(0.0);
+        assert!(n >= 1.0, "{series} is {n}:\n{metrics}");
+    }
 
     // Positive control: the same bait sealed with the right cookie is dialed.
     let right_key = DiscoveryKey::derive(NODE_COOKIE, &namespace);

@@ -451,6 +451,19 @@ impl Metrics {
             .register(name, help, metric);
     }
 
+    /// Exports the cluster's security counters, read from `cluster` at every scrape:
+    /// `canopy_cluster_refused_frames_total` (peer messages whose seal did not check out) and
+    /// `canopy_discovery_beacons_total{outcome}` (every discovery datagram by what became of
+    /// it: `accepted`, `bad_mac`, `stale`, `replayed`, `malformed`, `oversize`, `version`,
+    /// `other_namespace`).
+    pub fn watch_cluster(&self, cluster: canopy_runtime::cluster::ClusterHandle) {
+        self.inner
+            .registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .register_collector(Box::new(ClusterCounters(cluster)));
+    }
+
     /// Every metric in the Prometheus text format.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let registry = self
@@ -515,5 +528,62 @@ impl Metrics {
         family.get_or_create_owned(&ModelLabels {
             model: model.to_string(),
         })
+    }
+}
+
+/// The cluster's counters, read at scrape time (see [`Metrics::watch_cluster`]).
+struct ClusterCounters(canopy_runtime::cluster::ClusterHandle);
+
+impl std::fmt::Debug for ClusterCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterCounters")
+    }
+}
+
+/// The label of one discovery outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+impl prometheus_client::collector::Collector for ClusterCounters {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::TypedMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+
+        let refused = ConstCounter::new(self.0.refused_frames());
+        refused.encode(encoder.encode_descriptor(
+            "cluster_refused_frames",
+            "Messages from peers refused because their seal did not check out (forged sender, \
+             a frame for another node, garbage)",
+            None,
+            ConstCounter::<u64>::TYPE,
+        )?)?;
+
+        let c = self.0.discovery_counts();
+        let mut family = encoder.encode_descriptor(
+            "discovery_beacons",
+            "Discovery datagrams received, by outcome (every outcome but accepted and \
+             other_namespace is a refusal)",
+            None,
+            ConstCounter::<u64>::TYPE,
+        )?;
+        for (outcome, n) in [
+            ("accepted", c.accepted),
+            ("bad_mac", c.bad_mac),
+            ("stale", c.stale),
+            ("replayed", c.replayed),
+            ("malformed", c.malformed),
+            ("oversize", c.oversize),
+            ("version", c.version),
+            ("other_namespace", c.other_namespace),
+        ] {
+            ConstCounter::new(n).encode(family.encode_family(&OutcomeLabels { outcome })?)?;
+        }
+        Ok(())
     }
 }

@@ -326,6 +326,7 @@ impl NodeBuilder {
             root = root
                 .with_child(ChildSpec::actor("cluster", || ClusterActor, args))
                 .with_child(ChildSpec::actor("cluster-agent", || ClusterAgent, agent));
+            metrics.watch_cluster(handle.clone());
             cluster_handle = Some(handle);
         }
         root = root.with_child(api);
