@@ -1430,13 +1430,13 @@ fn an_insider_cannot_act_in_another_name_as_the_leader_or_break_the_term() {
     assert!(a.healthy() && b.healthy());
 }
 
-/// An insider with the cookie claims the leader A's name towards the follower B. Fails
-/// today (see the report of issue #13): the session election of `ractor_cluster`
-/// (`vendor/ractor_cluster/src/node.rs`, `elect_sessions`) lets an incoming connection in A's
-/// name displace B's authenticated outgoing session to A when A's name sorts after B's, so the
-/// impostor holds B's session key for A, and its beats and plans in A's name are believed.
+/// An insider with the cookie claims the leader A's name towards the follower B. The session
+/// election of `ractor_cluster` (`vendor/ractor_cluster/src/node.rs`, `elect_sessions`) alone
+/// would let an incoming connection in A's name displace B's authenticated outgoing session to
+/// A when A's name sorts after B's, so the impostor would hold B's session key for A and its
+/// beats and plans in A's name would be believed; the vendored patch makes a ready session an
+/// incumbent that a later session for the same name never displaces.
 #[test]
-#[ignore = "known weakness: a cookie holder can take over another member's name (issue #13 report)"]
 fn an_insider_cannot_take_another_members_name() {
     let rt = runtime();
     let _guard = rt.enter();

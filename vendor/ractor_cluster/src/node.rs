@@ -412,6 +412,10 @@ pub struct NodeServerState {
     subscriptions: HashMap<String, Box<dyn NodeEventSubscription>>,
     connection_ids: HashMap<ActorId, Option<NonZeroU64>>,
     authenticated_sessions: HashSet<ActorId>,
+    /// When each session was opened.
+    opened_at: HashMap<ActorId, std::time::Instant>,
+    /// When each elected session became ready.
+    ready_at: HashMap<ActorId, std::time::Instant>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -539,7 +543,7 @@ impl NodeServerState {
             });
         }
         let had_competition = candidates.len() > 1;
-        let elected = elect_sessions(&self.this_node_name.name, peer_name, candidates);
+        let elected = self.elect(peer_name, candidates);
         let candidate_survives = elected.contains(&actor_id);
 
         match (candidate_survives, had_competition) {
@@ -600,7 +604,7 @@ impl NodeServerState {
             .clone();
         self.authenticated_sessions.insert(actor_id);
         let candidates = self.candidates_for_peer(&peer_name, true);
-        let elected = elect_sessions(&self.this_node_name.name, &peer_name, candidates);
+        let elected = self.elect(&peer_name, candidates);
         let candidate_survives = elected.contains(&actor_id);
         let losers = self
             .node_sessions
@@ -615,6 +619,8 @@ impl NodeServerState {
             .collect::<Vec<_>>();
         for (loser_id, _) in &losers {
             self.authenticated_sessions.remove(loser_id);
+            self.ready_at.remove(loser_id);
+            self.opened_at.remove(loser_id);
         }
 
         Some(SessionElection {
@@ -637,7 +643,35 @@ impl NodeServerState {
         };
         let candidates = self.candidates_for_peer(peer_name, true);
 
-        elect_sessions(&self.this_node_name.name, peer_name, candidates).contains(&actor_id)
+        self.elect(peer_name, candidates).contains(&actor_id)
+    }
+
+    /// Elects among the authenticated sessions for `peer_name`. A session that is already
+    /// ready is an incumbent: a session opened after it became ready is not racing it (the
+    /// race the Erlang simultaneous-connect rule settles) but coming after it, and never
+    /// displaces it. So a holder of the cookie cannot take a live member's place by dialing in
+    /// its name; a peer that really reconnected gets in once its old session has ended (its
+    /// TCP connection closed, or its owner stopped it on missed heartbeats). Among the
+    /// incumbent and the sessions opened before it was ready, [`elect_sessions`] decides.
+    fn elect(
+        &self,
+        peer_name: &str,
+        mut candidates: Vec<SessionElectionCandidate>,
+    ) -> Vec<ActorId> {
+        let ready_since = candidates
+            .iter()
+            .filter_map(|c| self.ready_at.get(&c.actor_id).copied())
+            .min();
+        if let Some(ready) = ready_since {
+            candidates.retain(|c| {
+                self.ready_at.contains_key(&c.actor_id)
+                    || self
+                        .opened_at
+                        .get(&c.actor_id)
+                        .is_some_and(|at| *at < ready)
+            });
+        }
+        elect_sessions(&self.this_node_name.name, peer_name, candidates)
     }
 }
 
@@ -676,6 +710,8 @@ impl Actor for NodeServer {
             subscriptions: HashMap::new(),
             connection_ids: HashMap::new(),
             authenticated_sessions: HashSet::new(),
+            opened_at: HashMap::new(),
+            ready_at: HashMap::new(),
         })
     }
 
@@ -715,6 +751,9 @@ impl Actor for NodeServer {
                     for sub in state.subscriptions.values() {
                         sub.node_session_opened(ses.clone());
                     }
+                    state
+                        .opened_at
+                        .insert(actor.get_id(), std::time::Instant::now());
                     state.node_sessions.insert(actor.get_id(), ses);
                     state.node_id_counter += 1;
                 } else {
@@ -766,6 +805,9 @@ impl Actor for NodeServer {
                     for sub in state.subscriptions.values() {
                         sub.node_session_opened(ses.clone());
                     }
+                    state
+                        .opened_at
+                        .insert(actor.get_id(), std::time::Instant::now());
                     state.node_sessions.insert(actor.get_id(), ses);
                     state.node_id_counter += 1;
                 } else {
@@ -795,6 +837,10 @@ impl Actor for NodeServer {
             }
             Self::Msg::ConnectionReady(actor_id) => {
                 if state.is_elected(actor_id) {
+                    state
+                        .ready_at
+                        .entry(actor_id)
+                        .or_insert_with(std::time::Instant::now);
                     let entry = &state.node_sessions[&actor_id];
                     for sub in state.subscriptions.values() {
                         sub.node_session_ready(entry.clone());
@@ -865,6 +911,8 @@ impl Actor for NodeServer {
                             let ses = o.remove();
                             state.connection_ids.remove(&actor.get_id());
                             state.authenticated_sessions.remove(&actor.get_id());
+                            state.ready_at.remove(&actor.get_id());
+                            state.opened_at.remove(&actor.get_id());
                             for sub in state.subscriptions.values() {
                                 sub.node_session_disconnected(ses.clone());
                             }
@@ -922,6 +970,8 @@ impl Actor for NodeServer {
                             ses.exit_reason = maybe_reason.clone();
                             state.connection_ids.remove(&actor.get_id());
                             state.authenticated_sessions.remove(&actor.get_id());
+                            state.ready_at.remove(&actor.get_id());
+                            state.opened_at.remove(&actor.get_id());
                             for sub in state.subscriptions.values() {
                                 sub.node_session_disconnected(ses.clone());
                             }
