@@ -67,7 +67,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::{NodeProcess, eventually, holds_for, tail};
 use canopy_actors::cluster::protocol::{
@@ -139,15 +139,14 @@ impl Node {
             cluster,
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !node.healthy() {
-            assert!(
-                common::alive(node.proc.pid()) && Instant::now() < deadline,
-                "node did not come up; log:\n{}",
-                node.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let up = eventually(Duration::from_secs(30), "the node to come up", || {
+            node.healthy() || !common::alive(node.proc.pid())
+        });
+        assert!(
+            up.is_ok() && node.healthy(),
+            "node did not come up; log:\n{}",
+            node.log()
+        );
         node
     }
 
@@ -477,17 +476,14 @@ impl Rogue {
     /// Waits up to `limit` for an event of `kind` (from a peer whose name starts with
     /// `peer`, if given).
     async fn wait_event(&self, kind: &str, peer: Option<&str>, limit: Duration) -> Option<Event> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let found = self.events().into_iter().find(|e| {
+        common::eventually_async(limit, kind, async || {
+            self.events().into_iter().find(|e| {
                 e.kind == kind
                     && peer.is_none_or(|p| e.peer.as_deref().is_some_and(|n| n.starts_with(p)))
-            });
-            if found.is_some() || Instant::now() > deadline {
-                return found;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            })
+        })
+        .await
+        .ok()
     }
 
     /// Starts the rogue's inbox and its beats (every 200 ms, to every connected peer, as
@@ -551,11 +547,11 @@ impl Rogue {
             self.events(),
             tail(&node.log(), 30)
         );
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while remote_inbox(&self.sessions, id).is_none() {
-            assert!(Instant::now() < deadline, "no inbox of {} here", id.short());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        common::eventually_async(Duration::from_secs(5), "the peer's inbox", async || {
+            remote_inbox(&self.sessions, id)
+        })
+        .await
+        .unwrap_or_else(|why| panic!("{why}: no inbox of {} here", id.short()));
         self.peers.lock().expect("peers").push(id.clone());
     }
 

@@ -212,15 +212,13 @@ fn canopy_up_serves_the_real_model_and_stops_without_leftovers() {
     let t = Instant::now();
     node.interrupt_and_check();
     eprintln!("stopped in {:?}", t.elapsed());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    common::eventually(Duration::from_secs(5), "no canopy process left", || {
+        common::processes_with_env("CANOPY_TEST_TAG", &tag).is_empty()
+    })
+    .unwrap_or_else(|why| {
         let left = common::processes_with_env("CANOPY_TEST_TAG", &tag);
-        if left.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "canopy processes left: {left:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        panic!("{why}: {left:?}")
+    });
     eprintln!("total {:?}", started.elapsed());
 }
 
@@ -370,15 +368,11 @@ fn failure_log_report(node: &canopy_actors::node::NodeHandle) -> Option<Value> {
     found.first().map(|v| (*v).clone())
 }
 
-async fn eventually<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Waits up to 20 s for `probe` to give a value; panics naming `what` after that.
+async fn eventually<T>(what: &str, probe: impl AsyncFnMut() -> Option<T>) -> T {
+    common::eventually_async(Duration::from_secs(20), what, probe)
+        .await
+        .unwrap_or_else(|why| panic!("{why}"))
 }
 
 fn log_lines(path: &Path) -> Vec<Value> {
@@ -537,15 +531,16 @@ async fn a_user_actor_that_cannot_start_fails_the_node_start_and_leaves_no_runne
         "{message}"
     );
     // The runner started before the failing child is stopped with the rest of the tree.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    common::eventually_async(Duration::from_secs(10), "no runner left", async || {
+        common::processes_with_env("CANOPY_TEST_TAG", &tag)
+            .is_empty()
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|why| {
         let left = common::processes_with_env("CANOPY_TEST_TAG", &tag);
-        if left.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "runners left: {left:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        panic!("{why}: {left:?}")
+    });
 }
 
 /// What one streaming client saw: the content, whether an error event came, whether the

@@ -165,17 +165,10 @@ impl Runner {
 
     /// Waits for the process to exit.
     fn wait(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the runner did not exit within {WAIT:?}"
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
+        crate::common::eventually_some(WAIT, "the runner to exit", || {
+            self.child.try_wait().expect("try_wait")
+        })
+        .unwrap_or_else(|why| panic!("{why}"))
     }
 }
 

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::common::alive;
+use crate::common::{self, alive};
 use canopy_actors::runner::{
     RestartPolicy, RunnerCommand, RunnerConfig, RunnerError, RunnerEvent, RunnerMsg,
     RunnerObserver, RunnerSnapshot, RunnerSupervisor, RunnerSupervisorArgs, RunnerSupervisorError,
@@ -271,11 +271,11 @@ async fn drain(mut handle: TaskHandle) -> (Vec<String>, TaskEvent) {
 
 async fn assert_gone(pids: impl IntoIterator<Item = u32>) {
     for pid in pids {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while alive(pid) {
-            assert!(Instant::now() < deadline, "process {pid} was left behind");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        common::eventually_async(Duration::from_secs(10), "the process to end", async || {
+            (!alive(pid)).then_some(())
+        })
+        .await
+        .unwrap_or_else(|why| panic!("{why}: process {pid} was left behind"));
     }
 }
 
@@ -298,15 +298,12 @@ async fn serves_tasks_and_reports_its_state() {
         matches!(last, TaskEvent::Done { finish_reason: FinishReason::Stop, usage } if usage.completion_tokens == 5)
     );
     // The runner reports Ready right after the task's final event; wait for it.
-    let deadline = Instant::now() + WAIT;
-    let snap = loop {
+    let snap = common::eventually_async(WAIT, "the runner to be Ready", async || {
         let snap = h.snapshot().await;
-        if snap.status == RunnerStatus::Ready || Instant::now() > deadline {
-            break snap;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    assert_eq!(snap.status, RunnerStatus::Ready);
+        (snap.status == RunnerStatus::Ready).then_some(snap)
+    })
+    .await
+    .expect("Ready again");
     assert_eq!(snap.restarts, 0);
     assert!(snap.pid.is_some_and(alive));
     assert!(
@@ -590,15 +587,12 @@ async fn dropping_a_task_handle_cancels_it_in_the_runner() {
         .expect("accepted");
     assert!(matches!(next(&mut handle).await, Some(TaskEvent::Chunk(_))));
     drop(handle);
-    let deadline = Instant::now() + WAIT;
-    loop {
+    common::eventually_async(WAIT, "the task to end", async || {
         let snap = h.snapshot().await;
-        if snap.in_flight == 0 && snap.status == RunnerStatus::Ready {
-            break;
-        }
-        assert!(Instant::now() < deadline, "task still running: {snap:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (snap.in_flight == 0 && snap.status == RunnerStatus::Ready).then_some(())
+    })
+    .await
+    .unwrap_or_else(|why| panic!("{why}: task still running"));
     let (texts, _) = drain(h.submit("tokens=2", 16).await.expect("accepted")).await;
     assert_eq!(texts.len(), 2);
 }
@@ -670,12 +664,8 @@ fn no_orphan_after_the_node_process_is_sigkilled() {
     assert!(alive(pid));
     host.kill().expect("SIGKILL the host");
     host.wait().expect("reap host");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while alive(pid) {
-        assert!(
-            Instant::now() < deadline,
-            "runner {pid} outlived its SIGKILLed parent"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        common::wait_gone(pid, Duration::from_secs(10)),
+        "runner {pid} outlived its SIGKILLed parent"
+    );
 }

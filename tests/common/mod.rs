@@ -34,14 +34,7 @@ pub fn alive(pid: u32) -> bool {
 
 /// Waits up to `limit` for `pid` to be gone.
 pub fn wait_gone(pid: u32, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while alive(pid) {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    true
+    eventually(limit, "the process to end", || !alive(pid)).is_ok()
 }
 
 /// The shared model cache of the test suite (downloaded once per machine by the first test
@@ -325,6 +318,25 @@ pub fn eventually_some<T>(
             return Err(format!("timed out after {limit:?} waiting for {what}"));
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// [`eventually_some`] for async probes (tokio tests): polls `probe` every 20 ms until it gives
+/// a value, or (after `limit`) an error saying what was awaited.
+pub async fn eventually_async<T>(
+    limit: Duration,
+    what: &str,
+    mut probe: impl AsyncFnMut() -> Option<T>,
+) -> Result<T, String> {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = probe().await {
+            return Ok(value);
+        }
+        if start.elapsed() > limit {
+            return Err(format!("timed out after {limit:?} waiting for {what}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
