@@ -9,7 +9,9 @@
 //!   and [`Planner::tick`] *adopts* whatever the workers report running that the plan does
 //!   not know (or that the plan placed on a node that left). Re-election therefore never
 //!   stops an instance: a worker only stops an instance the plan deletes or assigns to
-//!   another node.
+//!   another node. The first plan is published once every live member has reported (or
+//!   after [`REPORT_GRACE`]), so that it carries their statuses: until then every node serves
+//!   from the old leader's plan, and a model with a Ready instance stays routable.
 //! - **Placement** puts an instance on the live node with enough free memory (reported by
 //!   the node, minus what the plan promised it and it does not yet report) that runs the
 //!   fewest instances; ties go to the node with more free memory, then the smaller id.
@@ -128,6 +130,10 @@ pub struct Planner {
     answers: Vec<(Ticket, PlaceAnswer)>,
     dirty: bool,
     published: Option<Instant>,
+    /// When this planner first stepped ([`Planner::tick`] or [`Planner::ready`]).
+    took_office: Option<Instant>,
+    /// Whether every live member had reported when the plan was first published.
+    heard_everyone: bool,
 }
 
 /// A short, readable id stem for a model: its file name without `.gguf`, lower-case,
@@ -176,6 +182,8 @@ impl Planner {
             answers: Vec::new(),
             dirty: true,
             published: None,
+            took_office: None,
+            heard_everyone: false,
         }
     }
 
@@ -201,6 +209,7 @@ impl Planner {
         members: &Members,
         now: Instant,
     ) {
+        self.note_members(members, now);
         self.place_or_defer(
             Deferred {
                 ticket,
@@ -229,6 +238,7 @@ impl Planner {
     /// One round: follows the term, adopts what runs, re-places what lost its node or failed,
     /// answers the placements that are done, and retries the deferred ones.
     pub fn tick(&mut self, members: &Members, now: Instant) {
+        self.note_members(members, now);
         if members.term > self.plan.term {
             self.plan.term = members.term;
             self.plan.version = 0;
@@ -251,6 +261,19 @@ impl Planner {
     /// changed or is due to be republished (its version is bumped on a change).
     pub fn ready(&mut self, now: Instant) -> Ready {
         self.prune(now);
+        // A new leader's first plan waits for every live member's report (up to the grace):
+        // published earlier, it would carry no statuses, and nodes would stop routing to
+        // instances that are Ready. Until then every node keeps serving from the old plan.
+        let since = *self.took_office.get_or_insert(now);
+        if self.published.is_none()
+            && !self.heard_everyone
+            && now.duration_since(since) < REPORT_GRACE
+        {
+            return Ready {
+                answers: std::mem::take(&mut self.answers),
+                publish: None,
+            };
+        }
         let due = self
             .published
             .is_none_or(|at| now.duration_since(at) >= REPUBLISH);
@@ -278,6 +301,14 @@ impl Planner {
             .chain(self.deferred.drain(..).map(|d| d.ticket));
         answers.extend(waiting.map(|t| (t, Err(PlaceError::NoLeader))));
         answers
+    }
+
+    /// Notes when this planner took office and whether every live member has reported yet.
+    fn note_members(&mut self, members: &Members, now: Instant) {
+        self.took_office.get_or_insert(now);
+        if !self.heard_everyone {
+            self.heard_everyone = members.alive.iter().all(|n| self.reports.contains_key(n));
+        }
     }
 
     /// Adopts what a live node reports running that the plan does not know, or that the plan
@@ -1181,16 +1212,67 @@ mod tests {
     }
 
     #[test]
+    fn a_new_leaders_first_plan_waits_for_the_reports() {
+        let (a, b) = (node(1), node(2));
+        let members = Members::new(a.clone(), [b.clone()], 2);
+        let mut p = planner(None, &members);
+        let now = Instant::now();
+        p.tick(&members, now);
+        assert!(
+            p.ready(now).publish.is_none(),
+            "published before any report"
+        );
+        p.report(report(a.clone(), need(), vec![])).unwrap();
+        p.tick(&members, now + Duration::from_millis(500));
+        assert!(
+            p.ready(now + Duration::from_millis(500)).publish.is_none(),
+            "published before b reported"
+        );
+        p.report(report(
+            b.clone(),
+            need(),
+            vec![instance("m-1", RunnerStatus::Ready, None)],
+        ))
+        .unwrap();
+        p.tick(&members, now + Duration::from_secs(1));
+        let first = p
+            .ready(now + Duration::from_secs(1))
+            .publish
+            .expect("published");
+        assert_eq!(
+            first.reports.len(),
+            2,
+            "the first plan carries every report"
+        );
+        assert!(first.status_of("m-1").is_some());
+
+        // A member that never reports holds the first plan back only for the grace.
+        let mut p = planner(None, &members);
+        p.tick(&members, now);
+        p.report(report(a, need(), vec![])).unwrap();
+        p.tick(&members, now + REPORT_GRACE - Duration::from_millis(1));
+        assert!(
+            p.ready(now + REPORT_GRACE - Duration::from_millis(1))
+                .publish
+                .is_none()
+        );
+        assert!(p.ready(now + REPORT_GRACE).publish.is_some());
+    }
+
+    #[test]
     fn the_plan_is_published_on_change_and_when_due() {
         let a = node(1);
         let members = Members::new(a.clone(), [], 1);
         let mut p = planner(None, &members);
         let now = Instant::now();
+        p.report(report(a.clone(), 4 * need(), vec![])).unwrap();
+        p.tick(&members, now);
         assert_eq!(p.ready(now).publish.map(|p| p.version), Some(1));
         assert!(p.ready(now + REPUBLISH / 2).publish.is_none());
         let again = p.ready(now + REPUBLISH).publish.expect("republished");
         assert_eq!(again.version, 1, "an unchanged plan keeps its version");
-        p.report(report(a, 4 * need(), vec![])).unwrap();
+        // A node's memory changed: a change of the plan.
+        p.report(report(a, 2 * need(), vec![])).unwrap();
         p.tick(&members, now + REPUBLISH);
         let changed = p
             .ready(now + REPUBLISH)
