@@ -12,8 +12,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
 
 use super::ModelResolver;
-use super::planner::{Members, Planner, Ready, Ticket};
-use super::protocol::{self, AppMsg, NodeReport, PlaceAnswer, PlaceRequest, Plan, encode, reply};
+use super::planner::{Members, Planner, Ticket};
+use super::protocol::{AppMsg, NodeReport, PlaceAnswer, PlaceRequest, Plan, encode, reply};
 
 pub use super::planner::RETRY_BUDGET;
 
@@ -57,14 +57,16 @@ pub struct MasterState {
 /// The actor (see the module docs).
 pub struct MasterActor;
 
-impl MasterState {
-    fn members(&self) -> Members {
-        let view = self.cluster.view();
-        Members::new(view.me, view.members.into_iter().map(|m| m.id), view.term)
-    }
+/// The live members as the planner sees them, from the cluster's view now.
+fn members_of(cluster: &ClusterHandle) -> Members {
+    let view = cluster.view();
+    Members::new(view.me, view.members.into_iter().map(|m| m.id), view.term)
+}
 
-    /// Answers the clients and publishes the plan, as the planner says.
-    fn carry_out(&mut self, ready: Ready) {
+impl MasterState {
+    /// Answers the clients and publishes the plan to `members`, as the planner says now.
+    fn carry_out(&mut self, now: Instant, members: &Members) {
+        let ready = self.planner.ready(now);
         self.answer(ready.answers);
         if let Some(plan) = ready.publish {
             let msg = match encode(&AppMsg::Plan(Box::new(plan))) {
@@ -74,8 +76,8 @@ impl MasterState {
                     return;
                 }
             };
-            for node in self.members().alive {
-                if let Err(err) = self.cluster.send(&node, msg.clone()) {
+            for node in &members.alive {
+                if let Err(err) = self.cluster.send(node, msg.clone()) {
                     tracing::debug!(%err, "cannot send the plan");
                 }
             }
@@ -102,8 +104,7 @@ impl Actor for MasterActor {
         args: MasterArgs,
     ) -> Result<MasterState, ActorProcessingErr> {
         let registration = canopy_runtime::introspect::register(&myself.get_cell(), "master");
-        let view = args.cluster.view();
-        let members = Members::new(view.me, view.members.into_iter().map(|m| m.id), view.term);
+        let members = members_of(&args.cluster);
         let planner = Planner::new(args.plan, &members, args.resolver);
         tracing::info!(
             term = members.term,
@@ -143,25 +144,25 @@ impl Actor for MasterActor {
                 if let Err(why) = state.planner.report(report) {
                     tracing::warn!(node = %node, %why, "dropped an oversized report");
                 }
-                return Ok(());
             }
-            MasterMsg::Place(request, reply) => {
+            MasterMsg::Place(request, port) => {
+                let members = members_of(&state.cluster);
                 let ticket = Ticket(state.next_ticket);
                 state.next_ticket += 1;
-                state.waiting.insert(ticket, reply);
-                let members = state.members();
+                state.waiting.insert(ticket, port);
                 state.planner.place(ticket, request, &members, now);
+                state.carry_out(now, &members);
             }
-            MasterMsg::Delete(id, reply) => {
-                protocol::reply(reply, &state.planner.delete(&id));
+            MasterMsg::Delete(id, port) => {
+                reply(port, &state.planner.delete(&id));
+                state.carry_out(now, &members_of(&state.cluster));
             }
             MasterMsg::Tick => {
-                let members = state.members();
+                let members = members_of(&state.cluster);
                 state.planner.tick(&members, now);
+                state.carry_out(now, &members);
             }
         }
-        let ready = state.planner.ready(now);
-        state.carry_out(ready);
         Ok(())
     }
 }

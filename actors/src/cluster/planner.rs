@@ -265,19 +265,13 @@ impl Planner {
         // published earlier, it would carry no statuses, and nodes would stop routing to
         // instances that are Ready. Until then every node keeps serving from the old plan.
         let since = *self.took_office.get_or_insert(now);
-        if self.published.is_none()
+        let holding = self.published.is_none()
             && !self.heard_everyone
-            && now.duration_since(since) < REPORT_GRACE
-        {
-            return Ready {
-                answers: std::mem::take(&mut self.answers),
-                publish: None,
-            };
-        }
+            && now.duration_since(since) < REPORT_GRACE;
         let due = self
             .published
             .is_none_or(|at| now.duration_since(at) >= REPUBLISH);
-        let publish = (self.dirty || due).then(|| {
+        let publish = (!holding && (self.dirty || due)).then(|| {
             if self.dirty {
                 self.plan.version += 1;
                 self.dirty = false;
@@ -307,8 +301,13 @@ impl Planner {
     fn note_members(&mut self, members: &Members, now: Instant) {
         self.took_office.get_or_insert(now);
         if !self.heard_everyone {
-            self.heard_everyone = members.alive.iter().all(|n| self.reports.contains_key(n));
+            self.heard_everyone = self.all_reported(members);
         }
+    }
+
+    /// Whether every live member has reported.
+    fn all_reported(&self, members: &Members) -> bool {
+        members.alive.iter().all(|n| self.reports.contains_key(n))
     }
 
     /// Adopts what a live node reports running that the plan does not know, or that the plan
@@ -644,8 +643,7 @@ impl Planner {
     /// Places `deferred` now if every live node has reported (or its grace is over), else
     /// keeps it for the next tick.
     fn place_or_defer(&mut self, deferred: Deferred, members: &Members, now: Instant) {
-        let unreported = members.alive.iter().any(|n| !self.reports.contains_key(n));
-        if unreported && now.duration_since(deferred.since) < REPORT_GRACE {
+        if !self.all_reported(members) && now.duration_since(deferred.since) < REPORT_GRACE {
             self.deferred.push(deferred);
         } else {
             let Deferred {

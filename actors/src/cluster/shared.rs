@@ -274,21 +274,13 @@ impl Shared {
                     started: false,
                 },
             );
-            let msg = encode(&AppMsg::Submit {
+            let msg = AppMsg::Submit {
                 key,
                 model: model.clone(),
                 request: request.clone(),
-            });
-            let answer = match msg {
-                Ok(msg) => self
-                    .cluster
-                    .call(&host, msg, SUBMIT_TIMEOUT)
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(err) => Err(err.to_string()),
             };
-            let answer =
-                answer.and_then(|bytes| decode::<SubmitAnswer>(&bytes).map_err(|e| e.to_string()));
+            let answer: Result<SubmitAnswer, String> =
+                call_peer(&self.cluster, &host, &msg, SUBMIT_TIMEOUT).await;
             match answer {
                 Ok(Ok(())) => {
                     let shared = self.clone();
@@ -460,19 +452,13 @@ impl Remote for ClusterRoutes {
                 let id = m.id.clone();
                 let master = view.leader.as_ref() == Some(&m.id);
                 async move {
-                    let answer = match encode(&AppMsg::Actors) {
-                        Ok(msg) => cluster
-                            .call(&id, msg, Duration::from_secs(3))
+                    let answer =
+                        call_peer::<String>(&cluster, &id, &AppMsg::Actors, Duration::from_secs(3))
                             .await
-                            .map_err(|e| e.to_string()),
-                        Err(err) => Err(err.to_string()),
-                    };
-                    let answer = answer
-                        .and_then(|bytes| decode::<String>(&bytes).map_err(|e| e.to_string()))
-                        .and_then(|text| {
-                            serde_json::from_str::<Option<ActorReport>>(&text)
-                                .map_err(|e| format!("an undecodable actor tree: {e}"))
-                        });
+                            .and_then(|text| {
+                                serde_json::from_str::<Option<ActorReport>>(&text)
+                                    .map_err(|e| format!("an undecodable actor tree: {e}"))
+                            });
                     let (tree, error) = match answer {
                         Ok(tree) => (tree, None),
                         Err(err) => (None, Some(err)),
@@ -492,30 +478,14 @@ impl Remote for ClusterRoutes {
     }
 
     fn place(&self, request: PlaceRequest) -> BoxFuture<'static, Result<Vec<Placed>, PlaceError>> {
+        // Checked where it came in (`POST /instances`) and again by the leader's planner.
         let cluster = self.shared.cluster.clone();
         async move {
-            request.validate()?;
-            let leader = cluster.view().leader.ok_or(PlaceError::NoLeader)?;
             let limit = Duration::from_secs(request.wait_secs + 15);
-            let msg = encode(&AppMsg::Place(request)).map_err(|e| PlaceError::Failed {
-                instance: "-".into(),
-                node: leader.to_string(),
-                reason: e.to_string(),
-            })?;
-            let bytes =
-                cluster
-                    .call(&leader, msg, limit)
-                    .await
-                    .map_err(|e| PlaceError::Failed {
-                        instance: "-".into(),
-                        node: leader.to_string(),
-                        reason: format!("the leader did not answer: {e}"),
-                    })?;
-            decode::<PlaceAnswer>(&bytes).map_err(|e| PlaceError::Failed {
-                instance: "-".into(),
-                node: leader.to_string(),
-                reason: format!("the leader's answer is garbled: {e}"),
-            })?
+            ask_leader::<PlaceAnswer>(&cluster, &AppMsg::Place(request), limit, |leader, e| {
+                leader_failed(leader, format!("the leader did not answer: {e}"))
+            })
+            .await?
         }
         .boxed()
     }
@@ -523,22 +493,55 @@ impl Remote for ClusterRoutes {
     fn delete(&self, instance: String) -> BoxFuture<'static, Result<(), PlaceError>> {
         let cluster = self.shared.cluster.clone();
         async move {
-            let leader = cluster.view().leader.ok_or(PlaceError::NoLeader)?;
-            let msg = encode(&AppMsg::Delete { instance }).map_err(|e| PlaceError::Failed {
-                instance: "-".into(),
-                node: leader.to_string(),
-                reason: e.to_string(),
-            })?;
-            let bytes = cluster
-                .call(&leader, msg, Duration::from_secs(30))
-                .await
-                .map_err(|_| PlaceError::NoLeader)?;
-            decode::<DeleteAnswer>(&bytes).map_err(|e| PlaceError::Failed {
-                instance: "-".into(),
-                node: leader.to_string(),
-                reason: format!("the leader's answer is garbled: {e}"),
-            })?
+            let msg = AppMsg::Delete { instance };
+            ask_leader::<DeleteAnswer>(&cluster, &msg, Duration::from_secs(30), |_, _| {
+                PlaceError::NoLeader
+            })
+            .await?
         }
         .boxed()
     }
+}
+
+/// Sends `msg` to `to` and decodes its answer; why there is none (it did not encode, the call
+/// failed, the answer is garbled) as text.
+async fn call_peer<T: serde::de::DeserializeOwned>(
+    cluster: &ClusterHandle,
+    to: &NodeId,
+    msg: &AppMsg,
+    limit: Duration,
+) -> Result<T, String> {
+    let msg = encode(msg).map_err(|e| e.to_string())?;
+    let bytes = cluster
+        .call(to, msg, limit)
+        .await
+        .map_err(|e| e.to_string())?;
+    decode(&bytes).map_err(|e| e.to_string())
+}
+
+/// A call to the leader about a placement that went wrong for `reason`.
+fn leader_failed(leader: &NodeId, reason: String) -> PlaceError {
+    PlaceError::Failed {
+        instance: "-".into(),
+        node: leader.to_string(),
+        reason,
+    }
+}
+
+/// Sends `msg` to the leader and decodes its answer; a call that gets none is
+/// `unanswered(leader, why)`.
+async fn ask_leader<T: serde::de::DeserializeOwned>(
+    cluster: &ClusterHandle,
+    msg: &AppMsg,
+    limit: Duration,
+    unanswered: impl FnOnce(&NodeId, canopy_runtime::cluster::ClusterError) -> PlaceError,
+) -> Result<T, PlaceError> {
+    let leader = cluster.view().leader.ok_or(PlaceError::NoLeader)?;
+    let msg = encode(msg).map_err(|e| leader_failed(&leader, e.to_string()))?;
+    let bytes = cluster
+        .call(&leader, msg, limit)
+        .await
+        .map_err(|e| unanswered(&leader, e))?;
+    decode(&bytes)
+        .map_err(|e| leader_failed(&leader, format!("the leader's answer is garbled: {e}")))
 }

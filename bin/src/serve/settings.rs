@@ -11,7 +11,7 @@ use canopy_actors::api::{ApiConfig, ApiKey};
 
 use super::args::{ServeArgs, check_parallel};
 use super::{DEFAULT_CLUSTER_PORT, DEFAULT_PORT};
-use crate::security::{self};
+use crate::security;
 
 /// Reads a configuration file: the keys are the flags' names (see [`ServeArgs`]).
 fn load_file(path: &Path) -> anyhow::Result<ServeArgs> {
