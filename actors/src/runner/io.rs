@@ -54,12 +54,12 @@ pub(super) fn spawn_reader(
                 Err(err) => {
                     let _ = supervisor
                         .send_message(RunnerMsg::ProtocolError(generation, err.to_string()));
-                    return;
+                    break;
                 }
             }
         }
-        // After every frame: a dead runner's tasks are failed only once what it wrote
-        // before dying has reached them.
+        // After every frame it delivered: a dead runner's tasks are failed only once what it
+        // wrote before dying has reached them.
         let _ = supervisor.send_message(RunnerMsg::OutputClosed(generation));
     })
 }

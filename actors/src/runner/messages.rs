@@ -241,8 +241,8 @@ pub enum RunnerMsg {
     /// Internal: check the stall timers.
     #[doc(hidden)]
     CheckStalls,
-    /// Internal: the runner of the given generation closed its stdout (every frame it wrote
-    /// has been delivered before this).
+    /// Internal: the reader of the given generation's output stopped (its stdout closed, or a
+    /// bad frame); every frame it delivered came before this.
     #[doc(hidden)]
     OutputClosed(u64),
     /// Internal: the runner of the given generation died and its output did not close within

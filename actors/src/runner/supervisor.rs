@@ -59,6 +59,9 @@ struct Runner {
     /// Set when the process died while its output may still hold frames: how it died, and
     /// its stderr tail. Its tasks fail once the output closes (or [`DRAIN_GRACE`] passes).
     dying: Option<(FailureReason, Vec<String>)>,
+    /// Whether [`RunnerMsg::OutputClosed`] has been handled: every frame the reader delivered
+    /// has been too.
+    output_closed: bool,
 }
 
 impl Runner {
@@ -192,6 +195,7 @@ impl RunnerSupervisor {
             started_at: Instant::now(),
             last_beat,
             dying: None,
+            output_closed: false,
         };
         runner.send(ToRunner::Handshake(canopy_proto::Handshake::ours()));
         tracing::info!(instance = %state.config.instance, pid = io.pid, generation, "runner started");
@@ -443,7 +447,17 @@ impl RunnerSupervisor {
                     Self::on_frame(myself, state, event)?;
                 }
             }
-            RunnerMsg::OutputClosed(generation) | RunnerMsg::DrainOver(generation) => {
+            RunnerMsg::OutputClosed(generation) => {
+                if generation == state.generation
+                    && let Some(runner) = state.runner.as_mut()
+                {
+                    runner.output_closed = true;
+                    if let Some((reason, tail)) = runner.dying.take() {
+                        Self::on_runner_death(myself, state, reason, tail)?;
+                    }
+                }
+            }
+            RunnerMsg::DrainOver(generation) => {
                 if generation == state.generation
                     && let Some((reason, tail)) = state.runner.as_mut().and_then(|r| r.dying.take())
                 {
@@ -510,9 +524,10 @@ impl RunnerSupervisor {
                 };
                 // ractor delivers a supervision event before the messages already queued, so
                 // the runner's last frames (a chunk written just before it died) may still be
-                // on their way: let the reader deliver them first.
+                // on their way, even when the reader has finished: wait for its OutputClosed,
+                // which comes after them.
                 match state.runner.as_mut() {
-                    Some(runner) if !runner.reader.is_finished() => {
+                    Some(runner) if !runner.output_closed => {
                         runner.dying = Some((reason, tail));
                         let generation = state.generation;
                         myself.send_after(DRAIN_GRACE, move || RunnerMsg::DrainOver(generation));
