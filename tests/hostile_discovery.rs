@@ -227,10 +227,7 @@ fn forged_replayed_oversized_and_v1_beacons_are_dropped() {
     };
     for outcome in ["bad_mac", "replayed", "oversize", "version", "accepted"] {
         let series = format!("canopy_discovery_beacons_total{{outcome=\"{outcome}\"}}");
-        let n: f64 = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
-            .unwrap_or(0.0);
+        let n = common::metric(&metrics, &series);
         assert!(n >= 1.0, "{series} is {n}:\n{metrics}");
     }
 

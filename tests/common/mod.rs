@@ -352,11 +352,16 @@ pub fn holds_for(limit: Duration, mut ok: impl FnMut() -> Result<(), String>) {
 }
 
 /// The sum of every sample of metric `name` (all label sets) in Prometheus text; 0 when the
-/// metric is absent. `name` is the whole name (`canopy_runner_restarts_total`), not a prefix.
+/// metric is absent. `name` is the whole name (`canopy_runner_restarts_total`), not a prefix;
+/// with labels (`canopy_discovery_beacons_total{outcome="stale"}`) it is that one series.
 pub fn metric(text: &str, name: &str) -> f64 {
+    let labelled = name.contains('{');
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || (!labelled && rest.starts_with('{')))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
