@@ -47,11 +47,16 @@
 //!   1 MiB model name (refused by the body limit, 413, or by validation, 400) and with a
 //!   model name just under the body limit (400 from validation): the plan does not grow and
 //!   membership stays stable for 3 s.
-//! - [`an_insider_cannot_take_another_members_name`] (`#[ignore]`d: it fails today): a cookie
-//!   holder claiming the leader A's name dials the follower B; B authenticates it and drops
-//!   the real A's session (`elect_sessions` in `vendor/ractor_cluster/src/node.rs` prefers it
-//!   when A's name sorts after B's), so the seal's sender check is only as strong as the
-//!   name a cookie holder chooses.
+//! - [`an_insider_cannot_take_another_members_name`]: a cookie holder claiming the leader A's
+//!   name dials the follower B; B keeps the real A's ready session (the vendored
+//!   `NodeServerState::elect` in `vendor/ractor_cluster/src/node.rs`), so the seal's sender
+//!   check is not only as strong as the name a cookie holder chooses.
+//! - [`tls_nodes_form_serve_across_and_refuse_peers_without_the_cas_certificate`]: two nodes
+//!   with certificates from `canopy cluster certs` form over mutual TLS while a silent TCP
+//!   connection is held open on the first one's cluster port (a TLS handshake that never
+//!   comes must not stop the listener), and a request to the second streams from an instance
+//!   on the first; a node with the cookie but no TLS, and one with a certificate from another
+//!   CA, never become members.
 //!
 //! Each defence was removed in turn in a scratch copy (names out of the handshake proof, the
 //! seal's MAC check, the sender check, `MAX_TERM`, the plan's leader check, the stream's host
@@ -104,6 +109,11 @@ impl Node {
 
     /// [`Node::start`], with the node id `id` (written to its data dir first) if given.
     fn start_as(id: Option<&str>, cookie: &str, peers: &[SocketAddr]) -> Node {
+        Node::start_with(id, cookie, peers, &[])
+    }
+
+    /// [`Node::start_as`], with more flags.
+    fn start_with(id: Option<&str>, cookie: &str, peers: &[SocketAddr], extra: &[&str]) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         if let Some(id) = id {
             std::fs::write(dir.path().join("node-id"), format!("{id}\n")).expect("node-id");
@@ -127,6 +137,7 @@ impl Node {
         for p in peers {
             cmd.args(["--peer", &p.to_string()]);
         }
+        cmd.args(extra);
         let mut child = cmd.spawn().expect("canopy starts");
         let log = common::capture_output(&mut child);
         let proc = NodeProcess {
@@ -1540,4 +1551,121 @@ fn a_one_mebibyte_model_name_is_refused_and_nothing_flaps() {
     assert_unchanged(&a, &before_a, "a 1 MiB model name");
     assert_unchanged(&b, &before_b, "a 1 MiB model name");
     assert!(a.state()["plan_version"] == b.state()["plan_version"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mutual TLS.
+
+/// Runs `canopy cluster certs --dir DIR --node NAME...`; returns each node's three flags.
+fn make_certs(dir: &std::path::Path, nodes: &[&str]) -> Vec<Vec<String>> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_canopy"));
+    cmd.args(["cluster", "certs", "--dir"]).arg(dir);
+    for n in nodes {
+        cmd.args(["--node", n]);
+    }
+    let out = cmd.output().expect("canopy cluster certs runs");
+    assert!(
+        out.status.success(),
+        "canopy cluster certs failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = |name: &str| dir.join(name).display().to_string();
+    nodes
+        .iter()
+        .map(|n| {
+            vec![
+                "--tls-cert".into(),
+                path(&format!("{n}.pem")),
+                "--tls-key".into(),
+                path(&format!("{n}-key.pem")),
+                "--tls-ca".into(),
+                path("ca.pem"),
+            ]
+        })
+        .collect()
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn tls_nodes_form_serve_across_and_refuse_peers_without_the_cas_certificate() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let other_ca = tempfile::tempdir().expect("tempdir");
+    let flags = make_certs(certs.path(), &["a", "b"]);
+    let foreign = make_certs(other_ca.path(), &["x"]);
+
+    let a = Node::start_with(None, COOKIE, &[], &strs(&flags[0]));
+    // A peer that opens a TCP connection and never starts TLS: the listener must go on
+    // accepting others while this one waits for its handshake.
+    let silent = TcpStream::connect(a.cluster).expect("connect");
+    let b = Node::start_with(None, COOKIE, &[a.cluster], &strs(&flags[1]));
+    let a_id = a.id().to_string();
+    let formed = eventually(Duration::from_secs(20), "the TLS cluster to form", || {
+        let (sa, sb) = (a.snapshot(), b.snapshot());
+        sa.members.len() == 2 && sb.members.len() == 2 && sb.master.as_deref() == Some(&a_id)
+    });
+    if let Err(why) = formed {
+        panic!("{why}\n{}", logs(&[&a, &b]));
+    }
+    assert!(
+        a.log().contains("cluster sessions use mutual TLS"),
+        "{}",
+        a.log()
+    );
+
+    // The data path works through TLS: an instance on A, a request to B.
+    let (status, placed) = a.proc.post(
+        "/instances",
+        &json!({"model": "scripted", "node": a_id, "wait": 30}),
+    );
+    assert_eq!(status, 201, "{placed}\n{}", logs(&[&a, &b]));
+    let mut text = String::new();
+    let status = b.proc.stream(
+        &common::chat_body("scripted", "hello over tls", 6, true),
+        |event, _| {
+            if let Ok(v) = serde_json::from_str::<Value>(event) {
+                if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+                    text.push_str(t);
+                }
+            }
+        },
+    );
+    assert_eq!(status, 200, "{}", logs(&[&a, &b]));
+    assert!(!text.is_empty(), "no text streamed\n{}", logs(&[&a, &b]));
+
+    // The cookie alone is not enough, and neither is a certificate from another CA.
+    let before = a.snapshot();
+    let plain = Node::start_with(None, COOKIE, &[a.cluster], &[]);
+    let intruder = Node::start_with(None, COOKIE, &[a.cluster], &strs(&foreign[0]));
+    holds_for(Duration::from_secs(4), || {
+        for node in [&a, &b] {
+            let now = node.snapshot();
+            if now.members != before.members {
+                return Err(format!("membership changed: {now:?}"));
+            }
+        }
+        for outsider in [&plain, &intruder] {
+            let members = outsider.snapshot().members.len();
+            if members > 1 {
+                return Err(format!("an outsider has {members} members"));
+            }
+        }
+        Ok(())
+    });
+    assert!(a.healthy() && b.healthy());
+    // Each refusal names its cause: the intruder's dial says its TLS handshake failed (A's
+    // certificate is not from the CA it trusts), and A says the plain node does not speak TLS.
+    assert!(
+        intruder.log().contains("TLS handshake with a peer failed"),
+        "the intruder did not say why it cannot join\n{}",
+        logs(&[&intruder])
+    );
+    assert!(
+        a.log().contains("does not speak TLS"),
+        "A did not say why the plain node was refused\n{}",
+        logs(&[&a])
+    );
+    drop(silent);
 }

@@ -59,6 +59,9 @@ pub fn spawn(plan: &LocalPlan<'_>) -> anyhow::Result<LocalNodes> {
             .env_remove("CANOPY_PORT")
             .env_remove("CANOPY_CLUSTER_PORT")
             .env_remove("CANOPY_DATA_DIR")
+            .env_remove("CANOPY_TLS_CERT")
+            .env_remove("CANOPY_TLS_KEY")
+            .env_remove("CANOPY_TLS_CA")
             // The settings the children need are passed as flags: a config file named in
             // the environment would hand them node 0's model and addresses too.
             .env_remove("CANOPY_CONFIG")

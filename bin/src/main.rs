@@ -1,7 +1,8 @@
 //! The `canopy` binary.
 //!
 //! Subcommands: `up` (a node serving the default model), `node` (a node), `inspect` (the
-//! live actor tree of a node), `chat` (a terminal client), `model` (the model store), and the
+//! live actor tree of a node), `chat` (a terminal client), `model` (the model store), `cluster
+//! certs` (TLS certificates for the cluster), and the
 //! hidden `runner`: the child process that a `RunnerSupervisor` spawns to host one inference
 //! engine (see [`runner`]).
 //!
@@ -9,6 +10,7 @@
 //! `tracing-subscriber` env-filter directive works). Stdout is reserved for protocol frames in
 //! runner mode; nothing else writes to it.
 
+mod certs;
 mod chat;
 mod client;
 mod inspect;
@@ -54,6 +56,8 @@ enum Command {
     Runner(runner::RunnerArgs),
     /// Downloads, lists, locates and removes models (`pull`, `list`, `path`, `verify`, `rm`).
     Model(model::ModelArgs),
+    /// Cluster tools: `certs` makes a CA and node certificates for mutual TLS.
+    Cluster(certs::ClusterArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,6 +70,7 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(exit.code());
         }
         Command::Model(args) => model::run(args),
+        Command::Cluster(args) => certs::run(args),
         Command::Up(args) => serve::run(args, Some(canopy_store::DEFAULT_MODEL)),
         Command::Node(args) => serve::run(args, None),
         Command::Inspect(args) => inspect::run(args),

@@ -70,6 +70,18 @@ pub struct ServeArgs {
     /// A file holding the cluster cookie (e.g. a copy of another node's data-dir `cookie`).
     #[arg(long, env = "CANOPY_COOKIE_FILE")]
     pub(super) cookie_file: Option<PathBuf>,
+    /// This node's TLS certificate (PEM) for cluster sessions: with --tls-key and --tls-ca,
+    /// every session is mutual TLS and peers without a certificate from that CA are
+    /// refused. Make them with `canopy cluster certs`.
+    #[arg(long, env = "CANOPY_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub(super) tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM; keep it mode 0600).
+    #[arg(long, env = "CANOPY_TLS_KEY", requires_all = ["tls_cert", "tls_ca"])]
+    pub(super) tls_key: Option<PathBuf>,
+    /// The cluster CA's certificate (PEM): the only issuer peers' certificates are accepted
+    /// from.
+    #[arg(long, env = "CANOPY_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    pub(super) tls_ca: Option<PathBuf>,
     /// The key clients must send as `Authorization: Bearer KEY` on every endpoint but
     /// /health [default: none, and then the API serves loopback only]. Other local users
     /// can read a command line: prefer --api-key-file or the variable.
@@ -262,6 +274,9 @@ impl ServeArgs {
             cluster_port: self.cluster_port.or(file.cluster_port),
             cookie: self.cookie.or(file.cookie),
             cookie_file: self.cookie_file.or(file.cookie_file),
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
+            tls_ca: self.tls_ca.or(file.tls_ca),
             api_key: self.api_key.or(file.api_key),
             api_key_file: self.api_key_file.or(file.api_key_file),
             insecure_no_api_key: self.insecure_no_api_key || file.insecure_no_api_key,

@@ -122,6 +122,16 @@ pub fn run(args: ServeArgs, default_model: Option<&str>) -> anyhow::Result<()> {
             if settings.insecure_no_api_key {
                 passthrough.push("--insecure-no-api-key".to_string());
             }
+            if let Some(tls) = &cluster.tls {
+                // Paths, not secrets: every local node presents the same certificate.
+                for (flag, path) in [
+                    ("--tls-cert", &tls.cert),
+                    ("--tls-key", &tls.key),
+                    ("--tls-ca", &tls.ca),
+                ] {
+                    passthrough.extend([flag.to_string(), path.display().to_string()]);
+                }
+            }
             for i in 1..nodes {
                 cluster.peers.push(SocketAddr::new(
                     cluster.listen.ip(),
@@ -174,6 +184,12 @@ fn cluster_setup(
     config.peers = cluster.peers.clone();
     config.expect = cluster.expect;
     config.priority = cluster.priority;
+    if let Some(files) = &cluster.tls {
+        use canopy_runtime::cluster::tls::{ClusterTls, TlsPem};
+        let pem = TlsPem::read(&files.cert, &files.key, &files.ca)?;
+        config.tls = Some(ClusterTls::new(&pem).context("cannot set up cluster TLS")?);
+        tracing::info!(cert = %files.cert.display(), ca = %files.ca.display(), "cluster sessions use mutual TLS");
+    }
     if cluster.discovery {
         match cluster.listen.ip() {
             IpAddr::V4(v4) if !v4.is_loopback() && !v4.is_unspecified() => {

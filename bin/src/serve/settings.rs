@@ -55,6 +55,45 @@ pub(super) struct ClusterSettings {
     pub(super) namespace: String,
     pub(super) discovery: bool,
     pub(super) memory: Option<u64>,
+    /// Mutual TLS for cluster sessions, if on.
+    pub(super) tls: Option<TlsFiles>,
+}
+
+/// The three files of cluster TLS.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct TlsFiles {
+    pub(super) cert: PathBuf,
+    pub(super) key: PathBuf,
+    pub(super) ca: PathBuf,
+}
+
+impl TlsFiles {
+    /// All three or none (a configuration file can give one alone; the flags cannot).
+    fn of(
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        ca: Option<PathBuf>,
+    ) -> anyhow::Result<Option<Self>> {
+        match (cert, key, ca) {
+            (None, None, None) => Ok(None),
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(Self { cert, key, ca })),
+            (cert, key, ca) => {
+                let missing: Vec<&str> = [
+                    ("tls_cert", cert.is_none()),
+                    ("tls_key", key.is_none()),
+                    ("tls_ca", ca.is_none()),
+                ]
+                .iter()
+                .filter(|(_, m)| *m)
+                .map(|(name, _)| *name)
+                .collect();
+                anyhow::bail!(
+                    "cluster TLS needs tls_cert, tls_key and tls_ca together; missing: {}",
+                    missing.join(", ")
+                )
+            }
+        }
+    }
 }
 
 /// The default cluster address: the first non-loopback IPv4 address of an interface that is
@@ -108,6 +147,11 @@ impl Settings {
             anyhow::bail!("--nodes must be at least 1");
         }
         let cluster = if args.standalone {
+            if args.tls_cert.is_some() || args.tls_key.is_some() || args.tls_ca.is_some() {
+                anyhow::bail!(
+                    "--tls-cert/--tls-key/--tls-ca secure the cluster: drop --standalone or them"
+                );
+            }
             None
         } else {
             let local = nodes > 1;
@@ -133,6 +177,7 @@ impl Settings {
                 namespace: args.namespace.unwrap_or_else(|| "canopy".into()),
                 discovery: !args.no_discovery && !local,
                 memory: args.memory,
+                tls: TlsFiles::of(args.tls_cert, args.tls_key, args.tls_ca)?,
             })
         };
         Ok(Self {
@@ -187,6 +232,31 @@ mod tests {
         assert_eq!(s.addr, "127.0.0.2:7000".parse().expect("addr"));
         assert_eq!(s.instances, 2);
         assert_eq!(s.model, None);
+    }
+
+    #[test]
+    fn cluster_tls_needs_all_three_files_and_a_cluster() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("canopy.toml");
+        std::fs::write(&path, "tls_cert = \"node.pem\"\ntls_ca = \"ca.pem\"\n").expect("write");
+        let mut a = ServeArgs {
+            config: Some(path.clone()),
+            data_dir: Some(dir.path().into()),
+            ..ServeArgs::default()
+        };
+        let err = format!(
+            "{:#}",
+            Settings::resolve(a.clone(), None).expect_err("no key")
+        );
+        assert!(err.contains("missing: tls_key"), "{err}");
+        a.tls_key = Some("node-key.pem".into());
+        let s = Settings::resolve(a.clone(), None).expect("settles");
+        let tls = s.cluster.expect("a cluster").tls.expect("tls on");
+        assert_eq!(tls.cert, PathBuf::from("node.pem"));
+        assert_eq!(tls.key, PathBuf::from("node-key.pem"));
+        a.standalone = true;
+        let err = format!("{:#}", Settings::resolve(a, None).expect_err("standalone"));
+        assert!(err.contains("--standalone"), "{err}");
     }
 
     #[test]

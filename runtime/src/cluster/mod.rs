@@ -8,6 +8,7 @@
 //! - [`election`]: which node leads, fenced by a term that only grows.
 //! - [`wire`]: what crosses between nodes.
 //! - [`seal`]: every message sealed under its session's key, so its sender is authenticated.
+//! - [`tls`]: optional mutual TLS around every session (`--tls-cert/--tls-key/--tls-ca`).
 
 pub mod discovery;
 pub mod election;
@@ -15,10 +16,11 @@ pub mod identity;
 pub mod membership;
 pub mod peer;
 pub mod seal;
+pub mod tls;
 pub mod wire;
 
 pub use identity::NodeId;
 pub use membership::{
     ClusterActor, ClusterArgs, ClusterConfig, ClusterError, ClusterHandle, ClusterMsg, ClusterView,
-    Incoming, Member, cluster_channels, now_ms,
+    DialFailure, Incoming, Member, cluster_channels, now_ms,
 };

@@ -690,6 +690,7 @@ impl Actor for NodeServer {
             myself.clone(),
             self.encryption_mode.clone(),
             self.listen_addr,
+            self.handshake_timeout,
         );
 
         let (actor_ref, _) =
@@ -895,6 +896,7 @@ impl Actor for NodeServer {
                         myself.clone(),
                         self.encryption_mode.clone(),
                         self.listen_addr,
+                        self.handshake_timeout,
                     );
 
                     let (actor_ref, _) =
@@ -939,6 +941,7 @@ impl Actor for NodeServer {
                         myself.clone(),
                         self.encryption_mode.clone(),
                         self.listen_addr,
+                        self.handshake_timeout,
                     );
 
                     let (actor_ref, _) =

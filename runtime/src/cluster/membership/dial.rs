@@ -6,14 +6,18 @@ use std::time::{Duration, Instant};
 
 use ractor::ActorRef;
 
-use super::{ClusterMsg, ClusterState};
+use super::{ClusterMsg, ClusterState, DialFailure};
 use crate::cluster::discovery::should_dial;
+use crate::cluster::tls::ClusterTls;
 use crate::restart::Backoff;
+use ractor_cluster::ClientConnectErr;
 
 pub(super) struct Dial {
     pub(super) failures: u32,
     pub(super) next: Instant,
     pub(super) in_flight: bool,
+    /// A failed TLS handshake was logged since the last successful dial.
+    pub(super) tls_warned: bool,
 }
 
 /// The wait before redialling a peer after `failures` failed dials: 250 ms doubling to 5 s.
@@ -58,6 +62,7 @@ impl ClusterState {
                 failures: 0,
                 next: now,
                 in_flight: false,
+                tls_warned: false,
             });
             if !dial.in_flight && dial.next <= now {
                 dial.in_flight = true;
@@ -72,16 +77,29 @@ impl ClusterState {
             let server = self.server.clone();
             let myself = myself.clone();
             let limit = self.config().dial_timeout;
+            let tls = self.config().tls.clone();
             tokio::spawn(async move {
-                let outcome = match tokio::time::timeout(
-                    limit,
-                    ractor_cluster::client_connect(&server, addr),
-                )
-                .await
-                {
+                let connect = async {
+                    match tls {
+                        Some(tls) => {
+                            ractor_cluster::client_connect_enc(
+                                &server,
+                                addr,
+                                tls.connector(),
+                                ClusterTls::server_name(),
+                            )
+                            .await
+                        }
+                        None => ractor_cluster::client_connect(&server, addr).await,
+                    }
+                };
+                let outcome = match tokio::time::timeout(limit, connect).await {
                     Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err(format!("no answer within {limit:?}")),
+                    Ok(Err(ClientConnectErr::Encryption(e))) => {
+                        Err(DialFailure::Tls(e.to_string()))
+                    }
+                    Ok(Err(e)) => Err(DialFailure::Connect(e.to_string())),
+                    Err(_) => Err(DialFailure::Connect(format!("no answer within {limit:?}"))),
                 };
                 let _ = myself.cast(ClusterMsg::Dialed(addr, outcome));
             });

@@ -39,11 +39,11 @@ use std::time::{Duration, Instant};
 use ractor::{
     Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
 };
-use ractor_cluster::RactorMessage;
 use ractor_cluster::node::{
     NodeConnectionMode, NodeServer, NodeServerMessage, NodeServerSessionInformation,
     NodeSessionMessage,
 };
+use ractor_cluster::{IncomingEncryptionMode, RactorMessage};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -101,8 +101,11 @@ pub struct ClusterConfig {
     pub heartbeat: PeerHeartbeat,
     /// Quorum: the smallest component that may elect a leader (`--expect`).
     pub expect: Option<usize>,
-    /// Bound on one TCP connect to a peer.
+    /// Bound on one TCP connect to a peer (the TLS handshake included).
     pub dial_timeout: Duration,
+    /// Mutual TLS around every session, if on: peers without a certificate from the
+    /// cluster's CA are refused before the cookie handshake.
+    pub tls: Option<super::tls::ClusterTls>,
 }
 
 impl ClusterConfig {
@@ -119,6 +122,7 @@ impl ClusterConfig {
             heartbeat: PeerHeartbeat::default(),
             expect: None,
             dial_timeout: Duration::from_secs(2),
+            tls: None,
         }
     }
 }
@@ -182,6 +186,16 @@ pub fn cluster_channels(
     )
 }
 
+/// Why a dial failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DialFailure {
+    /// The TCP connection opened but the TLS handshake failed (a certificate from another
+    /// CA, or a peer without TLS): a configuration error worth a warning.
+    Tls(String),
+    /// No connection (refused, unreachable, no answer in time).
+    Connect(String),
+}
+
 /// Messages of the [`ClusterActor`].
 #[derive(RactorMessage)]
 pub enum ClusterMsg {
@@ -194,7 +208,7 @@ pub enum ClusterMsg {
     /// A beat from a peer (via the inbox).
     Beat(Beat),
     /// A dial attempt to `addr` finished.
-    Dialed(SocketAddr, Result<(), String>),
+    Dialed(SocketAddr, Result<(), DialFailure>),
     /// The current view.
     View(RpcReplyPort<ClusterView>),
 }
@@ -397,7 +411,10 @@ impl Actor for ClusterActor {
             config.cookie.clone(),
             config.node_id.to_string(),
             config.listen.ip().to_string(),
-            None,
+            config
+                .tls
+                .as_ref()
+                .map(|tls| IncomingEncryptionMode::Tls(tls.acceptor())),
             Some(NodeConnectionMode::Isolated),
         )
         .with_listen_addr(config.listen.ip());
@@ -551,8 +568,20 @@ impl Actor for ClusterActor {
                     dial.in_flight = false;
                     dial.failures = dial.failures.saturating_add(1);
                     dial.next = Instant::now() + backoff(dial.failures);
-                    if let Err(err) = outcome {
-                        tracing::debug!(%addr, %err, "dial failed");
+                    match outcome {
+                        Ok(()) => dial.tls_warned = false,
+                        Err(DialFailure::Tls(err)) if !dial.tls_warned => {
+                            dial.tls_warned = true;
+                            tracing::warn!(
+                                %addr,
+                                %err,
+                                "the TLS handshake with a peer failed; retrying (said once per \
+                                 address until a dial succeeds)"
+                            );
+                        }
+                        Err(DialFailure::Tls(err) | DialFailure::Connect(err)) => {
+                            tracing::debug!(%addr, %err, "dial failed");
+                        }
                     }
                 }
             }

@@ -26,6 +26,7 @@ pub(crate) struct Listener {
     session_manager: ActorRef<crate::node::NodeServerMessage>,
     encryption: IncomingEncryptionMode,
     listen_addr: Option<IpAddr>,
+    tls_timeout: std::time::Duration,
 }
 
 impl Listener {
@@ -35,12 +36,14 @@ impl Listener {
         session_manager: ActorRef<crate::node::NodeServerMessage>,
         encryption: IncomingEncryptionMode,
         listen_addr: Option<IpAddr>,
+        tls_timeout: std::time::Duration,
     ) -> Self {
         Self {
             port,
             session_manager,
             encryption,
             listen_addr,
+            tls_timeout,
         }
     }
 }
@@ -125,36 +128,60 @@ impl Actor for Listener {
                     stream.set_nodelay(true)?;
                     let local = stream.local_addr()?;
 
-                    let session = match &self.encryption {
-                        IncomingEncryptionMode::Raw => Some(super::NetworkStream::Raw {
-                            peer_addr: addr,
-                            local_addr: local,
-                            stream,
-                        }),
-                        IncomingEncryptionMode::Tls(acceptor) => {
-                            match acceptor.accept(stream).await {
-                                Ok(enc_stream) => Some(super::NetworkStream::TlsServer {
-                                    peer_addr: addr,
-                                    local_addr: local,
-                                    stream: enc_stream,
-                                }),
-                                Err(some_err) => {
-                                    tracing::warn!("Error establishing secure socket: {some_err}");
-                                    None
+                    match &self.encryption {
+                        IncomingEncryptionMode::Raw => {
+                            let stream = super::NetworkStream::Raw {
+                                peer_addr: addr,
+                                local_addr: local,
+                                stream,
+                            };
+                            let _ = cast!(
+                                self.session_manager,
+                                NodeServerMessage::ConnectionOpened {
+                                    stream: Box::new(stream),
+                                    is_server: true
                                 }
-                            }
+                            );
+                            tracing::info!("TCP Session opened for {addr}");
                         }
-                    };
-
-                    if let Some(stream) = session {
-                        let _ = cast!(
-                            self.session_manager,
-                            NodeServerMessage::ConnectionOpened {
-                                stream: Box::new(stream),
-                                is_server: true
-                            }
-                        );
-                        tracing::info!("TCP Session opened for {addr}");
+                        IncomingEncryptionMode::Tls(acceptor) => {
+                            // The TLS handshake runs in its own task, under a deadline: run
+                            // inline, one peer that connects and sends nothing would stop
+                            // this listener from accepting anyone else, for good.
+                            let acceptor = acceptor.clone();
+                            let session_manager = self.session_manager.clone();
+                            let limit = self.tls_timeout;
+                            tokio::spawn(async move {
+                                match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                                    Ok(Ok(enc_stream)) => {
+                                        let stream = super::NetworkStream::TlsServer {
+                                            peer_addr: addr,
+                                            local_addr: local,
+                                            stream: enc_stream,
+                                        };
+                                        let _ = cast!(
+                                            session_manager,
+                                            NodeServerMessage::ConnectionOpened {
+                                                stream: Box::new(stream),
+                                                is_server: true
+                                            }
+                                        );
+                                        tracing::info!("TLS Session opened for {addr}");
+                                    }
+                                    Ok(Err(some_err)) => {
+                                        tracing::warn!(
+                                            "Error establishing secure socket with {addr}: {}",
+                                            describe_tls_failure(&some_err)
+                                        );
+                                    }
+                                    Err(_) => {
+                                        tracing::warn!(
+                                            "No TLS handshake from {addr} within {limit:?}; closed"
+                                        );
+                                    }
+                                }
+                            });
+                        }
                     }
                 }
                 Err(socket_accept_error) => {
@@ -167,6 +194,19 @@ impl Actor for Listener {
         let _ = myself.cast(ListenerMessage);
         Ok(())
     }
+}
+
+/// A TLS accept failure, with what it most likely means for the operator.
+fn describe_tls_failure(err: &std::io::Error) -> String {
+    use tokio_rustls::rustls::Error;
+    let cause = match err.get_ref().and_then(|e| e.downcast_ref::<Error>()) {
+        Some(Error::InvalidMessage(_)) => "the peer does not speak TLS (is TLS on for both nodes?)",
+        Some(Error::NoCertificatesPresented) => "the peer presented no client certificate",
+        Some(Error::InvalidCertificate(_)) => "the peer's certificate was refused",
+        Some(Error::AlertReceived(_)) => "the peer refused the handshake (most likely our certificate)",
+        _ => return err.to_string(),
+    };
+    format!("{cause}: {err}")
 }
 
 #[cfg(test)]
