@@ -117,3 +117,56 @@ async fn a_node_with_another_cookie_is_refused() {
     a.actor.stop(None);
     b.actor.stop(None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_arrive_whole_in_chunks_and_oversized_ones_are_refused() {
+    use canopy_runtime::cluster::chunk::{CHUNK_BYTES, MAX_MESSAGE_BYTES};
+    let (a_addr, b_addr) = (free_addr(), free_addr());
+    let a = start("secret", a_addr, vec![b_addr], 1_000).await;
+    let mut b = start("secret", b_addr, vec![a_addr], 2_000).await;
+    wait_view(&b, "b follows a", |v| {
+        v.members.len() == 1 && v.leader.as_ref() == Some(a.handle.me())
+    })
+    .await;
+    // Big and small messages interleaved: each arrives whole, in the order sent.
+    let sizes = [
+        3 * CHUNK_BYTES + 11,
+        5,
+        CHUNK_BYTES,
+        CHUNK_BYTES + 1,
+        MAX_MESSAGE_BYTES,
+        0,
+    ];
+    let payloads: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(n, &len)| (0..len).map(|i| (i * 7 + n) as u8).collect())
+        .collect();
+    for p in &payloads {
+        a.handle.send(b.handle.me(), p.clone()).expect("send");
+    }
+    for p in &payloads {
+        let got = tokio::time::timeout(Duration::from_secs(20), b.incoming.recv())
+            .await
+            .expect("in time")
+            .expect("message");
+        assert_eq!(got.from, *a.handle.me());
+        assert_eq!(got.payload.len(), p.len());
+        assert!(got.payload == *p, "a {}-byte payload came back altered", p.len());
+    }
+    let err = a
+        .handle
+        .send(b.handle.me(), vec![0; MAX_MESSAGE_BYTES + 1])
+        .expect_err("too large");
+    assert!(err.to_string().contains("limit"), "{err}");
+    // The session survived all of it.
+    a.handle.send(b.handle.me(), b"still here".to_vec()).expect("send");
+    let got = tokio::time::timeout(Duration::from_secs(5), b.incoming.recv())
+        .await
+        .expect("in time")
+        .expect("message");
+    assert_eq!(got.payload, b"still here");
+    assert_eq!(b.handle.view().members.len(), 1);
+    a.actor.stop(None);
+    b.actor.stop(None);
+}

@@ -7,9 +7,11 @@
 //! - [`peer`]: `PeerMonitor`, one per connected peer, with heartbeats.
 //! - [`election`]: which node leads, fenced by a term that only grows.
 //! - [`wire`]: what crosses between nodes.
+//! - [`chunk`]: large messages cut into chunks, so that no frame holds the beats up.
 //! - [`seal`]: every message sealed under its session's key, so its sender is authenticated.
 //! - [`tls`]: optional mutual TLS around every session (`--tls-cert/--tls-key/--tls-ca`).
 
+pub mod chunk;
 pub mod discovery;
 pub mod election;
 pub mod identity;

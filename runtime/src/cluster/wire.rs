@@ -66,6 +66,21 @@ pub enum Envelope {
         #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
     },
+    /// One piece of an application message too large for one frame (see
+    /// [`chunk`](super::chunk)).
+    Chunk {
+        /// The sender.
+        from: NodeId,
+        /// The message (random per message).
+        id: u64,
+        /// This chunk's place, from 0.
+        index: u32,
+        /// How many chunks the message has.
+        total: u32,
+        /// This chunk's bytes.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
 }
 
 /// A message from another node that could not be understood.
@@ -83,7 +98,7 @@ impl Envelope {
     pub fn from(&self) -> &NodeId {
         match self {
             Envelope::Beat(beat) => &beat.from,
-            Envelope::App { from, .. } => from,
+            Envelope::App { from, .. } | Envelope::Chunk { from, .. } => from,
         }
     }
 

@@ -8,6 +8,7 @@ use ractor::{ActorRef, RpcReplyPort};
 use tokio::sync::watch;
 
 use super::ClusterView;
+use crate::cluster::chunk::{CHUNK_BYTES, MAX_MESSAGE_BYTES, split};
 use crate::cluster::discovery::{DiscoveryCounts, DiscoveryStats};
 use crate::cluster::identity::NodeId;
 use crate::cluster::seal::Sessions;
@@ -98,16 +99,21 @@ impl ClusterHandle {
     }
 
     fn envelope(&self, to: &NodeId, payload: Vec<u8>) -> Result<Vec<u8>, ClusterError> {
+        self.seal(
+            to,
+            Envelope::App {
+                from: self.me.clone(),
+                payload,
+            },
+        )
+    }
+
+    fn seal(&self, to: &NodeId, envelope: Envelope) -> Result<Vec<u8>, ClusterError> {
         let encode = |reason: String| ClusterError::Encode {
             node: to.clone(),
             reason,
         };
-        let body = Envelope::App {
-            from: self.me.clone(),
-            payload,
-        }
-        .encode()
-        .map_err(|e| encode(e.to_string()))?;
+        let body = envelope.encode().map_err(|e| encode(e.to_string()))?;
         self.sessions.seal(to, body).map_err(|e| match e {
             crate::cluster::seal::SealError::UnknownSender(_) => {
                 ClusterError::NotConnected(to.clone())
@@ -134,15 +140,47 @@ impl ClusterHandle {
         self.discovery.snapshot()
     }
 
-    /// Sends `payload` to node `to` (possibly this node) without waiting.
+    /// Sends `payload` to node `to` (possibly this node) without waiting. A payload over
+    /// [`CHUNK_BYTES`] goes to another node in chunks (see [`crate::cluster::chunk`]); one
+    /// over [`MAX_MESSAGE_BYTES`] is refused.
     pub fn send(&self, to: &NodeId, payload: Vec<u8>) -> Result<(), ClusterError> {
-        let inbox = self.inbox(to)?;
-        inbox
-            .cast(InboxMsg::Cast(self.envelope(to, payload)?))
-            .map_err(|e| ClusterError::Send {
+        if payload.len() > MAX_MESSAGE_BYTES {
+            return Err(ClusterError::Encode {
                 node: to.clone(),
-                reason: e.to_string(),
-            })
+                reason: format!(
+                    "a message of {} bytes; the limit is {MAX_MESSAGE_BYTES}",
+                    payload.len()
+                ),
+            });
+        }
+        let inbox = self.inbox(to)?;
+        let cast = |bytes: Vec<u8>| {
+            inbox
+                .cast(InboxMsg::Cast(bytes))
+                .map_err(|e| ClusterError::Send {
+                    node: to.clone(),
+                    reason: e.to_string(),
+                })
+        };
+        if payload.len() <= CHUNK_BYTES || to == &self.me {
+            return cast(self.envelope(to, payload)?);
+        }
+        let id = rand::random::<u64>();
+        let parts = split(&payload);
+        let total = parts.len() as u32;
+        for (index, part) in parts.into_iter().enumerate() {
+            cast(self.seal(
+                to,
+                Envelope::Chunk {
+                    from: self.me.clone(),
+                    id,
+                    index: index as u32,
+                    total,
+                    bytes: part.to_vec(),
+                },
+            )?)?;
+        }
+        Ok(())
     }
 
     /// Sends `payload` to node `to` and waits up to `timeout` for its answer.

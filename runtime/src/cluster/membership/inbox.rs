@@ -9,6 +9,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc;
 
 use super::{ClusterMsg, Incoming};
+use crate::cluster::chunk::Reassembly;
 use crate::cluster::seal::Sessions;
 use crate::cluster::wire::{Envelope, InboxMsg};
 
@@ -20,6 +21,8 @@ pub(super) struct InboxArgs {
     pub(super) incoming: mpsc::UnboundedSender<Incoming>,
     pub(super) sessions: Arc<Sessions>,
     pub(super) refusals: RateLimit,
+    /// Chunked messages being put back together.
+    pub(super) chunks: Reassembly,
 }
 
 /// At most one warning per interval.
@@ -102,6 +105,35 @@ impl Actor for Inbox {
                     reply,
                 });
             }
+            Ok(Envelope::Chunk { from, .. }) if reply.is_some() => {
+                if let Some(suppressed) = args.refusals.allow() {
+                    tracing::warn!(peer = %from.short(), suppressed, "refused a chunk sent as a call (chunks are casts)");
+                }
+            }
+            Ok(Envelope::Chunk {
+                from,
+                id,
+                index,
+                total,
+                bytes,
+            }) => match args
+                .chunks
+                .add(&from, id, index, total, bytes, Instant::now())
+            {
+                Ok(Some(payload)) => {
+                    let _ = args.incoming.send(Incoming {
+                        from,
+                        payload,
+                        reply: None,
+                    });
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    if let Some(suppressed) = args.refusals.allow() {
+                        tracing::warn!(peer = %from.short(), %err, suppressed, "dropped a chunked message from a peer");
+                    }
+                }
+            },
             Err(err) => {
                 if let Some(suppressed) = args.refusals.allow() {
                     tracing::warn!(%err, suppressed, "refused a message from a peer");

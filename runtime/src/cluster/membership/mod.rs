@@ -449,6 +449,7 @@ impl Actor for ClusterActor {
                 incoming: args.incoming.clone(),
                 sessions: args.sessions.clone(),
                 refusals: RateLimit::new(Duration::from_secs(10)),
+                chunks: crate::cluster::chunk::Reassembly::new(),
             },
             myself.get_cell(),
         )
