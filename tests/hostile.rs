@@ -32,6 +32,9 @@
 //!     forged in the leader's name, assigning an instance to the follower with a huge
 //!     version: no node takes it (instances unchanged);
 //!   - (c) sends a beat with term `u64::MAX`: master and term unchanged, term < 2^48;
+//!   - (f) sends beats in its own name claiming the top election rank (started at 0, the
+//!     highest priority): a member's rank and address are fixed for its session, so the
+//!     master does not change;
 //!   - (e) sends an undecodable frame, a frame for another node, an unknown message variant and
 //!     a call with garbage, and raw TCP garbage (an 8 EiB length prefix, random bytes) to the
 //!     cluster port: nothing changes and the rogue's own session survives what it can;
@@ -1225,6 +1228,35 @@ fn an_insider_cannot_act_in_another_name_as_the_leader_or_break_the_term() {
         assert!(
             node.log()
                 .contains("dropped a beat with an implausible term"),
+            "{}",
+            tail(&node.log(), 20)
+        );
+    }
+
+    // (f) Beats in the rogue's own name, correctly sealed and with a sane term, that claim
+    // the top of the election (started at 0, the highest priority): a member's rank is fixed
+    // for its session, so the claim changes nothing.
+    for _ in 0..5 {
+        for peer in [&a_id, &b_id] {
+            let beat = Envelope::Beat(Beat {
+                from: r1.id.clone(),
+                seq: 1,
+                addr: r1.addr,
+                started_ms: 0,
+                priority: i32::MAX,
+                term,
+                leader: Some(r1.id.clone()),
+            });
+            assert!(cast_to(&r1.sessions, peer, &r1.sessions, beat));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_unchanged(&a, &before_a, "(f) beats that raise the sender's rank");
+    assert_unchanged(&b, &before_b, "(f) beats that raise the sender's rank");
+    for node in [&a, &b] {
+        assert!(
+            node.log().contains("changes the peer's start time, priority or address"),
             "{}",
             tail(&node.log(), 20)
         );

@@ -242,6 +242,10 @@ pub struct ClusterState {
     /// Cluster addresses learned from beacons and beats, and when each was last heard.
     known: HashMap<NodeId, (SocketAddr, Instant)>,
     dials: HashMap<SocketAddr, Dial>,
+    /// Beats refused for their term, and for changing their sender's rank or address, are
+    /// logged at most once per interval each.
+    term_refusals: RateLimit,
+    rank_refusals: RateLimit,
     registration: crate::introspect::Registration,
 }
 
@@ -512,6 +516,8 @@ impl Actor for ClusterActor {
             sessions: HashMap::new(),
             known: HashMap::new(),
             dials: HashMap::new(),
+            term_refusals: RateLimit::new(Duration::from_secs(10)),
+            rank_refusals: RateLimit::new(Duration::from_secs(10)),
             registration,
         };
         state.elect_and_publish();
@@ -592,8 +598,25 @@ impl Actor for ClusterActor {
                     return Ok(());
                 }
                 if beat.term > MAX_TERM {
-                    tracing::warn!(peer = %beat.from.short(), term = beat.term,
-                        "dropped a beat with an implausible term");
+                    if let Some(suppressed) = state.term_refusals.allow() {
+                        tracing::warn!(peer = %beat.from.short(), term = beat.term, suppressed,
+                            "dropped a beat with an implausible term");
+                    }
+                    return Ok(());
+                }
+                // A node's rank in the election and its address are fixed for the life of
+                // its session: a peer that changes them from one beat to the next (to take
+                // the lead back and forth, or to move its address) is not believed.
+                let pinned = state.peers.get(&beat.from).and_then(|p| p.beat.as_ref());
+                if let Some(first) = pinned
+                    && (first.started_ms, first.priority, first.addr)
+                        != (beat.started_ms, beat.priority, beat.addr)
+                {
+                    if let Some(suppressed) = state.rank_refusals.allow() {
+                        tracing::warn!(peer = %beat.from.short(), suppressed,
+                            "dropped a beat that changes the peer's start time, priority or \
+                             address within its session");
+                    }
                     return Ok(());
                 }
                 state.learn(beat.from.clone(), beat.addr);
