@@ -1256,7 +1256,8 @@ fn an_insider_cannot_act_in_another_name_as_the_leader_or_break_the_term() {
     assert_unchanged(&b, &before_b, "(f) beats that raise the sender's rank");
     for node in [&a, &b] {
         assert!(
-            node.log().contains("changes the peer's start time, priority or address"),
+            node.log()
+                .contains("changes the peer's start time, priority or address"),
             "{}",
             tail(&node.log(), 20)
         );
@@ -1657,10 +1658,10 @@ fn tls_nodes_form_serve_across_and_refuse_peers_without_the_cas_certificate() {
     let status = b.proc.stream(
         &common::chat_body("scripted", "hello over tls", 6, true),
         |event, _| {
-            if let Ok(v) = serde_json::from_str::<Value>(event) {
-                if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
-                    text.push_str(t);
-                }
+            if let Ok(v) = serde_json::from_str::<Value>(event)
+                && let Some(t) = v["choices"][0]["delta"]["content"].as_str()
+            {
+                text.push_str(t);
             }
         },
     );

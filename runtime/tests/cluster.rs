@@ -152,7 +152,11 @@ async fn large_messages_arrive_whole_in_chunks_and_oversized_ones_are_refused() 
             .expect("message");
         assert_eq!(got.from, *a.handle.me());
         assert_eq!(got.payload.len(), p.len());
-        assert!(got.payload == *p, "a {}-byte payload came back altered", p.len());
+        assert!(
+            got.payload == *p,
+            "a {}-byte payload came back altered",
+            p.len()
+        );
     }
     let err = a
         .handle
@@ -160,7 +164,9 @@ async fn large_messages_arrive_whole_in_chunks_and_oversized_ones_are_refused() 
         .expect_err("too large");
     assert!(err.to_string().contains("limit"), "{err}");
     // The session survived all of it.
-    a.handle.send(b.handle.me(), b"still here".to_vec()).expect("send");
+    a.handle
+        .send(b.handle.me(), b"still here".to_vec())
+        .expect("send");
     let got = tokio::time::timeout(Duration::from_secs(5), b.incoming.recv())
         .await
         .expect("in time")
