@@ -12,6 +12,7 @@
 
 mod common;
 
+mod api_compat;
 mod api_security;
 mod cluster;
 mod hostile;

@@ -4,11 +4,12 @@
 //! behind. Also the extension example (`actors/examples/failure_log.rs`) as a user actor in an
 //! in-process node.
 //!
-//! The two tests that run the real model take turns (a lock): two models decoding at once on
-//! a small machine only slow each other down. The Python test installs the client into a
-//! virtual environment under `target/py-openai` on first use (`python3 -m venv`, then
-//! `pip install openai`); it is skipped, saying so, only when there is no `python3` or pip
-//! cannot reach the package index.
+//! The tests that run the real model take turns (`common::real_model_turn`, shared with
+//! `api_compat`): two models decoding at once on a small machine only slow each other down.
+//! The Python test installs the client into a virtual environment under `target/py-openai`
+//! on first use (`common::python_venv`: `python3 -m venv`, then `pip install openai`); it is
+//! skipped, saying so, only when there is no `python3` or pip cannot reach the package
+//! index.
 
 // The example, compiled into this test so that its actor is exercised, not just built.
 #[path = "../actors/examples/failure_log.rs"]
@@ -16,23 +17,12 @@
 mod failure_log;
 
 use crate::common;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::{NodeProcess, metric};
+use crate::common::{MODEL, NodeProcess, OPENAI_REQUIREMENT, metric, real_model_turn};
 use serde_json::{Value, json};
-
-/// The default model's id in the API.
-const MODEL: &str = "smollm2-135m-instruct";
-
-/// Serialises the tests that decode with the real model.
-static REAL_MODEL: Mutex<()> = Mutex::new(());
-
-fn real_model_turn() -> std::sync::MutexGuard<'static, ()> {
-    REAL_MODEL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn find_kind<'a>(actor: &'a Value, kind: &str, out: &mut Vec<&'a Value>) {
     if actor["kind"] == kind {
@@ -222,115 +212,23 @@ fn canopy_up_serves_the_real_model_and_stops_without_leftovers() {
     eprintln!("total {:?}", started.elapsed());
 }
 
-/// A Python with the `openai` package, in a venv under `target/`; `None` (with the reason
-/// printed) when it cannot be had.
-fn openai_python() -> Option<PathBuf> {
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .expect("the target directory")
-        .to_path_buf();
-    let venv = target.join("py-openai");
-    let python = venv.join("bin").join("python");
-    let marker = venv.join(".canopy-openai-installed");
-    if marker.exists() {
-        return Some(python);
-    }
-    let _ = std::fs::remove_dir_all(&venv);
-    let created = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .output();
-    match created {
-        Ok(out) if out.status.success() => {}
-        Ok(out) => {
-            eprintln!(
-                "SKIPPED: `python3 -m venv` failed, so the openai client cannot be installed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            return None;
-        }
-        Err(err) => {
-            eprintln!("SKIPPED: no python3 ({err}), so the openai client cannot be run");
-            return None;
-        }
-    }
-    let t = Instant::now();
-    let out = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "openai>=1.40,<4",
-        ])
-        .output()
-        .expect("pip runs");
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if !out.status.success() {
-        let offline = [
-            "NewConnectionError",
-            "Network is unreachable",
-            "Temporary failure in name resolution",
-            "Failed to establish a new connection",
-            "ConnectTimeout",
-            "ProxyError",
-            "No matching distribution found",
-        ]
-        .iter()
-        .any(|s| log.contains(s));
-        assert!(offline, "pip install openai failed:\n{log}");
-        eprintln!(
-            "SKIPPED: pip cannot reach the package index to install the openai client:\n{log}"
-        );
-        return None;
-    }
-    eprintln!("installed the openai client in {:?}", t.elapsed());
-    std::fs::write(&marker, b"").expect("marker");
-    Some(python)
-}
-
 #[test]
 fn the_official_openai_python_client_works_against_the_node() {
     // Installing (first run only) overlaps with the other test's turn.
-    let Some(python) = openai_python() else {
+    let Some(python) = common::python_venv("py-openai", OPENAI_REQUIREMENT) else {
         return;
     };
     let _turn = real_model_turn();
     let started = Instant::now();
     let node = NodeProcess::start(&["up"], &[], true);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/openai_client.py");
-    let mut child = Command::new(&python)
-        .arg(&script)
-        .args(["--base-url", &format!("{}/v1", node.base), "--model", MODEL])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the script starts");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().expect("the script's output");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{stdout}{stderr}");
-    assert!(
-        out.status.success(),
-        "the openai client script failed ({}); node log:\n{}",
-        out.status,
-        node.log_text()
+    let base_url = format!("{}/v1", node.base);
+    common::run_python_checks(
+        &python,
+        "openai_client.py",
+        &["--base-url", &base_url, "--model", MODEL],
+        Duration::from_secs(300),
+        &node,
     );
-    assert!(stdout.contains("every check passed"), "{stdout}");
     node.interrupt_and_check();
     eprintln!("total {:?}", started.elapsed());
 }

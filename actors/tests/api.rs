@@ -21,6 +21,8 @@
 //! | `busy` / `full` | refused: `Busy` / `RunnerError::QueueFull` |
 //! | `cold` | refused: `NoReadyInstance` |
 //! | anything else | refused: `UnknownModel` |
+//!
+//! The legacy completions and Ollama endpoints are tested against the same fake in `compat`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,6 +52,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+
+#[path = "api/compat.rs"]
+mod compat;
 
 /// Bound on every network step of a test, so a bug fails a test instead of hanging it.
 const STEP: Duration = Duration::from_secs(10);
@@ -310,10 +315,14 @@ fn config() -> ApiConfig {
 }
 
 async fn start() -> Api {
+    start_with(config()).await
+}
+
+async fn start_with(config: ApiConfig) -> Api {
     let fake = Fake::new();
     let metrics = Metrics::new();
     let args = ApiArgs {
-        config: config(),
+        config,
         backend: fake.clone(),
         metrics: metrics.clone(),
     };

@@ -446,6 +446,25 @@ impl GgufFile {
         self.content.tensor_infos.contains_key(name)
     }
 
+    /// The number of weights in the file: every tensor's element count, added up.
+    pub fn parameter_count(&self) -> u64 {
+        self.content
+            .tensor_infos
+            .values()
+            .map(|info| info.shape.elem_count() as u64)
+            .sum()
+    }
+
+    /// The scalar metadata (numbers, booleans, strings) as JSON values, by key; arrays (the
+    /// tokenizer's vocabulary, for instance) are left out.
+    pub fn scalar_metadata(&self) -> std::collections::BTreeMap<String, serde_json::Value> {
+        self.content
+            .metadata
+            .iter()
+            .filter_map(|(key, value)| Some((key.clone(), scalar_json(value)?)))
+            .collect()
+    }
+
     /// Reads the tensor `name` onto `device`, in its stored (quantized) type.
     pub fn tensor(&self, name: &str, device: &Device) -> Result<QTensor, GgufError> {
         let info = self.tensor_info(name).ok_or_else(|| {
@@ -656,6 +675,26 @@ fn value_to_f32(value: &Value) -> Option<f32> {
 }
 
 /// `a string`, `an array of 3 strings`, ... for error messages.
+/// A scalar metadata value as JSON (`None` for arrays and non-finite floats).
+fn scalar_json(value: &Value) -> Option<serde_json::Value> {
+    use serde_json::Value as J;
+    Some(match value {
+        Value::U8(v) => J::from(*v),
+        Value::I8(v) => J::from(*v),
+        Value::U16(v) => J::from(*v),
+        Value::I16(v) => J::from(*v),
+        Value::U32(v) => J::from(*v),
+        Value::I32(v) => J::from(*v),
+        Value::U64(v) => J::from(*v),
+        Value::I64(v) => J::from(*v),
+        Value::F32(v) => serde_json::Number::from_f64(f64::from(*v)).map(J::Number)?,
+        Value::F64(v) => serde_json::Number::from_f64(*v).map(J::Number)?,
+        Value::Bool(v) => J::Bool(*v),
+        Value::String(v) => J::String(v.clone()),
+        Value::Array(_) => return None,
+    })
+}
+
 fn describe_value(value: &Value) -> String {
     fn name(value: &Value) -> &'static str {
         match value {

@@ -234,3 +234,26 @@ fn the_default_model_opens_and_reads() {
         .expect_err("missing tensor");
     assert!(err.to_string().contains("no.such.tensor"), "{err}");
 }
+
+#[test]
+fn parameter_count_and_scalar_metadata_describe_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = synthetic(&dir, "tiny.gguf", Some("bert"));
+    let file = GgufFile::open_any_architecture(&path).expect("open");
+    assert_eq!(file.parameter_count(), 64, "one 2x32 tensor");
+    let metadata = file.scalar_metadata();
+    assert_eq!(metadata["general.architecture"], "bert");
+    assert_eq!(metadata["general.name"], "tiny");
+    assert_eq!(metadata["bert.block_count"], 2);
+
+    // The default model: its weights, and no arrays (the vocabulary) among the scalars.
+    let file = GgufFile::open(common::model_path()).expect("the default model");
+    assert!(
+        file.parameter_count() > 100_000_000,
+        "{}",
+        file.parameter_count()
+    );
+    let metadata = file.scalar_metadata();
+    assert!(!metadata.contains_key("tokenizer.ggml.tokens"));
+    assert_eq!(metadata["llama.block_count"], 30);
+}

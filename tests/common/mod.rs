@@ -5,8 +5,9 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -380,4 +381,137 @@ pub fn chat_body(model: &str, content: &str, max_tokens: u32, stream: bool) -> V
 pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The default model's id in the API.
+pub const MODEL: &str = "smollm2-135m-instruct";
+
+/// The `openai` client the Python tests install.
+pub const OPENAI_REQUIREMENT: &str = "openai>=1.40,<4";
+
+/// Serialises the tests that decode with the real model: two models decoding at once on a
+/// small machine only slow each other down.
+static REAL_MODEL: Mutex<()> = Mutex::new(());
+
+/// This test's turn with the real model (held until the guard drops).
+pub fn real_model_turn() -> std::sync::MutexGuard<'static, ()> {
+    REAL_MODEL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Serialises the creation of the Python venvs (two tests may want the same one).
+static VENVS: Mutex<()> = Mutex::new(());
+
+/// A Python with `requirement` (a pip requirement, pinned) installed, in a venv under
+/// `target/<name>`, made on first use (`python3 -m venv`, then `pip install`); `None`, with
+/// the reason printed, when there is no `python3` or pip cannot reach the package index.
+/// A venv whose install completed is reused as long as the requirement is the same.
+pub fn python_venv(name: &str, requirement: &str) -> Option<PathBuf> {
+    let _venvs = VENVS.lock().unwrap_or_else(|e| e.into_inner());
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("the target directory")
+        .to_path_buf();
+    let venv = target.join(name);
+    let python = venv.join("bin").join("python");
+    let marker = venv.join(".canopy-installed");
+    if std::fs::read_to_string(&marker).is_ok_and(|r| r == requirement) {
+        return Some(python);
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    let created = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .output();
+    match created {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            eprintln!(
+                "SKIPPED: `python3 -m venv` failed, so {requirement} cannot be installed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return None;
+        }
+        Err(err) => {
+            eprintln!("SKIPPED: no python3 ({err}), so {requirement} cannot be run");
+            return None;
+        }
+    }
+    let t = Instant::now();
+    let out = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            requirement,
+        ])
+        .output()
+        .expect("pip runs");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        let offline = [
+            "NewConnectionError",
+            "Network is unreachable",
+            "Temporary failure in name resolution",
+            "Failed to establish a new connection",
+            "ConnectTimeout",
+            "ProxyError",
+            "No matching distribution found",
+        ]
+        .iter()
+        .any(|s| log.contains(s));
+        assert!(offline, "pip install {requirement} failed:\n{log}");
+        eprintln!("SKIPPED: pip cannot reach the package index to install {requirement}:\n{log}");
+        return None;
+    }
+    eprintln!("installed {requirement} in {:?}", t.elapsed());
+    std::fs::write(&marker, requirement).expect("marker");
+    Some(python)
+}
+
+/// Runs the script `tests/python/<script>` with `python` and `args`, killing it after
+/// `limit`; panics with its output and the node's log unless it exits 0 and prints
+/// `every check passed`.
+pub fn run_python_checks(
+    python: &Path,
+    script: &str,
+    args: &[&str],
+    limit: Duration,
+    node: &NodeProcess,
+) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/python")
+        .join(script);
+    let mut child = Command::new(python)
+        .arg(&path)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the script starts");
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("the script's output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}{stderr}");
+    assert!(
+        out.status.success(),
+        "{script} failed ({}); node log:\n{}",
+        out.status,
+        node.log_text()
+    );
+    assert!(stdout.contains("every check passed"), "{stdout}");
 }

@@ -4,8 +4,10 @@
 //! which model instances exist, which are Ready, and how to route a task to one of them. The
 //! node plugs in an implementation that routes to its `RunnerSupervisor`s (and, later, to
 //! remote instances); the tests plug in a scripted fake. Everything the API serves about the
-//! cluster (`/v1/models`, `/ready`, `/state`, `/v1/actors`) comes from here.
+//! cluster (`/v1/models`, `/ready`, `/state`, `/v1/actors`, and the Ollama API's
+//! `/api/tags`, `/api/show`, `/api/ps`) comes from here.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use canopy_proto::GenerateRequest;
@@ -28,6 +30,44 @@ pub struct ModelInfo {
     pub owned_by: String,
     /// Whether at least one instance of it is Ready now.
     pub ready: bool,
+}
+
+/// What is known about a model beyond [`ModelInfo`]: its file, when it is on this node.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelDetails {
+    /// The model as `GET /v1/models` lists it.
+    pub info: ModelInfo,
+    /// Its file, when an instance of it on this node loads one this node can read (none for
+    /// models served only by other nodes, or loaded by name by a test engine).
+    pub file: Option<ModelFile>,
+}
+
+/// A model file's facts, read from the file itself (its GGUF header).
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct ModelFile {
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Last modification (unix seconds).
+    pub modified: u64,
+    /// The file's sha256 (lowercase hex), once computed: hashing a large file takes a while,
+    /// so it runs in the background the first time the file is described, and is absent
+    /// until it is done.
+    pub sha256: Option<String>,
+    /// The file format (`gguf`).
+    pub format: String,
+    /// `general.architecture` (`llama`).
+    pub family: Option<String>,
+    /// Weights in the file (all tensors' elements).
+    pub parameters: u64,
+    /// The quantization of most weights (from `general.file_type`: `Q4_1`, `F16`, ...).
+    pub quantization: Option<String>,
+    /// The context the model was trained for (`<architecture>.context_length`).
+    pub context_length: Option<u64>,
+    /// The chat template's Jinja source (`tokenizer.chat_template`), if the file has one.
+    pub chat_template: Option<String>,
+    /// The file's scalar metadata (numbers, booleans, strings; not arrays), by key; the chat
+    /// template is not repeated here.
+    pub metadata: BTreeMap<String, serde_json::Value>,
 }
 
 /// Why a task could not be submitted.
@@ -75,6 +115,17 @@ pub trait Backend: Send + Sync + 'static {
         request: GenerateRequest,
         wait_ready: Option<Duration>,
     ) -> BoxFuture<'static, Result<TaskHandle, SubmitError>>;
+
+    /// What is known about `model` (`None`: no instance of it is placed). The default knows
+    /// only what [`Backend::models`] says; a node that can read its models' files adds them.
+    fn model_details(&self, model: &str) -> BoxFuture<'static, Option<ModelDetails>> {
+        let details = self
+            .models()
+            .into_iter()
+            .find(|m| m.id == model)
+            .map(|info| ModelDetails { info, file: None });
+        Box::pin(async move { details })
+    }
 
     /// The node's instances and runners with their statuses, as served by `GET /state`.
     fn state(&self) -> BoxFuture<'static, StateView>;

@@ -11,7 +11,7 @@
 //! with its 400 status, as OpenAI does. Any other first event, or none in time, and the
 //! stream begins (with that event); a later error is an SSE error event.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::Json;
 use axum::extract::State;
@@ -19,12 +19,12 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
 use super::extract::OpenAiJson;
+use super::output;
 use super::request::ChatCompletionRequest;
 use super::response::{ChatCompletion, CompletionMeta};
 use super::state::AppState;
 use super::stream;
 use super::task::ChatTask;
-use crate::runner::{TaskEvent, TaskHandle};
 
 /// The handler.
 pub(crate) async fn chat_completions(
@@ -46,59 +46,23 @@ async fn answer(state: AppState, body: ChatCompletionRequest) -> Result<Response
     let mut task = ChatTask::new(state.clone(), job.model, job.request, received);
     let mut handle = task.start().await?;
     if job.stream {
-        let first = first_event(&mut handle, state.config.keepalive).await;
-        if let Some(TaskEvent::Failed(err)) = &first {
-            let api_err = ApiError::from_runner(err);
-            if api_err.is_client_error() {
-                return Err(api_err);
-            }
-        }
+        let first = output::begin(&mut handle, state.config.keepalive).await?;
+        let outputs = output::outputs(task, handle, first, state.closing.clone());
         Ok(stream::respond(
             meta,
-            task,
-            handle,
-            first,
+            outputs,
             job.include_usage,
             state.config.keepalive,
-            state.closing.clone(),
         ))
     } else {
-        Ok(Json(complete(meta, task, handle).await?).into_response())
-    }
-}
-
-/// The task's first event, if one comes within `wait` (`None`: none yet, or its stream
-/// ended, which the stream then finds out by itself).
-async fn first_event(handle: &mut TaskHandle, wait: Duration) -> Option<TaskEvent> {
-    tokio::time::timeout(wait, handle.next())
-        .await
-        .ok()
-        .flatten()
-}
-
-/// Collects a task's output into one completion, retrying once if its runner dies before
-/// producing anything.
-async fn complete(
-    meta: CompletionMeta,
-    mut task: ChatTask,
-    mut handle: TaskHandle,
-) -> Result<ChatCompletion, ApiError> {
-    let mut content = String::new();
-    loop {
-        match handle.next().await {
-            Some(TaskEvent::Chunk(chunk)) => {
-                task.on_chunk(&chunk);
-                content.push_str(&chunk.text);
-            }
-            Some(TaskEvent::Done {
-                finish_reason,
-                usage,
-            }) => {
-                task.on_done(usage);
-                return Ok(ChatCompletion::new(meta, content, finish_reason, usage));
-            }
-            Some(TaskEvent::Failed(err)) => handle = task.retry(err).await?,
-            None => return Err(ApiError::stream_vanished(task.model())),
-        }
+        let outputs = output::outputs(task, handle, None, state.closing.clone());
+        let done = output::collect(outputs).await?;
+        Ok(Json(ChatCompletion::new(
+            meta,
+            done.text,
+            done.reason,
+            done.usage,
+        ))
+        .into_response())
     }
 }

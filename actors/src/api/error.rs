@@ -316,6 +316,12 @@ impl ApiError {
             .with_retry_after()
     }
 
+    /// The same error with another message.
+    pub(crate) fn with_message(mut self, message: impl Into<String>) -> Self {
+        self.message = message.into();
+        self
+    }
+
     /// Appends a sentence to the message.
     pub(crate) fn context(mut self, more: impl std::fmt::Display) -> Self {
         self.message = format!("{} ({more})", self.message);
@@ -336,6 +342,33 @@ impl ApiError {
     #[cfg(test)]
     pub(crate) fn param(&self) -> Option<&str> {
         self.param.as_deref()
+    }
+
+    /// The message.
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The machine-readable code (`model_not_found`, ...), if any.
+    pub(crate) fn code(&self) -> Option<&'static str> {
+        self.code
+    }
+
+    /// Answers with this error's status and `Retry-After`, but `body` as the JSON body (for
+    /// APIs with their own error shape, such as Ollama's `{"error": "..."}`).
+    pub(crate) fn response_with(&self, body: impl Serialize) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = %self.status, message = %self.message, "API error");
+        } else {
+            tracing::debug!(status = %self.status, message = %self.message, "API error");
+        }
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
     }
 
     /// The `{"error": {...}}` body.
@@ -367,18 +400,7 @@ fn shown(text: &str, max: usize) -> String {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
-            tracing::warn!(status = %self.status, message = %self.message, "API error");
-        } else {
-            tracing::debug!(status = %self.status, message = %self.message, "API error");
-        }
-        let mut response = (self.status, axum::Json(self.body())).into_response();
-        if let Some(secs) = self.retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        response
+        self.response_with(self.body())
     }
 }
 

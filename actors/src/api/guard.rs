@@ -19,22 +19,24 @@
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
 use super::config::ApiKey;
 use super::error::ApiError;
+use super::routes::error_for;
 use super::state::AppState;
 
 /// The middleware (install with `axum::middleware::from_fn_with_state`).
 pub(crate) async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
     if let Err(host) = check_host(request.headers(), &state.config.allowed_hosts) {
-        return ApiError::foreign_host(&host).into_response();
+        return error_for(path, ApiError::foreign_host(&host));
     }
     if let Some(key) = &state.config.api_key
-        && request.uri().path() != "/health"
+        && path != "/health"
         && let Err(err) = check_key(request.headers(), key)
     {
-        let mut response = err.into_response();
+        let mut response = error_for(path, err);
         response.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"canopy\""),

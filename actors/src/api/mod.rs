@@ -1,10 +1,12 @@
-//! The HTTP API of a Canopy node: OpenAI-compatible chat completions, the model list,
-//! health/readiness probes, Prometheus metrics and introspection, served by the
-//! [`ApiActor`] with axum.
+//! The HTTP API of a Canopy node: OpenAI-compatible chat and legacy completions, Ollama's
+//! API, the model list, health/readiness probes, Prometheus metrics and introspection,
+//! served by the [`ApiActor`] with axum.
 //!
 //! | route | answer |
 //! |---|---|
 //! | `POST /v1/chat/completions` | a `chat.completion`, or an SSE stream of `chat.completion.chunk`s ending in `data: [DONE]` |
+//! | `POST /v1/completions` | a `text_completion` (raw prompt, no chat template; one choice per prompt), or an SSE stream of them ending in `data: [DONE]` |
+//! | `POST /api/chat`, `POST /api/generate`, `GET /api/tags`, `POST /api/show`, `GET /api/ps`, `GET /api/version` | Ollama's API (NDJSON streams by default, `{"error": "..."}` errors; see `ollama`) |
 //! | `GET /v1/models`, `GET /v1/models/{model}` | models with a placed instance (OpenAI list / model shape, plus `ready`) |
 //! | `GET /health` | 200 while the process serves |
 //! | `GET /ready` | 200 when an instance of some model is Ready, else 503 |
@@ -13,7 +15,8 @@
 //!
 //! Every error, including a malformed body, an unknown route or a body over the limit, is
 //! answered in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` (see `error`
-//! for the status mapping). The API reaches the rest of the node only through the
+//! for the status mapping), except under `/api/`, where Ollama's clients expect
+//! `{"error": "message"}` (same statuses). The API reaches the rest of the node only through the
 //! [`Backend`] trait.
 //!
 //! Security (see `guard`, `server` and `extract`): with an API key set, every route but
@@ -42,6 +45,8 @@
 mod actor;
 mod backend;
 mod chat;
+mod completion_request;
+mod completions;
 mod config;
 mod error;
 mod extract;
@@ -49,7 +54,9 @@ mod guard;
 mod metrics;
 mod models;
 mod observe;
+mod ollama;
 mod ops;
+mod output;
 mod request;
 mod response;
 mod routes;
@@ -60,7 +67,7 @@ mod task;
 mod views;
 
 pub use actor::{ApiActor, ApiActorError, ApiArgs, ApiMsg, ApiState, CLOSE_GRACE};
-pub use backend::{Backend, ModelInfo, SubmitError};
+pub use backend::{Backend, ModelDetails, ModelFile, ModelInfo, SubmitError};
 pub use config::{ApiConfig, ApiKey, ApiKeyError, MAX_API_KEY_LEN, MIN_API_KEY_LEN};
 pub use metrics::Metrics;
 pub use routes::router;

@@ -1,8 +1,9 @@
 //! The middleware that counts every request by endpoint and status and times it.
 //!
 //! The endpoint label is the matched route (`/v1/models/{*model}`, not the raw path), or
-//! `unmatched`, so that clients cannot inflate the label set. A streamed response is timed
-//! until its body ends or is dropped (client gone), not until its headers are sent.
+//! `unmatched`, so that clients cannot inflate the label set. A streamed response (SSE, or
+//! Ollama's NDJSON) is timed until its body ends or is dropped (client gone), not until its
+//! headers are sent.
 
 use std::time::Instant;
 
@@ -47,7 +48,10 @@ pub(crate) async fn observe(
     let streamed = response
         .headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        .is_some_and(|v| {
+            let v = v.as_bytes();
+            v.starts_with(b"text/event-stream") || v.starts_with(b"application/x-ndjson")
+        });
     let guard = DurationGuard {
         metrics: state.metrics.clone(),
         endpoint,

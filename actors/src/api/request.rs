@@ -25,7 +25,7 @@ use super::config::ApiConfig;
 use super::error::ApiError;
 
 /// Most stop sequences a request may carry (OpenAI's limit).
-const MAX_STOP_SEQUENCES: usize = 4;
+pub(crate) const MAX_STOP_SEQUENCES: usize = 4;
 
 /// The JSON body of a chat completion request.
 #[derive(Debug, Clone, Deserialize)]
@@ -102,32 +102,19 @@ impl ChatCompletionRequest {
             ));
         }
         let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
-            (Some(v), _) => positive_u32("max_completion_tokens", v)?,
-            (None, Some(v)) => positive_u32("max_tokens", v)?,
-            (None, None) => config.default_max_tokens,
+            (Some(v), _) => Some(("max_completion_tokens", v)),
+            (None, Some(v)) => Some(("max_tokens", v)),
+            (None, None) => None,
         };
-        let temperature = in_range("temperature", self.temperature, 1.0, 2.0)?;
-        let top_p = in_range("top_p", self.top_p, 1.0, 1.0)?;
-        let top_k = match self.top_k {
-            None | Some(0) => None,
-            Some(k) => Some(positive_u32("top_k", k)?),
-        };
-        let stop: Vec<String> = stop_sequences(self.stop)?
-            .into_iter()
-            .filter(|s| !s.is_empty())
-            .collect();
-        if stop.len() > MAX_STOP_SEQUENCES {
-            return Err(ApiError::invalid_param(
-                "stop",
-                format!(
-                    "'stop' holds {} sequences; at most {MAX_STOP_SEQUENCES} are allowed.",
-                    stop.len()
-                ),
-                "invalid_value",
-            ));
+        let params = Sampling {
+            max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            stop: self.stop,
         }
-        // Bit-for-bit: distinct seeds stay distinct.
-        let seed = self.seed.map_or_else(rand::random::<u64>, |s| s as u64);
+        .into_params(config)?;
         let stream = self.stream.unwrap_or(false);
         let include_usage = stream
             && self
@@ -138,19 +125,80 @@ impl ChatCompletionRequest {
             model: self.model,
             request: GenerateRequest {
                 prompt: Prompt::Chat(messages),
-                params: GenerateParams {
-                    max_tokens,
-                    temperature: temperature as f32,
-                    top_p: top_p as f32,
-                    top_k,
-                    seed,
-                    stop,
-                },
+                params,
             },
             stream,
             include_usage,
         })
     }
+}
+
+/// The sampling fields OpenAI's chat and legacy completions share, as the client sent them.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Sampling {
+    /// The token limit and the name of the field it came from.
+    pub(crate) max_tokens: Option<(&'static str, i64)>,
+    /// `temperature`.
+    pub(crate) temperature: Option<f64>,
+    /// `top_p`.
+    pub(crate) top_p: Option<f64>,
+    /// `top_k` (a Canopy extension; 0 disables it).
+    pub(crate) top_k: Option<i64>,
+    /// `seed`.
+    pub(crate) seed: Option<i64>,
+    /// `stop`: a string or an array of strings.
+    pub(crate) stop: Option<Value>,
+}
+
+impl Sampling {
+    /// Checks the values (see the module's notes) and builds the engine's parameters.
+    pub(crate) fn into_params(self, config: &ApiConfig) -> Result<GenerateParams, ApiError> {
+        let max_tokens = match self.max_tokens {
+            Some((name, v)) => positive_u32(name, v)?,
+            None => config.default_max_tokens,
+        };
+        let temperature = in_range("temperature", self.temperature, 1.0, 2.0)?;
+        let top_p = in_range("top_p", self.top_p, 1.0, 1.0)?;
+        let top_k = match self.top_k {
+            None | Some(0) => None,
+            Some(k) => Some(positive_u32("top_k", k)?),
+        };
+        let stop = checked_stop("stop", self.stop, MAX_STOP_SEQUENCES)?;
+        // Bit-for-bit: distinct seeds stay distinct.
+        let seed = self.seed.map_or_else(rand::random::<u64>, |s| s as u64);
+        Ok(GenerateParams {
+            max_tokens,
+            temperature: temperature as f32,
+            top_p: top_p as f32,
+            top_k,
+            seed,
+            stop,
+        })
+    }
+}
+
+/// `stop` (named `name` in messages) checked: a string or an array of at most `max`
+/// strings, empty ones dropped.
+pub(crate) fn checked_stop(
+    name: &str,
+    stop: Option<Value>,
+    max: usize,
+) -> Result<Vec<String>, ApiError> {
+    let stop: Vec<String> = stop_sequences(name, stop)?
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect();
+    if stop.len() > max {
+        return Err(ApiError::invalid_param(
+            name,
+            format!(
+                "'{name}' holds {} sequences; at most {max} are allowed.",
+                stop.len()
+            ),
+            "invalid_value",
+        ));
+    }
+    Ok(stop)
 }
 
 impl RequestMessage {
@@ -224,12 +272,12 @@ fn text_part(param: &str, part: Value) -> Result<String, ApiError> {
 }
 
 /// `stop`: absent, null, a string, or an array of strings.
-fn stop_sequences(stop: Option<Value>) -> Result<Vec<String>, ApiError> {
+fn stop_sequences(name: &str, stop: Option<Value>) -> Result<Vec<String>, ApiError> {
     let invalid = |got: &str| {
         ApiError::invalid_param(
-            "stop",
+            name,
             format!(
-                "Invalid type for 'stop': expected a string or an array of strings, got {got}."
+                "Invalid type for '{name}': expected a string or an array of strings, got {got}."
             ),
             "invalid_type",
         )
@@ -249,7 +297,7 @@ fn stop_sequences(stop: Option<Value>) -> Result<Vec<String>, ApiError> {
 }
 
 /// The JSON type of `value`, for messages.
-fn json_type(value: &Value) -> &'static str {
+pub(crate) fn json_type(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -261,7 +309,7 @@ fn json_type(value: &Value) -> &'static str {
 }
 
 /// `value` as a u32 of at least 1.
-fn positive_u32(name: &str, value: i64) -> Result<u32, ApiError> {
+pub(crate) fn positive_u32(name: &str, value: i64) -> Result<u32, ApiError> {
     match u32::try_from(value) {
         Ok(v) if v >= 1 => Ok(v),
         _ => Err(ApiError::invalid_param(
@@ -276,7 +324,12 @@ fn positive_u32(name: &str, value: i64) -> Result<u32, ApiError> {
 }
 
 /// `value` (or `default`) checked to lie in `[0, max]`.
-fn in_range(name: &str, value: Option<f64>, default: f64, max: f64) -> Result<f64, ApiError> {
+pub(crate) fn in_range(
+    name: &str,
+    value: Option<f64>,
+    default: f64,
+    max: f64,
+) -> Result<f64, ApiError> {
     match value {
         None => Ok(default),
         Some(v) if v.is_finite() && (0.0..=max).contains(&v) => Ok(v),

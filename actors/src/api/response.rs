@@ -1,5 +1,6 @@
 //! The JSON shapes the API answers with, as OpenAI's clients expect them: a chat completion,
-//! a chat completion chunk (one SSE event of a stream), and the model list.
+//! a chat completion chunk (one SSE event of a stream), a legacy text completion and its
+//! chunk, and the model list.
 //!
 //! `finish_reason` maps `Stop -> "stop"`, `Length -> "length"` and `Cancelled -> "stop"`:
 //! OpenAI has no value for a cancelled generation, and a task is only cancelled under a
@@ -42,15 +43,24 @@ pub(crate) struct CompletionMeta {
 }
 
 impl CompletionMeta {
-    /// A fresh id for a completion of `model`.
+    /// A fresh id for a chat completion of `model`.
     pub(crate) fn new(model: &str) -> Self {
+        Self::with_prefix("chatcmpl", model)
+    }
+
+    /// A fresh id for a legacy text completion of `model` (`cmpl-...`).
+    pub(crate) fn text(model: &str) -> Self {
+        Self::with_prefix("cmpl", model)
+    }
+
+    fn with_prefix(prefix: &str, model: &str) -> Self {
         let suffix: String = rand::rng()
             .sample_iter(&Alphanumeric)
             .take(24)
             .map(char::from)
             .collect();
         Self {
-            id: format!("chatcmpl-{suffix}"),
+            id: format!("{prefix}-{suffix}"),
             created: unix_now(),
             model: model.to_string(),
         }
@@ -58,7 +68,7 @@ impl CompletionMeta {
 }
 
 /// Token counts as OpenAI reports them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub(crate) struct UsageBody {
     prompt_tokens: u32,
     completion_tokens: u32,
@@ -219,6 +229,121 @@ impl<'a> ChatCompletionChunk<'a> {
             model: &meta.model,
             choices: Vec::new(),
             usage: Some(Some(usage.into())),
+        }
+    }
+}
+
+impl UsageBody {
+    /// The counts of several tasks added up (a completion of several prompts).
+    pub(crate) fn add(self, usage: Usage) -> Self {
+        let more = UsageBody::from(usage);
+        Self {
+            prompt_tokens: self.prompt_tokens.saturating_add(more.prompt_tokens),
+            completion_tokens: self
+                .completion_tokens
+                .saturating_add(more.completion_tokens),
+            total_tokens: self.total_tokens.saturating_add(more.total_tokens),
+        }
+    }
+}
+
+/// One choice of a legacy text completion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TextChoice {
+    /// The text (the prompt first, with `echo`).
+    pub(crate) text: String,
+    /// Why it ended.
+    pub(crate) reason: FinishReason,
+}
+
+/// A non-streamed legacy completion (`object: "text_completion"`).
+#[derive(Debug, Serialize)]
+pub(crate) struct TextCompletion {
+    id: String,
+    object: &'static str,
+    created: u64,
+    model: String,
+    choices: Vec<TextChoiceBody>,
+    usage: UsageBody,
+}
+
+#[derive(Debug, Serialize)]
+struct TextChoiceBody {
+    text: String,
+    index: u32,
+    logprobs: Option<()>,
+    finish_reason: Option<&'static str>,
+}
+
+impl TextCompletion {
+    /// The answer: `choices` in prompt order, `usage` added up over them.
+    pub(crate) fn new(meta: CompletionMeta, choices: Vec<TextChoice>, usage: UsageBody) -> Self {
+        Self {
+            id: meta.id,
+            object: "text_completion",
+            created: meta.created,
+            model: meta.model,
+            choices: choices
+                .into_iter()
+                .zip(0u32..)
+                .map(|(c, index)| TextChoiceBody {
+                    text: c.text,
+                    index,
+                    logprobs: None,
+                    finish_reason: Some(finish_reason(c.reason)),
+                })
+                .collect(),
+            usage,
+        }
+    }
+}
+
+/// One event of a legacy completion stream (`object: "text_completion"`, as OpenAI sends).
+#[derive(Debug, Serialize)]
+pub(crate) struct TextCompletionChunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: Vec<TextChoiceBody>,
+    /// Absent unless usage was asked for; then `null` on every chunk but the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Option<UsageBody>>,
+}
+
+impl<'a> TextCompletionChunk<'a> {
+    /// A piece of choice `index`'s text; `finish` on its last chunk.
+    pub(crate) fn piece(
+        meta: &'a CompletionMeta,
+        include_usage: bool,
+        index: u32,
+        text: &str,
+        finish: Option<FinishReason>,
+    ) -> Self {
+        Self {
+            id: &meta.id,
+            object: "text_completion",
+            created: meta.created,
+            model: &meta.model,
+            choices: vec![TextChoiceBody {
+                text: text.to_string(),
+                index,
+                logprobs: None,
+                finish_reason: finish.map(finish_reason),
+            }],
+            usage: include_usage.then_some(None),
+        }
+    }
+
+    /// The usage chunk sent last when asked for: no choices, usage filled in.
+    pub(crate) fn usage(meta: &'a CompletionMeta, usage: UsageBody) -> Self {
+        Self {
+            id: &meta.id,
+            object: "text_completion",
+            created: meta.created,
+            model: &meta.model,
+            choices: Vec::new(),
+            usage: Some(Some(usage)),
         }
     }
 }

@@ -6,17 +6,20 @@ use std::sync::Arc;
 use axum::Router;
 use axum::http::{Method, Uri};
 use axum::middleware;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use tokio_util::sync::CancellationToken;
 
 use super::backend::Backend;
 use super::chat;
+use super::completions;
 use super::config::ApiConfig;
 use super::error::ApiError;
 use super::guard;
 use super::metrics::Metrics;
 use super::models;
 use super::observe;
+use super::ollama;
 use super::ops;
 use super::state::AppState;
 
@@ -38,6 +41,13 @@ pub fn router(
     };
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/show", post(ollama::show))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/version", get(ollama::version))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{*model}", get(models::get))
         .route("/v1/actors", get(ops::actors))
@@ -60,10 +70,30 @@ pub fn router(
         .with_state(state)
 }
 
-async fn unknown_url(method: Method, uri: Uri) -> ApiError {
-    ApiError::unknown_url(method.as_str(), uri.path())
+/// Whether `path` is one of Ollama's, whose errors are answered in Ollama's shape.
+pub(crate) fn is_ollama_path(path: &str) -> bool {
+    path.starts_with("/api/")
 }
 
-async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
-    ApiError::method_not_allowed(method.as_str(), uri.path())
+/// `err` in the error shape of the API that `path` belongs to.
+pub(crate) fn error_for(path: &str, err: ApiError) -> Response {
+    if is_ollama_path(path) {
+        ollama::error_response(err)
+    } else {
+        err.into_response()
+    }
+}
+
+async fn unknown_url(method: Method, uri: Uri) -> Response {
+    error_for(
+        uri.path(),
+        ApiError::unknown_url(method.as_str(), uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    error_for(
+        uri.path(),
+        ApiError::method_not_allowed(method.as_str(), uri.path()),
+    )
 }

@@ -26,8 +26,26 @@ pub(crate) struct ChatTask {
     model: String,
     request: GenerateRequest,
     received: Instant,
+    /// When the running attempt was acknowledged by a runner.
+    acknowledged: Option<Instant>,
+    /// When the first output arrived.
+    first_output: Option<Instant>,
     produced: bool,
     retried: bool,
+}
+
+/// Where a finished task's time went, for APIs that report it (Ollama's durations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Timings {
+    /// From the HTTP request's arrival to the end of the task.
+    pub(crate) total: Duration,
+    /// From the request's arrival until a runner acknowledged the task (finding an
+    /// instance, queueing, a retry's wait): the model itself is always loaded already.
+    pub(crate) load: Duration,
+    /// From the acknowledgement to the first output (queueing in the batch and prefill).
+    pub(crate) prompt_eval: Duration,
+    /// From the first output to the end (decoding).
+    pub(crate) eval: Duration,
 }
 
 /// Whether `err` is a runner death before the task produced anything.
@@ -53,6 +71,8 @@ impl ChatTask {
             model,
             request,
             received,
+            acknowledged: None,
+            first_output: None,
             produced: false,
             retried: false,
         }
@@ -62,6 +82,7 @@ impl ChatTask {
     pub(crate) fn on_chunk(&mut self, chunk: &TokenChunk) {
         if !self.produced {
             self.produced = true;
+            self.first_output = Some(Instant::now());
             self.state
                 .metrics
                 .time_to_first_token(&self.model, self.received.elapsed());
@@ -81,6 +102,22 @@ impl ChatTask {
     /// The model asked for.
     pub(crate) fn model(&self) -> &str {
         &self.model
+    }
+
+    /// Where the task's time went, measured now (call it when the task is done).
+    pub(crate) fn timings(&self) -> Timings {
+        let now = Instant::now();
+        let acknowledged = self
+            .acknowledged
+            .unwrap_or(self.received)
+            .max(self.received);
+        let first = self.first_output.unwrap_or(now).max(acknowledged);
+        Timings {
+            total: now.duration_since(self.received),
+            load: acknowledged.duration_since(self.received),
+            prompt_eval: first.duration_since(acknowledged),
+            eval: now.saturating_duration_since(first),
+        }
     }
 
     /// Submits the task to a Ready instance (no waiting for one); a runner that dies before
@@ -110,10 +147,13 @@ impl ChatTask {
         })
     }
 
-    async fn submit(&self, wait_ready: Option<Duration>) -> Result<TaskHandle, SubmitError> {
-        self.state
+    async fn submit(&mut self, wait_ready: Option<Duration>) -> Result<TaskHandle, SubmitError> {
+        let handle = self
+            .state
             .backend
             .submit(&self.model, self.request.clone(), wait_ready)
-            .await
+            .await?;
+        self.acknowledged = Some(Instant::now());
+        Ok(handle)
     }
 }

@@ -21,6 +21,7 @@
 
 mod builder;
 mod config;
+mod describe;
 mod router;
 
 pub use builder::{Node, NodeBuilder, NodeError, NodeHandle, Placer};

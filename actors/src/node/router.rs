@@ -22,9 +22,10 @@ use futures::future::BoxFuture;
 use ractor::{ActorCell, ActorRef};
 use tokio::sync::watch;
 
+use super::describe::Describer;
 use crate::api::{
-    Backend, ClusterActors, ClusterState, LocalInstanceView, LocalState, Metrics, ModelInfo,
-    StateView, SubmitError,
+    Backend, ClusterActors, ClusterState, LocalInstanceView, LocalState, Metrics, ModelDetails,
+    ModelInfo, StateView, SubmitError,
 };
 use crate::placement::{PlaceError, PlaceRequest, Placed};
 use crate::runner::{RunnerError, RunnerEvent, RunnerMsg, RunnerObserver, TaskHandle};
@@ -115,6 +116,7 @@ pub struct ModelRouter {
     tag: Arc<str>,
     remote: Arc<Mutex<Option<Arc<dyn Remote>>>>,
     metrics: Metrics,
+    describer: Describer,
 }
 
 fn now_secs() -> u64 {
@@ -137,6 +139,7 @@ impl ModelRouter {
             tag: node_tag.into(),
             remote: Arc::new(Mutex::new(None)),
             metrics,
+            describer: Describer::default(),
         }
     }
 
@@ -518,6 +521,33 @@ impl Backend for ModelRouter {
         self.clone()
             .submit_waiting(model.to_string(), request, wait_ready)
             .boxed()
+    }
+
+    fn model_details(&self, model: &str) -> BoxFuture<'static, Option<ModelDetails>> {
+        let info = self.models().into_iter().find(|m| m.id == model);
+        // A local instance's source, preferring a Ready one (all of a model's instances
+        // normally load the same file).
+        let source = {
+            let table = self.lock();
+            let mut of_model: Vec<&Instance> = table
+                .instances
+                .values()
+                .filter(|i| i.model == model)
+                .collect();
+            of_model
+                .sort_by_key(|i| !matches!(i.status, RunnerStatus::Ready | RunnerStatus::Running));
+            of_model.first().map(|i| i.source.clone())
+        };
+        let describer = self.describer.clone();
+        async move {
+            let info = info?;
+            let file = match source {
+                Some(source) => describer.describe(&source).await,
+                None => None,
+            };
+            Some(ModelDetails { info, file })
+        }
+        .boxed()
     }
 
     fn state(&self) -> BoxFuture<'static, StateView> {
