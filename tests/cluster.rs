@@ -483,9 +483,14 @@ fn a_node_with_the_wrong_cookie_is_refused() {
 
 /// Two free consecutive loopback ports.
 fn free_pair() -> u16 {
+    free_run(2)
+}
+
+/// `n` free consecutive loopback ports; returns the first.
+fn free_run(n: u16) -> u16 {
     loop {
         let p = common::free_port();
-        if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+        if p < 65000 && (1..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
             return p;
         }
     }
@@ -566,6 +571,77 @@ fn up_with_nodes_starts_a_local_cluster_that_serves_from_every_node_and_stops_cl
         assert!(
             common::wait_gone(pid, Duration::from_secs(10)),
             "{pid} left behind"
+        );
+    }
+}
+
+/// Three nodes that all dial each other at once (`up --nodes 3`: every node has every other
+/// as a static peer) settle on one session per pair without a leave and a rejoin, and log no
+/// refusal: the loser of a simultaneous connect is neither a departure nor a wrong cookie.
+#[test]
+fn a_local_cluster_forms_without_false_departures_or_refusals_in_its_logs() {
+    let (api, cluster) = (free_run(3), free_run(3));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_canopy"))
+        .args([
+            "up", "--nodes", "3", "--engine", "scripted", "--model", "scripted",
+        ])
+        .args([
+            "--port",
+            &api.to_string(),
+            "--cluster-port",
+            &cluster.to_string(),
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("CANOPY_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("canopy up starts");
+    let log = common::capture_output(&mut child);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let formed = common::eventually(
+        Duration::from_secs(60),
+        "every node to see all three",
+        || {
+            (0..3).all(|i| {
+                agent
+                    .get(format!("http://127.0.0.1:{}/state", api + i))
+                    .call()
+                    .ok()
+                    .and_then(|mut r| r.body_mut().read_json::<Value>().ok())
+                    .is_some_and(|s| s["nodes"].as_array().map(Vec::len) == Some(3))
+            })
+        },
+    );
+    // A second of heartbeats after forming, for late refusals to show.
+    std::thread::sleep(Duration::from_secs(1));
+    let text = log.lock().expect("log").clone();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    let _ = common::eventually_some(Duration::from_secs(60), "canopy up to exit", || {
+        child.try_wait().expect("wait")
+    });
+    formed.unwrap_or_else(|e| panic!("{e}\n{}", common::tail(&text, 60)));
+    for noise in [
+        "peer left the cluster",
+        "different cookie",
+        "auth_fail",
+        "refused",
+    ] {
+        assert!(
+            !text.contains(noise),
+            "a friendly start logged {noise:?}:\n{}",
+            common::tail(&text, 80)
         );
     }
 }

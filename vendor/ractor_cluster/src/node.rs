@@ -963,7 +963,10 @@ impl Actor for NodeServer {
                                     maybe_reason
                                 );
                             } else {
-                                tracing::warn!(
+                                // Subscribers get the reason (`exit_reason`) and say what it
+                                // means in their own terms; a peer that stops or restarts
+                                // is not a warning here.
+                                tracing::info!(
                                     "Node session {:?} exited with '{:?}'",
                                     o.get().peer_name,
                                     maybe_reason

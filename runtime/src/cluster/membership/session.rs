@@ -106,9 +106,10 @@ pub(super) async fn handle_session(
                 info.actor.stop(Some("no session key".into()));
                 return Ok(());
             }
-            if let Some(old) = state.peers.remove(&id) {
+            let handover = state.peers.remove(&id).map(|old| {
                 old.monitor.stop(None);
-            }
+                old.beat
+            });
             let (monitor, _) = Actor::spawn_linked(
                 None,
                 PeerMonitor,
@@ -122,7 +123,13 @@ pub(super) async fn handle_session(
                 myself.get_cell(),
             )
             .await?;
-            tracing::info!(peer = %id.short(), addr = %info.peer_addr, "peer connected");
+            match &handover {
+                Some(_) => tracing::debug!(peer = %id.short(), addr = %info.peer_addr,
+                    "the peer's new session is ready"),
+                None => {
+                    tracing::info!(peer = %id.short(), addr = %info.peer_addr, "peer connected")
+                }
+            }
             let registration = crate::introspect::register(&info.actor.get_cell(), "node-session");
             {
                 let (peer, addr) = (id.to_string(), info.peer_addr.clone());
@@ -136,7 +143,8 @@ pub(super) async fn handle_session(
                     session: info.actor.clone(),
                     session_node: info.node_id,
                     monitor,
-                    beat: None,
+                    // A handed-over peer keeps its pinned rank and address.
+                    beat: handover.flatten(),
                     _session_registration: registration,
                 },
             );
@@ -149,6 +157,14 @@ pub(super) async fn handle_session(
                 .find(|(_, p)| p.session.get_id() == info.actor.get_id())
                 .map(|(id, _)| id.clone());
             match (peer, session) {
+                (Some(id), _) if superseded(state, &id, &info) => {
+                    // Both nodes dialed at once and the race's winner already authenticated:
+                    // the peer stays a member while its winning session gets ready (a
+                    // winner that dies too leaves the peer without beats, and its monitor
+                    // drops it as usual).
+                    tracing::debug!(peer = %id.short(), reason = ?info.exit_reason,
+                        "a simultaneous connection replaced this peer's session");
+                }
                 (Some(id), _) => {
                     state.remove_peer(&id, "its connection closed");
                     state.elect_and_publish();
@@ -164,6 +180,24 @@ pub(super) async fn handle_session(
         }
     }
     Ok(())
+}
+
+/// Whether `info`, the session of member `id` that just ended, lost a simultaneous-connect
+/// election to another session of the same peer that has authenticated already (its key is
+/// the one installed now).
+fn superseded(
+    state: &ClusterState,
+    id: &crate::cluster::NodeId,
+    info: &NodeServerSessionInformation,
+) -> bool {
+    matches!(
+        info.exit_reason.as_deref(),
+        Some("duplicate_connection" | "session_election_lost")
+    ) && state
+        .args
+        .sessions
+        .route(id)
+        .is_some_and(|route| route.session != info.node_id)
 }
 
 /// Logs why a session that never authenticated ended, from the reason its session actor

@@ -328,6 +328,8 @@ impl NodeSession {
             }
             AuthenticationState::AsServer(server_auth) => {
                 let mut next = server_auth.next(message, self.credentials());
+                // Losing a simultaneous connect is not an authentication failure.
+                let mut close_reason = "auth_fail";
 
                 match &next {
                     auth::ServerAuthenticationProcess::HavePeerName(peer_name) => {
@@ -404,8 +406,11 @@ impl NodeSession {
                                             state.tcp_send_auth(challenge_msg);
                                         }
                                     }
-                                    auth_protocol::server_status::Status::NotOk
-                                    | auth_protocol::server_status::Status::NotAllowed => {
+                                    auth_protocol::server_status::Status::NotOk => {
+                                        close_reason = "session_election_lost";
+                                        next = auth::ServerAuthenticationProcess::Close;
+                                    }
+                                    auth_protocol::server_status::Status::NotAllowed => {
                                         next = auth::ServerAuthenticationProcess::Close;
                                     }
                                     auth_protocol::server_status::Status::Alive => {
@@ -439,10 +444,10 @@ impl NodeSession {
                 }
                 if let auth::ServerAuthenticationProcess::Close = &next {
                     tracing::info!(
-                        "Node Session {} is shutting down due to authentication failure",
+                        "Node Session {} is shutting down ({close_reason})",
                         self.node_id
                     );
-                    myself.stop(Some("auth_fail".to_string()));
+                    myself.stop(Some(close_reason.to_string()));
                 }
                 if let auth::ServerAuthenticationProcess::Ok(_, _) = &next {
                     tracing::info!("Node Session {} is authenticated", self.node_id);
