@@ -656,6 +656,68 @@ mod supervisor {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_child_with_its_own_budget_is_given_up_alone_and_can_be_restarted() {
+        let mut h = Harness::new();
+        let broken = Arc::new(AtomicBool::new(false));
+        let (sup, watcher, mut seen) = spawn_watched(
+            args(Strategy::OneForOne)
+                // The supervisor's own budget is smaller than the child's: the child's
+                // restarts must not be counted against it.
+                .with_intensity(Intensity {
+                    max_restarts: 1,
+                    period: Duration::from_secs(10),
+                })
+                .with_child(h.worker("healthy"))
+                .with_child(
+                    h.worker_with("flaky", broken.clone())
+                        .with_restart(Restart::Transient)
+                        .with_intensity(Intensity {
+                            max_restarts: 2,
+                            period: Duration::from_secs(10),
+                        }),
+                ),
+        )
+        .await;
+        h.expect(&[started("healthy"), started("flaky")]).await;
+        let healthy = cell(&children(&sup).await, "healthy");
+
+        // One restart that works, then one whose start fails: the retry of that is the
+        // third restart, over the child's own budget.
+        send(&cell(&children(&sup).await, "flaky"), WorkerMsg::Fail);
+        h.expect(&[started("flaky")]).await;
+        broken.store(true, Ordering::SeqCst);
+        send(&cell(&children(&sup).await, "flaky"), WorkerMsg::Fail);
+        wait_not_running(&sup, "flaky").await;
+        let deadline = Instant::now() + WAIT;
+        let flaky = loop {
+            let now = info(&children(&sup).await, "flaky").clone();
+            if now.gave_up.is_some() || Instant::now() > deadline {
+                break now;
+            }
+            tokio::task::yield_now().await;
+        };
+        let why = flaky.gave_up.clone().expect("given up");
+        assert!(why.contains("more than 2 restarts"), "{why}");
+        assert!(why.contains("refuses to start"), "{why}");
+        assert!(!flaky.running);
+        // Nobody else was touched, and the supervisor did not fail.
+        h.expect_quiet().await;
+        assert_eq!(healthy.get_status(), ActorStatus::Running);
+        assert!(seen.try_recv().is_err(), "the supervisor failed");
+        assert_eq!(sup.get_status(), ActorStatus::Running);
+
+        // The owner may start it again once the cause is gone; that clears the verdict.
+        broken.store(false, Ordering::SeqCst);
+        let restarted = ractor::call_t!(sup, SupervisorMsg::RestartChild, 5_000, "flaky".into())
+            .expect("answers");
+        assert!(restarted.is_ok(), "{restarted:?}");
+        h.expect(&[started("flaky")]).await;
+        assert_eq!(info(&children(&sup).await, "flaky").gave_up, None);
+        stop_sup(&sup).await;
+        watcher.stop(None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn supervisors_nest_and_a_failing_child_supervisor_is_restarted() {
         let mut h = Harness::new();
         let inner = SupervisorArgs::new(Strategy::OneForOne)

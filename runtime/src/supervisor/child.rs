@@ -5,7 +5,7 @@ use ractor::{ActorCell, ActorId};
 
 use super::messages::ChildInfo;
 use super::spec::ChildSpec;
-use crate::restart::{Backoff, BackoffState};
+use crate::restart::{Backoff, BackoffState, RestartWindow};
 
 /// One child of a supervisor.
 pub(crate) struct Child {
@@ -27,6 +27,12 @@ pub(crate) struct Child {
     pub(crate) started_once: bool,
     /// Delay sequence of its restarts.
     pub(crate) backoff: BackoffState,
+    /// Its own restart window, when its spec has its own intensity.
+    pub(crate) window: Option<RestartWindow>,
+    /// Why it was given up (its own budget spent), until it is started again.
+    pub(crate) gave_up: Option<String>,
+    /// How its last instance ended (or failed to start), for the give-up reason.
+    pub(crate) last_exit: Option<String>,
 }
 
 impl Child {
@@ -34,6 +40,7 @@ impl Child {
     /// its own.
     pub(crate) fn new(spec: ChildSpec, default_backoff: Backoff, generation: u64) -> Self {
         let backoff = BackoffState::new(spec.backoff.unwrap_or(default_backoff));
+        let window = spec.intensity.map(RestartWindow::new);
         Self {
             spec,
             cell: None,
@@ -42,6 +49,9 @@ impl Child {
             restart_count: 0,
             started_once: false,
             backoff,
+            window,
+            gave_up: None,
+            last_exit: None,
         }
     }
 
@@ -66,6 +76,7 @@ impl Child {
             restart_count: self.restart_count,
             running: self.cell.is_some(),
             restart_pending: self.restart_pending,
+            gave_up: self.gave_up.clone(),
         }
     }
 }

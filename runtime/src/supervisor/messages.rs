@@ -48,6 +48,10 @@ pub struct ChildInfo {
     pub running: bool,
     /// Whether a delayed restart is scheduled.
     pub restart_pending: bool,
+    /// Why the child was given up, if it was: it failed more often than its own restart
+    /// budget allows ([`ChildSpec::with_intensity`](super::ChildSpec::with_intensity)) and
+    /// is not restarted until asked.
+    pub gave_up: Option<String>,
 }
 
 /// Counters of a supervisor, as reported by [`SupervisorMsg::Stats`].

@@ -12,7 +12,7 @@ use ractor::{Actor, ActorCell, SpawnErr};
 use super::actor::Supervisor;
 use super::args::SupervisorArgs;
 use super::exit::ChildExit;
-use crate::restart::Backoff;
+use crate::restart::{Backoff, Intensity};
 
 /// The future a [`StartFn`] returns: the started child's cell, or why it could not start.
 pub type StartFuture = BoxFuture<'static, Result<ActorCell, SpawnErr>>;
@@ -83,6 +83,9 @@ pub struct ChildSpec {
     pub shutdown: Shutdown,
     /// Restart delay for this child; `None` uses the supervisor's [`SupervisorArgs::backoff`].
     pub backoff: Option<Backoff>,
+    /// This child's own restart budget; `None` counts its restarts against the supervisor's
+    /// [`SupervisorArgs::intensity`]. See [`ChildSpec::with_intensity`].
+    pub intensity: Option<Intensity>,
 }
 
 impl ChildSpec {
@@ -97,6 +100,7 @@ impl ChildSpec {
             restart: Restart::default(),
             shutdown: Shutdown::default(),
             backoff: None,
+            intensity: None,
         }
     }
 
@@ -142,6 +146,19 @@ impl ChildSpec {
         self.backoff = Some(backoff);
         self
     }
+
+    /// Gives this child a restart budget of its own, so that a child that keeps failing cannot
+    /// take its siblings down: its restarts are counted in its own window, not the
+    /// supervisor's, and one more than `intensity` allows *gives the child up* (it stays
+    /// stopped, [`ChildInfo::gave_up`](super::ChildInfo::gave_up) says why, and
+    /// [`SupervisorMsg::RestartChild`](super::SupervisorMsg::RestartChild) or deleting it is
+    /// the owner's call) instead of failing the supervisor. Meant for `OneForOne`
+    /// supervisors of independent children (Canopy's worker gives each model instance one);
+    /// under `OneForAll`/`RestForOne` the child's group is still restarted with it.
+    pub fn with_intensity(mut self, intensity: Intensity) -> Self {
+        self.intensity = Some(intensity);
+        self
+    }
 }
 
 impl fmt::Debug for ChildSpec {
@@ -151,6 +168,7 @@ impl fmt::Debug for ChildSpec {
             .field("restart", &self.restart)
             .field("shutdown", &self.shutdown)
             .field("backoff", &self.backoff)
+            .field("intensity", &self.intensity)
             .finish_non_exhaustive()
     }
 }

@@ -153,6 +153,7 @@ impl SupervisorState {
         child.cell = Some(cell.clone());
         child.generation = generation;
         child.restart_pending = false;
+        child.gave_up = None;
         child.backoff.started(Instant::now());
         crate::introspect::annotate(&cell, &id, child.restart_count);
         tracing::info!(child = %id, actor = %cell.get_id(), "child started");
@@ -209,6 +210,7 @@ impl SupervisorState {
             return Ok(());
         }
         tracing::warn!(child = child.id(), %exit, "child exited; restarting");
+        child.last_exit = Some(exit.to_string());
         self.restart(myself, idx).await
     }
 
@@ -238,8 +240,27 @@ impl SupervisorState {
         loop {
             let now = Instant::now();
             let failed_id = self.children[failed].id().to_owned();
-            if !self.window.record(now) {
-                return Err(self.escalate(&failed_id).await);
+            let child = &mut self.children[failed];
+            match child.window.as_mut().map(|w| w.record(now)) {
+                Some(true) => {}
+                Some(false) => {
+                    // Its own budget is spent: give this child up, touch nobody else.
+                    let intensity = child.spec.intensity.unwrap_or_default();
+                    let why = format!(
+                        "more than {} restarts in {:?}; last exit: {}",
+                        intensity.max_restarts,
+                        intensity.period,
+                        child.last_exit.as_deref().unwrap_or("unknown")
+                    );
+                    tracing::error!(child = %failed_id, %why, "child gave up: not restarting it; its siblings are not touched");
+                    child.restart_pending = false;
+                    child.gave_up = Some(why);
+                    return Ok(());
+                }
+                None if !self.window.record(now) => {
+                    return Err(self.escalate(&failed_id).await);
+                }
+                None => {}
             }
             self.restarts += 1;
             let delay = self.children[failed].backoff.next_delay(now);
@@ -303,6 +324,7 @@ impl SupervisorState {
             }
             if let Err(err) = self.start_child(myself, idx).await {
                 tracing::warn!(child = %id, %err, "child failed to restart");
+                self.children[idx].last_exit = Some(format!("failed to start: {err}"));
                 return Err(idx);
             }
         }
