@@ -492,3 +492,99 @@ fn parallel_reaches_the_runner_and_inspect_shows_its_batch() {
     }
     node.interrupt_and_check();
 }
+
+/// Issue #10: an instance whose runner keeps dying is given up alone. Its runner supervisor
+/// gives up after its restart intensity; the instance is stopped on its node and reported
+/// failed with the reason, while another instance on the same node keeps its runner (the same
+/// pid) and serves throughout. Before, the worker restarted the failing supervisor against
+/// its own budget, and a fourth give-up failed the worker and killed every runner of the node.
+#[test]
+fn an_instance_whose_runner_keeps_dying_is_given_up_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster_port = common::free_port().to_string();
+    let node = NodeProcess::start(
+        &[
+            "up",
+            "--engine",
+            "scripted",
+            "--model",
+            "scripted",
+            "--no-discovery",
+            "--cluster-host",
+            "127.0.0.1",
+            "--cluster-port",
+            &cluster_port,
+            "--data-dir",
+        ]
+        .into_iter()
+        .chain([dir.path().to_str().expect("utf-8 path")])
+        .collect::<Vec<_>>(),
+        &[("CANOPY_STANDALONE", "false")],
+        true,
+    );
+    let flaky = "scripted:layers=2";
+    let (status, placed) = node.post(
+        "/instances",
+        &serde_json::json!({"model": flaky, "wait": 60}),
+    );
+    assert_eq!(status, 201, "{placed}");
+    let instance = |model: &str| -> Value {
+        let (_, body) = node.get("/state").expect("state");
+        let state: Value = serde_json::from_str(&body).expect("json");
+        state["instances"]
+            .as_array()
+            .and_then(|list| list.iter().find(|i| i["model"] == model).cloned())
+            .unwrap_or(Value::Null)
+    };
+    let healthy_pid = instance("scripted")["pid"].as_u64().expect("a healthy pid");
+
+    // Every request to the flaky model kills its runner before the first token (and the
+    // transparent retry kills the next one). Keep going while it is still served.
+    // Each round of deaths gives its supervisor up; the planner places it again after a
+    // backoff (1, 2, 4, 8 s) and, as it never stays Ready, fails it once its budget is spent.
+    let mut answers = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while Instant::now() < deadline {
+        let (status, _) = node.post(
+            "/v1/chat/completions",
+            &chat_body(flaky, "abort_after=0", 3, false),
+        );
+        answers.push(status);
+        let i = instance(flaky);
+        if i.is_null() || i["state"].as_str().is_some_and(|s| s.starts_with("failed")) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let given_up = eventually(
+        Duration::from_secs(30),
+        "the flaky instance to be failed",
+        || {
+            instance(flaky)["state"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("failed") && s.contains("kept dying"))
+        },
+    );
+    assert!(
+        given_up.is_ok(),
+        "answers {answers:?}; the flaky instance: {}\n{}",
+        instance(flaky),
+        common::tail(&node.log_text(), 40)
+    );
+    // The healthy instance never noticed.
+    let healthy = instance("scripted");
+    assert_eq!(healthy["pid"].as_u64(), Some(healthy_pid), "{healthy}");
+    assert_eq!(healthy["restarts"].as_u64(), Some(0), "{healthy}");
+    let (status, body) = node.post(
+        "/v1/chat/completions",
+        &chat_body("scripted", "tokens=2", 2, false),
+    );
+    assert_eq!(status, 200, "{body}");
+    // The failed one is refused with a clear answer, not a hang.
+    let (status, body) = node.post(
+        "/v1/chat/completions",
+        &chat_body(flaky, "tokens=2", 2, false),
+    );
+    assert!(status == 503 || status == 404, "{status} {body}");
+    node.interrupt_and_check();
+}

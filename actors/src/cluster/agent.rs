@@ -125,7 +125,7 @@ impl AgentState {
                 pid: i.pid,
                 restarts: i.restarts,
                 last_failure: i.last_failure.clone(),
-                error: i.load_error.clone(),
+                error: i.load_error.clone().or_else(|| i.gave_up.clone()),
             });
         }
         for (id, (model, error)) in &self.errors {
@@ -169,16 +169,17 @@ impl AgentState {
     /// Brings this node in line with `plan`.
     fn reconcile(&mut self, myself: &ActorRef<AgentMsg>, plan: &Plan) {
         let me = self.me();
-        // Load failures: stop the instance (its supervisor would retry a file that cannot
-        // load) and report the error until the plan moves it.
+        // Load failures and runners that kept dying: stop the instance (its supervisor would
+        // retry a file that cannot load, or a runner that keeps dying here) and report the
+        // error until the plan moves it to another node.
         for i in self.args.router.local_instances() {
-            if let Some(error) = &i.load_error {
-                self.errors.insert(
-                    i.id.clone(),
-                    (i.model.clone(), format!("cannot load the model: {error}")),
-                );
-                self.stop(&i.id);
-            }
+            let error = match (&i.load_error, &i.gave_up) {
+                (Some(error), _) => format!("cannot load the model: {error}"),
+                (None, Some(why)) => why.clone(),
+                (None, None) => continue,
+            };
+            self.errors.insert(i.id.clone(), (i.model.clone(), error));
+            self.stop(&i.id);
         }
         for (id, p) in &plan.instances {
             let mine = p.state == PlanState::Active && p.node.as_ref() == Some(&me);

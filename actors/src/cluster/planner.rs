@@ -17,7 +17,9 @@
 //!   fewest instances; ties go to the node with more free memory, then the smaller id.
 //! - **Re-placement**: an instance whose node left the cluster, or whose node reports it
 //!   cannot run it, is placed again elsewhere after a backoff (1 s doubling to 30 s), within
-//!   a budget of [`RETRY_BUDGET`] attempts that resets once the instance is Ready.
+//!   a budget of [`RETRY_BUDGET`] attempts that resets once the instance has been Ready for
+//!   [`STABLE_FOR`] (an instance that loads, serves a moment and dies again, over and over,
+//!   spends its budget and fails with the reason instead of cycling forever).
 //! - **A placement request** is answered when every new instance is Ready, or with the
 //!   first failure (the instances are then deleted again: a placement either happens or is
 //!   reported as failed, never left half-done). A request that arrives while a live node has
@@ -42,6 +44,8 @@ use super::protocol::{
 
 /// Placement attempts of one instance before it is marked failed.
 pub const RETRY_BUDGET: u32 = 5;
+/// How long an instance must stay Ready before its failed attempts are forgotten.
+pub const STABLE_FOR: Duration = Duration::from_secs(60);
 /// How often the plan is published even when nothing changed (a node that missed one
 /// publication catches up within this).
 pub const REPUBLISH: Duration = Duration::from_secs(1);
@@ -125,6 +129,8 @@ pub struct Planner {
     pending: Vec<Pending>,
     deferred: Vec<Deferred>,
     retries: HashMap<String, Retry>,
+    /// Since when each instance with failed attempts has been Ready.
+    ready_since: HashMap<String, Instant>,
     /// When each deleted instance was first seen deleted.
     deleted: HashMap<String, Instant>,
     answers: Vec<(Ticket, PlaceAnswer)>,
@@ -178,6 +184,7 @@ impl Planner {
             pending: Vec::new(),
             deferred: Vec::new(),
             retries: HashMap::new(),
+            ready_since: HashMap::new(),
             deleted: HashMap::new(),
             answers: Vec::new(),
             dirty: true,
@@ -250,6 +257,9 @@ impl Planner {
         for id in ids {
             self.follow(&id, members, now);
         }
+        let plan = &self.plan;
+        self.ready_since
+            .retain(|id, _| plan.instances.contains_key(id));
         self.answer_pending(now);
         self.mirror_reports();
         for deferred in std::mem::take(&mut self.deferred) {
@@ -360,6 +370,15 @@ impl Planner {
             return;
         }
         let mut next = p.clone();
+        let up = p
+            .node
+            .as_ref()
+            .and_then(|node| self.reported(node, id))
+            .is_some_and(|r| r.error.is_none() && is_up(r));
+        if !up {
+            // Stability counts from the latest time it came up.
+            self.ready_since.remove(id);
+        }
         match &p.node {
             Some(node) if !members.contains(node) => {
                 tracing::warn!(instance = %id, node = %node.short(), "its node left the cluster: placing it again");
@@ -380,8 +399,12 @@ impl Planner {
                     );
                 }
                 Some(r) if is_up(r) => {
-                    next.attempts = 0;
-                    self.retries.remove(id);
+                    let since = *self.ready_since.entry(id.to_string()).or_insert(now);
+                    if now.duration_since(since) >= STABLE_FOR {
+                        next.attempts = 0;
+                        self.retries.remove(id);
+                        self.ready_since.remove(id);
+                    }
                 }
                 _ => {}
             },
@@ -1106,7 +1129,49 @@ mod tests {
         ))
         .unwrap();
         p.tick(&members, now);
-        assert_eq!(only_instance(&p).1.attempts, 0);
+        let attempts = only_instance(&p).1.attempts;
+        assert!(attempts > 0, "not yet: it has been Ready for no time");
+        p.tick(&members, now + STABLE_FOR / 2);
+        assert_eq!(only_instance(&p).1.attempts, attempts);
+        p.tick(&members, now + STABLE_FOR);
+        assert_eq!(only_instance(&p).1.attempts, 0, "Ready for STABLE_FOR");
+    }
+
+    #[test]
+    fn an_instance_that_keeps_failing_after_it_is_ready_spends_its_budget() {
+        let a = node(1);
+        let members = Members::new(a.clone(), [], 1);
+        let mut p = planner(None, &members);
+        let mut now = Instant::now();
+        p.report(report(a.clone(), 4 * need(), vec![])).unwrap();
+        p.place(Ticket(1), request(1), &members, now);
+        report_assigned(&mut p, a.clone(), 3 * need(), RunnerStatus::Ready);
+        p.tick(&members, now);
+        assert!(p.ready(now).answers[0].1.is_ok());
+        let (id, _) = only_instance(&p);
+        // Serve a moment, die, be placed again: over and over.
+        for round in 1..=RETRY_BUDGET {
+            let dying = instance(&id, RunnerStatus::Failed, Some("its runner kept dying"));
+            p.report(report(a.clone(), 4 * need(), vec![dying]))
+                .unwrap();
+            p.tick(&members, now);
+            assert_eq!(only_instance(&p).1.attempts, round);
+            if round == RETRY_BUDGET {
+                break;
+            }
+            now += Duration::from_secs(31);
+            p.tick(&members, now);
+            assert_eq!(only_instance(&p).1.node, Some(a.clone()), "placed again");
+            report_assigned(&mut p, a.clone(), 3 * need(), RunnerStatus::Ready);
+            p.tick(&members, now);
+            now += Duration::from_secs(5);
+            p.tick(&members, now);
+        }
+        assert!(
+            matches!(&only_instance(&p).1.state, PlanState::Failed { reason } if reason.contains("kept dying")),
+            "{:?}",
+            only_instance(&p).1
+        );
     }
 
     #[test]

@@ -20,6 +20,13 @@ use super::router::ModelRouter;
 use crate::api::{ApiActor, ApiArgs, ApiMsg, Backend, Metrics};
 use crate::cluster::{AgentArgs, ClusterAgent, ClusterRoutes, ClusterSetup, Shared};
 use crate::runner::{RunnerEvent, RunnerSupervisor, RunnerSupervisorArgs};
+
+/// The restart budget of each model instance under the worker: a runner supervisor that gives
+/// up is started afresh up to 3 times in 5 minutes, then the instance is given up alone.
+pub const INSTANCE_INTENSITY: Intensity = Intensity {
+    max_restarts: 3,
+    period: Duration::from_secs(300),
+};
 use canopy_runtime::cluster::{ClusterActor, ClusterHandle, cluster_channels};
 
 /// Why a node could not start or be driven.
@@ -141,6 +148,10 @@ fn runner_child(
         .boxed()
     })
     .with_restart(Restart::Transient)
+    // Each instance has its own restart budget: one that keeps failing is given up alone
+    // (it stays Failed with its reason; in a cluster the planner moves it), never the worker
+    // and with it every other instance of the node.
+    .with_intensity(INSTANCE_INTENSITY)
     // A runner supervisor stops its runner gracefully in its own post_stop.
     .with_shutdown(Shutdown::Timeout(Duration::from_secs(15)))
 }

@@ -13,17 +13,20 @@
 //! (children stop in reverse start order: user actors, then the API, then the worker, whose
 //! runners are asked to exit and are killed only if they do not).
 //!
-//! Decisions where docs/ARCHITECTURE.md is silent: runner supervisors are *transient* children of the
-//! worker, so one that gives up (its runner died too often, or its model cannot load) is
-//! restarted afresh by the worker, within the worker's own intensity (3 restarts in 5
-//! minutes); past that the worker fails, the node restarts it, and a node that keeps failing
-//! stops: the failure has climbed to the top, and `canopy up` exits with it.
+//! Decisions where docs/ARCHITECTURE.md is silent: runner supervisors are *transient*
+//! children of the worker, each with its own restart budget ([`INSTANCE_INTENSITY`], 3 restarts
+//! in 5 minutes). One that gives up (its runner died too often, or its model cannot load) is
+//! started afresh by the worker within that budget; past it the instance alone is given up:
+//! it stays in the router as Failed with the reason, `/state` and `canopy inspect` show it,
+//! and in a cluster the agent stops it and reports the error so that the planner places it on
+//! another node. A failing instance never spends the worker's own budget, so it cannot take
+//! the node's other instances down with it.
 
 mod builder;
 mod config;
 mod describe;
 mod router;
 
-pub use builder::{Node, NodeBuilder, NodeError, NodeHandle, Placer};
+pub use builder::{INSTANCE_INTENSITY, Node, NodeBuilder, NodeError, NodeHandle, Placer};
 pub use config::{NodeConfig, Placement, RunnerDefaults};
 pub use router::{LocalInstance, ModelRouter, Remote, runner_actor_name};

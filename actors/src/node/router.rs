@@ -76,6 +76,9 @@ pub struct LocalInstance {
     pub last_failure: Option<String>,
     /// Why its model could not be loaded, if that happened.
     pub load_error: Option<String>,
+    /// Why its runner supervisor gave up (the runner died more often than its restart
+    /// intensity allows), until a new one starts it.
+    pub gave_up: Option<String>,
     /// What it loads (a path or a catalogue name).
     pub source: String,
 }
@@ -96,6 +99,7 @@ struct Instance {
     placed_at: u64,
     last_failure: Option<String>,
     load_error: Option<String>,
+    gave_up: Option<String>,
     source: String,
 }
 
@@ -214,6 +218,7 @@ impl ModelRouter {
                 restarts: i.restarts,
                 last_failure: i.last_failure.clone(),
                 load_error: i.load_error.clone(),
+                gave_up: i.gave_up.clone(),
                 source: i.source.clone(),
             })
             .collect()
@@ -238,6 +243,7 @@ impl ModelRouter {
                 placed_at: now_secs(),
                 last_failure: None,
                 load_error: None,
+                gave_up: None,
                 source: source.to_string(),
             },
         );
@@ -281,6 +287,7 @@ impl ModelRouter {
                     if let Some(i) = table.instances.get_mut(instance) {
                         i.pid = Some(*pid);
                         i.restarts = *restarts;
+                        i.gave_up = None;
                     }
                 }
                 RunnerEvent::LoadFailed { instance, error } => {
@@ -292,12 +299,18 @@ impl ModelRouter {
                     }
                 }
                 RunnerEvent::RunnerFailed {
-                    instance, reason, ..
+                    instance,
+                    reason,
+                    will_restart,
+                    ..
                 } => {
                     if let Some(i) = table.instances.get_mut(instance) {
                         i.status = RunnerStatus::Failed;
                         i.pid = None;
                         i.last_failure = Some(reason.to_string());
+                        if !will_restart {
+                            i.gave_up = Some(format!("its runner kept dying: {reason}"));
+                        }
                     }
                 }
                 RunnerEvent::BatchChanged { .. } => {}
