@@ -1066,6 +1066,7 @@ fn forged_plan(leader: &NodeId, term: u64, node: &NodeId) -> Vec<u8> {
             node: Some(node.clone()),
             state: PlanState::Active,
             attempts: 0,
+            request: None,
         },
     );
     encode(&AppMsg::Plan(Box::new(plan))).expect("encodes")

@@ -14,6 +14,8 @@ pub const MAX_MODEL_LEN: usize = 512;
 pub const MAX_INSTANCES_PER_REQUEST: usize = 64;
 /// The longest a placement may wait for its instances to be Ready, in seconds.
 pub const MAX_WAIT_SECS: u64 = 3600;
+/// Longest `request_id` a placement request may carry, in bytes.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// A request to place instances of a model (`POST /instances`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,6 +28,12 @@ pub struct PlaceRequest {
     pub node: Option<NodeId>,
     /// How long to wait for them to be Ready, in seconds.
     pub wait_secs: u64,
+    /// The client's key for this placement: a request with the key of a placement that
+    /// exists (or is under way) answers with that placement's instances instead of placing
+    /// more, so a client may retry a placement whose answer it lost (a master that died
+    /// between placing and answering) without duplicating it.
+    #[serde(default)]
+    pub request_id: Option<String>,
 }
 
 impl PlaceRequest {
@@ -51,6 +59,15 @@ impl PlaceRequest {
             return Err(PlaceError::Invalid(format!(
                 "`instances` must be 1 to {MAX_INSTANCES_PER_REQUEST}, not {}",
                 self.instances
+            )));
+        }
+        if let Some(key) = &self.request_id
+            && (key.is_empty()
+                || key.len() > MAX_REQUEST_ID_LEN
+                || !key.chars().all(|c| c.is_ascii_graphic()))
+        {
+            return Err(PlaceError::Invalid(format!(
+                "`request_id` must be 1 to {MAX_REQUEST_ID_LEN} printable ASCII characters without spaces"
             )));
         }
         if self.wait_secs == 0 || self.wait_secs > MAX_WAIT_SECS {
@@ -134,6 +151,7 @@ mod tests {
             instances,
             node: None,
             wait_secs: 1,
+            request_id: None,
         }
     }
 

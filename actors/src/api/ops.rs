@@ -80,6 +80,9 @@ pub(crate) struct PlaceBody {
     /// How long to wait for them to be Ready, in seconds (default 300; 1 to 3600).
     #[serde(default = "default_wait")]
     wait: u64,
+    /// The client's key for this placement: retrying with the same key never places twice.
+    #[serde(default)]
+    request_id: Option<String>,
 }
 
 fn one() -> usize {
@@ -97,6 +100,7 @@ impl From<PlaceBody> for PlaceRequest {
             instances: body.instances,
             node: body.node,
             wait_secs: body.wait.clamp(1, MAX_WAIT_SECS),
+            request_id: body.request_id,
         }
     }
 }

@@ -353,6 +353,7 @@ impl Planner {
                     node: None,
                     state: PlanState::Active,
                     attempts: 0,
+                    request: None,
                 });
             entry.node = Some(node);
             self.dirty = true;
@@ -701,6 +702,37 @@ impl Planner {
             )));
         }
         let model = self.models.model_id(&request.model);
+        if let Some(key) = &request.request_id {
+            let mut existing: Vec<String> = self
+                .plan
+                .instances
+                .iter()
+                .filter(|(_, p)| p.request.as_ref() == Some(key) && p.state != PlanState::Deleted)
+                .map(|(id, _)| id.clone())
+                .collect();
+            if !existing.is_empty() {
+                existing.sort();
+                let same = existing.len() == request.instances
+                    && existing
+                        .iter()
+                        .all(|id| self.plan.instances[id].source == request.model);
+                if !same {
+                    return Err(PlaceError::Invalid(format!(
+                        "`request_id` {key:?} belongs to another placement ({} instances of {}); use a new key",
+                        existing.len(),
+                        self.plan.instances[&existing[0]].source
+                    )));
+                }
+                tracing::info!(request_id = %key, instances = existing.len(), "a placement retried: answering with the instances it made");
+                self.pending.push(Pending {
+                    ticket,
+                    ids: existing,
+                    deadline: now + Duration::from_secs(request.wait_secs),
+                    wait_secs: request.wait_secs,
+                });
+                return Ok(());
+            }
+        }
         let mut chosen = Vec::new();
         let undo = |plan: &mut Plan, chosen: &[String]| {
             for id in chosen {
@@ -730,6 +762,7 @@ impl Planner {
                     node: Some(node),
                     state: PlanState::Active,
                     attempts: 0,
+                    request: request.request_id.clone(),
                 },
             );
             chosen.push(id);
@@ -807,6 +840,7 @@ mod tests {
             instances,
             node: None,
             wait_secs: 60,
+            request_id: None,
         }
     }
 
@@ -1172,6 +1206,82 @@ mod tests {
             "{:?}",
             only_instance(&p).1
         );
+    }
+
+    #[test]
+    fn a_retried_placement_with_its_request_id_never_places_twice() {
+        let a = node(1);
+        let members = Members::new(a.clone(), [], 1);
+        let mut p = planner(None, &members);
+        let now = Instant::now();
+        p.report(report(a.clone(), 8 * need(), vec![])).unwrap();
+        let keyed = |key: &str, instances: usize| PlaceRequest {
+            request_id: Some(key.into()),
+            ..request(instances)
+        };
+        p.place(Ticket(1), keyed("k-1", 2), &members, now);
+        let first = assigned(&p, &a);
+        assert_eq!(first.len(), 2);
+        // The client lost the answer (say the master died) and retries: same instances.
+        p.place(Ticket(2), keyed("k-1", 2), &members, now);
+        assert_eq!(assigned(&p, &a), first, "the retry placed more");
+        report_assigned(&mut p, a.clone(), 6 * need(), RunnerStatus::Ready);
+        p.tick(&members, now);
+        let answers = p.ready(now).answers;
+        assert_eq!(answers.len(), 2, "{answers:?}");
+        for (_, answer) in &answers {
+            let mut ids: Vec<String> = answer
+                .clone()
+                .expect("placed")
+                .into_iter()
+                .map(|i| i.id)
+                .collect();
+            ids.sort();
+            assert_eq!(ids, first);
+        }
+        // The key names that placement: another request under it is refused, clearly.
+        p.place(Ticket(3), keyed("k-1", 1), &members, now);
+        let answers = p.ready(now).answers;
+        assert!(
+            matches!(&answers[..], [(Ticket(3), Err(PlaceError::Invalid(why)))] if why.contains("k-1")),
+            "{answers:?}"
+        );
+        // A new leader inherits the keys with the plan.
+        let mut next = planner(Some(p.plan().clone()), &members);
+        next.report(report(a.clone(), 6 * need(), vec![])).unwrap();
+        report_assigned(&mut next, a.clone(), 6 * need(), RunnerStatus::Ready);
+        next.place(Ticket(4), keyed("k-1", 2), &members, now);
+        assert_eq!(assigned(&next, &a), first);
+        // A key of a placement that failed (its instances were deleted) places anew.
+        next.place(Ticket(5), keyed("k-2", 1), &members, now);
+        let failed = assigned(&next, &a)
+            .into_iter()
+            .find(|id| !first.contains(id))
+            .expect("k-2's instance");
+        next.report(report(
+            a.clone(),
+            6 * need(),
+            vec![instance(&failed, RunnerStatus::Failed, Some("cannot load"))],
+        ))
+        .unwrap();
+        next.tick(&members, now);
+        let _ = next.ready(now);
+        next.place(Ticket(6), keyed("k-2", 1), &members, now);
+        let again = assigned(&next, &a);
+        // The two of k-1 and a new one of k-2 (the failed one is deleted).
+        assert_eq!(again.len(), 3, "{again:?}");
+        assert!(!again.contains(&failed), "{again:?}");
+        // Keys are checked like every field.
+        for bad in ["", "has space", &"k".repeat(129)] {
+            next.place(Ticket(7), keyed(bad, 1), &members, now);
+            let answers = next.ready(now).answers;
+            assert!(
+                answers
+                    .iter()
+                    .any(|(t, a)| *t == Ticket(7) && matches!(a, Err(PlaceError::Invalid(_)))),
+                "{bad:?}: {answers:?}"
+            );
+        }
     }
 
     #[test]

@@ -144,6 +144,9 @@ pub struct PlannedInstance {
     pub state: PlanState,
     /// Placement attempts since it last became Ready.
     pub attempts: u32,
+    /// The `request_id` of the placement that made it, if the client gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
 }
 
 /// A node as the plan lists it.
@@ -361,6 +364,7 @@ mod tests {
                     node: Some(leader.clone()),
                     state: PlanState::Active,
                     attempts: 0,
+                    request: None,
                 },
             );
         }
