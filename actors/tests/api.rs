@@ -22,7 +22,8 @@
 //! | `cold` | refused: `NoReadyInstance` |
 //! | anything else | refused: `UnknownModel` |
 //!
-//! The legacy completions and Ollama endpoints are tested against the same fake in `compat`.
+//! The legacy completions and Ollama endpoints are tested against the same fake in `compat`,
+//! Anthropic's Messages API in `anthropic`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,6 +54,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+#[path = "api/anthropic.rs"]
+mod anthropic;
 #[path = "api/compat.rs"]
 mod compat;
 

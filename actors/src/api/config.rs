@@ -25,7 +25,8 @@ pub struct ApiConfig {
     /// How long stopping the actor waits for open connections (e.g. streams) to finish
     /// before it drops them.
     pub shutdown_timeout: Duration,
-    /// When set, every request but `GET /health` must carry `Authorization: Bearer <key>`.
+    /// When set, every request but `GET /health` must carry `Authorization: Bearer <key>`
+    /// (or `x-api-key: <key>`, as Anthropic's clients send it).
     pub api_key: Option<ApiKey>,
     /// Host names (without port, compared case-insensitively) accepted in the `Host` header
     /// besides IP literals and `localhost`; `*` accepts any. Defends against DNS rebinding.

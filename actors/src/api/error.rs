@@ -155,8 +155,8 @@ impl ApiError {
              (--api-key, CANOPY_API_KEY or --api-key-file)."
         } else {
             "You didn't provide an API key. Send it in the header `Authorization: Bearer \
-             <key>`; the key is the one the node was started with (--api-key, \
-             CANOPY_API_KEY or --api-key-file)."
+             <key>` (or `x-api-key: <key>`); the key is the one the node was started with \
+             (--api-key, CANOPY_API_KEY or --api-key-file)."
         };
         Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message)
             .with_code("invalid_api_key")

@@ -1,12 +1,13 @@
 //! The HTTP API of a Canopy node: OpenAI-compatible chat and legacy completions, Ollama's
-//! API, the model list, health/readiness probes, Prometheus metrics and introspection,
-//! served by the [`ApiActor`] with axum.
+//! API, Anthropic's Messages API, the model list, health/readiness probes, Prometheus metrics
+//! and introspection, served by the [`ApiActor`] with axum.
 //!
 //! | route | answer |
 //! |---|---|
 //! | `POST /v1/chat/completions` | a `chat.completion`, or an SSE stream of `chat.completion.chunk`s ending in `data: [DONE]` |
 //! | `POST /v1/completions` | a `text_completion` (raw prompt, no chat template; one choice per prompt), or an SSE stream of them ending in `data: [DONE]` |
 //! | `POST /api/chat`, `POST /api/generate`, `GET /api/tags`, `POST /api/show`, `GET /api/ps`, `GET /api/version` | Ollama's API (NDJSON streams by default, `{"error": "..."}` errors; see `ollama`) |
+//! | `POST /v1/messages` | Anthropic's Messages API: a `message`, or an SSE stream of named events (`message_start` ... `message_stop`); see `anthropic` |
 //! | `GET /v1/models`, `GET /v1/models/{model}` | models with a placed instance (OpenAI list / model shape, plus `ready`) |
 //! | `GET /health` | 200 while the process serves |
 //! | `GET /ready` | 200 when an instance of some model is Ready, else 503 |
@@ -16,11 +17,13 @@
 //! Every error, including a malformed body, an unknown route or a body over the limit, is
 //! answered in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` (see `error`
 //! for the status mapping), except under `/api/`, where Ollama's clients expect
-//! `{"error": "message"}` (same statuses). The API reaches the rest of the node only through the
+//! `{"error": "message"}`, and on `/v1/messages`, where Anthropic's expect `{"type": "error",
+//! "error": {"type", "message"}}` (same statuses). The API reaches the rest of the node only through the
 //! [`Backend`] trait.
 //!
 //! Security (see `guard`, `server` and `extract`): with an API key set, every route but
-//! `/health` needs `Authorization: Bearer <key>` (401); a `Host` header that is not an IP
+//! `/health` needs `Authorization: Bearer <key>` or `x-api-key: <key>` (Anthropic's
+//! clients send the latter) (401); a `Host` header that is not an IP
 //! literal, `localhost` or an allowed name is a 403 (DNS rebinding); JSON endpoints demand
 //! `Content-Type: application/json` (415), so a web page cannot post to them without a CORS
 //! preflight, which is never granted; headers must arrive within `header_timeout`, bodies
@@ -43,6 +46,7 @@
 //!   (503, or an SSE error event and `[DONE]`), which cancels their tasks.
 
 mod actor;
+mod anthropic;
 mod backend;
 mod chat;
 mod completion_request;

@@ -1,5 +1,6 @@
-//! The API's router: every route, the OpenAI-shaped 404/405 fallbacks, the guard (Host
-//! check and API key) and the metrics middleware.
+//! The API's router: every route, the 404/405 fallbacks (in the shape of the API a path
+//! belongs to: OpenAI's, Ollama's under `/api/`, Anthropic's under `/v1/messages`), the
+//! guard (Host check and API key) and the metrics middleware.
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use tokio_util::sync::CancellationToken;
 
+use super::anthropic;
 use super::backend::Backend;
 use super::chat;
 use super::completions;
@@ -42,6 +44,7 @@ pub fn router(
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/messages", post(anthropic::messages))
         .route("/api/chat", post(ollama::chat))
         .route("/api/generate", post(ollama::generate))
         .route("/api/tags", get(ollama::tags))
@@ -75,10 +78,18 @@ pub(crate) fn is_ollama_path(path: &str) -> bool {
     path.starts_with("/api/")
 }
 
+/// Whether `path` is Anthropic's Messages API (or below it), whose errors are answered in
+/// Anthropic's shape.
+pub(crate) fn is_anthropic_path(path: &str) -> bool {
+    path == "/v1/messages" || path.starts_with("/v1/messages/")
+}
+
 /// `err` in the error shape of the API that `path` belongs to.
 pub(crate) fn error_for(path: &str, err: ApiError) -> Response {
     if is_ollama_path(path) {
         ollama::error_response(err)
+    } else if is_anthropic_path(path) {
+        anthropic::error_response(err)
     } else {
         err.into_response()
     }

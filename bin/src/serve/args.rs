@@ -82,8 +82,8 @@ pub struct ServeArgs {
     /// from.
     #[arg(long, env = "CANOPY_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
     pub(super) tls_ca: Option<PathBuf>,
-    /// The key clients must send as `Authorization: Bearer KEY` on every endpoint but
-    /// /health [default: none, and then the API serves loopback only]. Other local users
+    /// The key clients must send as `Authorization: Bearer KEY` (or `x-api-key: KEY`) on
+    /// every endpoint but /health [default: none, and then the API serves loopback only]. Other local users
     /// can read a command line: prefer --api-key-file or the variable.
     #[arg(long, env = "CANOPY_API_KEY", hide_env_values = true)]
     pub(super) api_key: Option<String>,

@@ -1,0 +1,364 @@
+//! The JSON shapes of Anthropic's Messages API answers: the `message` object (the whole
+//! answer, or the start of a stream with empty content), the events of a stream, and the
+//! error body `{"type": "error", "error": {"type", "message"}}`.
+//!
+//! `stop_reason` maps `Length -> "max_tokens"`, `Stop -> "end_turn"` and `Cancelled ->
+//! "end_turn"` (as on OpenAI's routes, a task is only cancelled under a listening client by
+//! the node itself, and what came so far is a complete, if short, answer). `"stop_sequence"`
+//! is never reported and `stop_sequence` is always `null`: the engine ends on its
+//! end-of-sequence token and on a stop sequence with the same finish reason and cuts the
+//! stop sequence out of the text, so the API cannot tell which of the two ended a
+//! generation, and does not guess.
+
+use axum::http::StatusCode;
+use canopy_proto::{FinishReason, Usage};
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use serde::Serialize;
+
+/// Anthropic's `stop_reason` for the engine's finish reason.
+pub(crate) fn stop_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop | FinishReason::Cancelled => "end_turn",
+        FinishReason::Length => "max_tokens",
+    }
+}
+
+/// Anthropic's error `type` for an HTTP status.
+pub(crate) fn error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        504 => "timeout_error",
+        s if s >= 500 => "api_error",
+        _ => "invalid_request_error",
+    }
+}
+
+/// A fresh message id: `msg_` and 24 random alphanumerics.
+pub(crate) fn message_id() -> String {
+    let suffix: String = rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(24)
+        .map(char::from)
+        .collect();
+    format!("msg_{suffix}")
+}
+
+/// The error body.
+#[derive(Debug, Serialize)]
+pub(crate) struct ErrorBody<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    error: ErrorObject<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorObject<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    message: &'a str,
+}
+
+impl<'a> ErrorBody<'a> {
+    /// The body of an error of `status` saying `message`.
+    pub(crate) fn new(status: StatusCode, message: &'a str) -> Self {
+        Self {
+            kind: "error",
+            error: ErrorObject {
+                kind: error_type(status),
+                message,
+            },
+        }
+    }
+}
+
+/// Token counts as Anthropic reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub(crate) struct UsageBody {
+    input_tokens: u32,
+    output_tokens: u32,
+}
+
+impl From<Usage> for UsageBody {
+    fn from(usage: Usage) -> Self {
+        Self {
+            input_tokens: usage.prompt_tokens,
+            output_tokens: usage.completion_tokens,
+        }
+    }
+}
+
+/// One content block of an answer: always text.
+#[derive(Debug, Serialize)]
+struct TextBlock<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+}
+
+impl<'a> TextBlock<'a> {
+    fn new(text: &'a str) -> Self {
+        Self { kind: "text", text }
+    }
+}
+
+/// The `message` object: a whole answer, or (empty, with no stop reason yet) the start of a
+/// stream.
+#[derive(Debug, Serialize)]
+pub(crate) struct Message<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    role: &'static str,
+    model: &'a str,
+    content: Vec<TextBlock<'a>>,
+    stop_reason: Option<&'static str>,
+    stop_sequence: Option<&'a str>,
+    usage: UsageBody,
+}
+
+impl<'a> Message<'a> {
+    /// A finished answer: one text block holding `text`.
+    pub(crate) fn finished(
+        id: &'a str,
+        model: &'a str,
+        text: &'a str,
+        reason: FinishReason,
+        usage: Usage,
+    ) -> Self {
+        Self {
+            id,
+            kind: "message",
+            role: "assistant",
+            model,
+            content: vec![TextBlock::new(text)],
+            stop_reason: Some(stop_reason(reason)),
+            stop_sequence: None,
+            usage: usage.into(),
+        }
+    }
+
+    /// The message of `message_start`: no content and no stop reason yet. Its token counts
+    /// are 0: the prompt's count is known only when the task ends, and `message_delta`
+    /// carries it then (as `usage.input_tokens`, which Anthropic's clients take over).
+    pub(crate) fn started(id: &'a str, model: &'a str) -> Self {
+        Self {
+            id,
+            kind: "message",
+            role: "assistant",
+            model,
+            content: Vec::new(),
+            stop_reason: None,
+            stop_sequence: None,
+            usage: Usage::default().into(),
+        }
+    }
+}
+
+/// The events of a stream, each the `data:` of the SSE event named by its `type`.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum StreamEvent<'a> {
+    /// The message begins (empty).
+    MessageStart {
+        /// The message so far.
+        message: Message<'a>,
+    },
+    /// The text block begins (empty).
+    ContentBlockStart {
+        /// The block's index (always 0).
+        index: u32,
+        /// The block so far.
+        content_block: TextBlockStart,
+    },
+    /// Anthropic's keep-alive.
+    Ping,
+    /// A piece of the block's text.
+    ContentBlockDelta {
+        /// The block's index (always 0).
+        index: u32,
+        /// The piece.
+        delta: TextDelta<'a>,
+    },
+    /// The block is complete.
+    ContentBlockStop {
+        /// The block's index (always 0).
+        index: u32,
+    },
+    /// Why the message ended, and its token counts.
+    MessageDelta {
+        /// The stop reason and sequence.
+        delta: StopDelta,
+        /// The final token counts.
+        usage: UsageBody,
+    },
+    /// The message is complete; nothing follows.
+    MessageStop,
+}
+
+/// The empty text block of `content_block_start`.
+#[derive(Debug, Serialize)]
+pub(crate) struct TextBlockStart {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'static str,
+}
+
+/// A `text_delta`.
+#[derive(Debug, Serialize)]
+pub(crate) struct TextDelta<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+}
+
+/// The `delta` of `message_delta`.
+#[derive(Debug, Serialize)]
+pub(crate) struct StopDelta {
+    stop_reason: &'static str,
+    stop_sequence: Option<String>,
+}
+
+impl<'a> StreamEvent<'a> {
+    /// The SSE event name (the `type`).
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            StreamEvent::MessageStart { .. } => "message_start",
+            StreamEvent::ContentBlockStart { .. } => "content_block_start",
+            StreamEvent::Ping => "ping",
+            StreamEvent::ContentBlockDelta { .. } => "content_block_delta",
+            StreamEvent::ContentBlockStop { .. } => "content_block_stop",
+            StreamEvent::MessageDelta { .. } => "message_delta",
+            StreamEvent::MessageStop => "message_stop",
+        }
+    }
+
+    /// `content_block_start` of the one text block.
+    pub(crate) fn block_start() -> Self {
+        StreamEvent::ContentBlockStart {
+            index: 0,
+            content_block: TextBlockStart {
+                kind: "text",
+                text: "",
+            },
+        }
+    }
+
+    /// A `content_block_delta` of `text`.
+    pub(crate) fn text(text: &'a str) -> Self {
+        StreamEvent::ContentBlockDelta {
+            index: 0,
+            delta: TextDelta {
+                kind: "text_delta",
+                text,
+            },
+        }
+    }
+
+    /// The `message_delta` of a finished task.
+    pub(crate) fn finished(reason: FinishReason, usage: Usage) -> Self {
+        StreamEvent::MessageDelta {
+            delta: StopDelta {
+                stop_reason: stop_reason(reason),
+                stop_sequence: None,
+            },
+            usage: usage.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_message_is_anthropic_shaped() {
+        let usage = Usage {
+            prompt_tokens: 5,
+            completion_tokens: 2,
+        };
+        let message = Message::finished("msg_x", "m", "Hi", FinishReason::Length, usage);
+        assert_eq!(
+            serde_json::to_value(&message).expect("json"),
+            json!({
+                "id": "msg_x", "type": "message", "role": "assistant", "model": "m",
+                "content": [{"type": "text", "text": "Hi"}],
+                "stop_reason": "max_tokens", "stop_sequence": null,
+                "usage": {"input_tokens": 5, "output_tokens": 2}
+            })
+        );
+        let start = serde_json::to_value(StreamEvent::MessageStart {
+            message: Message::started("msg_x", "m"),
+        })
+        .expect("json");
+        assert_eq!(start["type"], "message_start");
+        assert_eq!(start["message"]["content"], json!([]));
+        assert_eq!(start["message"]["stop_reason"], json!(null));
+        assert!(message_id().starts_with("msg_"));
+        assert_eq!(message_id().len(), 28);
+    }
+
+    #[test]
+    fn stream_events_are_tagged_by_their_name() {
+        let events = [
+            StreamEvent::block_start(),
+            StreamEvent::Ping,
+            StreamEvent::text("a\nb"),
+            StreamEvent::ContentBlockStop { index: 0 },
+            StreamEvent::finished(FinishReason::Stop, Usage::default()),
+            StreamEvent::MessageStop,
+        ];
+        for event in &events {
+            let value = serde_json::to_value(event).expect("json");
+            assert_eq!(value["type"], event.name(), "{value}");
+        }
+        assert_eq!(
+            serde_json::to_value(&events[2]).expect("json"),
+            json!({"type": "content_block_delta", "index": 0,
+                   "delta": {"type": "text_delta", "text": "a\nb"}})
+        );
+        assert_eq!(
+            serde_json::to_value(&events[0]).expect("json"),
+            json!({"type": "content_block_start", "index": 0,
+                   "content_block": {"type": "text", "text": ""}})
+        );
+        assert_eq!(
+            serde_json::to_value(&events[4]).expect("json"),
+            json!({"type": "message_delta",
+                   "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                   "usage": {"input_tokens": 0, "output_tokens": 0}})
+        );
+    }
+
+    #[test]
+    fn statuses_map_to_anthropics_error_types() {
+        for (status, kind) in [
+            (400, "invalid_request_error"),
+            (415, "invalid_request_error"),
+            (401, "authentication_error"),
+            (403, "permission_error"),
+            (404, "not_found_error"),
+            (413, "request_too_large"),
+            (429, "rate_limit_error"),
+            (500, "api_error"),
+            (502, "api_error"),
+            (503, "overloaded_error"),
+        ] {
+            let status = StatusCode::from_u16(status).expect("status");
+            assert_eq!(error_type(status), kind, "{status}");
+        }
+        let body =
+            serde_json::to_value(ErrorBody::new(StatusCode::NOT_FOUND, "gone")).expect("json");
+        assert_eq!(
+            body,
+            json!({"type": "error", "error": {"type": "not_found_error", "message": "gone"}})
+        );
+    }
+}
