@@ -182,18 +182,17 @@ pub(super) async fn handle_session(
     Ok(())
 }
 
-/// Whether `info`, the session of member `id` that just ended, lost a simultaneous-connect
-/// election to another session of the same peer that has authenticated already (its key is
-/// the one installed now).
+/// Whether `info`, the session of member `id` that just ended, was replaced by another session
+/// of the same peer that has authenticated already (its key is the one installed now): the
+/// loser of a simultaneous connect, stopped here (`duplicate_connection`,
+/// `session_election_lost`) or by the peer's own election (then it ends here as a plain closed
+/// connection). Either way the peer did not leave.
 fn superseded(
     state: &ClusterState,
     id: &crate::cluster::NodeId,
     info: &NodeServerSessionInformation,
 ) -> bool {
-    matches!(
-        info.exit_reason.as_deref(),
-        Some("duplicate_connection" | "session_election_lost")
-    ) && state
+    state
         .args
         .sessions
         .route(id)
