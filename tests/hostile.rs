@@ -1655,6 +1655,22 @@ fn tls_nodes_form_serve_across_and_refuse_peers_without_the_cas_certificate() {
         &json!({"model": "scripted", "node": a_id, "wait": 30}),
     );
     assert_eq!(status, 201, "{placed}\n{}", logs(&[&a, &b]));
+    // B routes to it once the plan that carries A's Ready instance reaches it (within the
+    // republish period).
+    let routed = eventually(
+        Duration::from_secs(10),
+        "B to route to A's instance",
+        || {
+            b.proc
+                .post(
+                    "/v1/chat/completions",
+                    &common::chat_body("scripted", "hi", 2, false),
+                )
+                .0
+                == 200
+        },
+    );
+    assert!(routed.is_ok(), "{}", logs(&[&a, &b]));
     let mut text = String::new();
     let status = b.proc.stream(
         &common::chat_body("scripted", "hello over tls", 6, true),

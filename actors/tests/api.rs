@@ -998,19 +998,24 @@ async fn a_context_error_after_the_stream_began_is_an_error_event() {
 
 #[tokio::test]
 async fn a_client_that_disconnects_mid_stream_cancels_its_task() {
-    let api = start().await;
-    let (response, conn) = send(
-        api.addr,
-        "POST",
+    disconnect_mid_stream_cancels(
         "/v1/chat/completions",
-        Some(chat_body("endless", true).to_string()),
+        chat_body("endless", true).to_string(),
+        |seen| sse_data(seen).len() >= 3,
     )
     .await;
+}
+
+/// Streams `body` from `path` on a fresh API until `enough` says what arrived is enough,
+/// then disconnects: the task must be cancelled (and not before).
+async fn disconnect_mid_stream_cancels(path: &str, body: String, enough: impl Fn(&str) -> bool) {
+    let api = start().await;
+    let (response, conn) = send(api.addr, "POST", path, Some(body)).await;
     assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
+    let mut stream = response.into_body();
     let mut seen = String::new();
-    while sse_data(&seen).len() < 3 {
-        let frame = tokio::time::timeout(STEP, body.frame())
+    while !enough(&seen) {
+        let frame = tokio::time::timeout(STEP, stream.frame())
             .await
             .expect("a frame in time")
             .expect("the stream goes on")
@@ -1020,7 +1025,7 @@ async fn a_client_that_disconnects_mid_stream_cancels_its_task() {
         }
     }
     assert!(!api.fake.cancelled.load(Ordering::SeqCst));
-    drop(body);
+    drop(stream);
     conn.abort();
     let deadline = Instant::now() + STEP;
     while !api.fake.cancelled.load(Ordering::SeqCst) {

@@ -16,7 +16,7 @@ the node and installs the client in a venv.
 
 import argparse
 import sys
-import traceback
+from checks import Checks
 
 import anthropic
 
@@ -37,20 +37,8 @@ def main() -> int:
         base_url=args.base_url, api_key=key, timeout=120.0, max_retries=0
     )
     model = args.model
-    failures = []
-
-    def check(name):
-        def run(fn):
-            try:
-                fn()
-                print(f"ok   {name}", flush=True)
-            except Exception:  # report every failure, not only the first
-                failures.append(name)
-                print(f"FAIL {name}", flush=True)
-                traceback.print_exc()
-            return fn
-
-        return run
+    checks = Checks()
+    check = checks.check
 
     messages = [{"role": "user", "content": PROMPT}]
     # The client no longer has parameters for the sampling fields; the API still takes them.
@@ -243,11 +231,7 @@ def main() -> int:
         msg = client.messages.create(model=model, max_tokens=2, messages=messages)
         assert msg.type == "message", msg
 
-    if failures:
-        print(f"anthropic client: {len(failures)} check(s) failed: {failures}", flush=True)
-        return 1
-    print("anthropic client: every check passed", flush=True)
-    return 0
+    return checks.exit_code('anthropic client')
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ tests/api_compat.rs, which starts the node and installs the client in a venv.
 
 import argparse
 import sys
-import traceback
+from checks import Checks
 
 import ollama
 
@@ -27,20 +27,8 @@ def main() -> int:
 
     client = ollama.Client(host=args.host, timeout=120.0)
     model = args.model
-    failures = []
-
-    def check(name):
-        def run(fn):
-            try:
-                fn()
-                print(f"ok   {name}", flush=True)
-            except Exception:  # report every failure, not only the first
-                failures.append(name)
-                print(f"FAIL {name}", flush=True)
-                traceback.print_exc()
-            return fn
-
-        return run
+    checks = Checks()
+    check = checks.check
 
     options = {"temperature": 0, "seed": 42, "num_predict": 16}
     messages = [{"role": "user", "content": PROMPT}]
@@ -184,11 +172,7 @@ def main() -> int:
         resp = client.generate(model=model, prompt="Hi", options={"num_predict": 2})
         assert resp.done is True, resp
 
-    if failures:
-        print(f"ollama client: {len(failures)} check(s) failed: {failures}", flush=True)
-        return 1
-    print("ollama client: every check passed", flush=True)
-    return 0
+    return checks.exit_code('ollama client')
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ Started by tests/node_model.rs, which starts the node and installs the client in
 
 import argparse
 import sys
-import traceback
+from checks import Checks
 
 import openai
 
@@ -28,20 +28,8 @@ def main() -> int:
         base_url=args.base_url, api_key="not-needed", max_retries=0, timeout=120.0
     )
     model = args.model
-    failures = []
-
-    def check(name):
-        def run(fn):
-            try:
-                fn()
-                print(f"ok   {name}", flush=True)
-            except Exception:  # report every failure, not only the first
-                failures.append(name)
-                print(f"FAIL {name}", flush=True)
-                traceback.print_exc()
-            return fn
-
-        return run
+    checks = Checks()
+    check = checks.check
 
     params = dict(
         model=model,
@@ -158,11 +146,7 @@ def main() -> int:
         resp = client.chat.completions.create(**{**params, "max_tokens": 4})
         assert resp.choices[0].message.content is not None, resp
 
-    if failures:
-        print(f"openai client: {len(failures)} check(s) failed: {failures}", flush=True)
-        return 1
-    print("openai client: every check passed", flush=True)
-    return 0
+    return checks.exit_code('openai client')
 
 
 if __name__ == "__main__":

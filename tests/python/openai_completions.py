@@ -12,7 +12,7 @@ the node and installs the client in a venv.
 
 import argparse
 import sys
-import traceback
+from checks import Checks
 
 import openai
 
@@ -29,20 +29,8 @@ def main() -> int:
         base_url=args.base_url, api_key="not-needed", max_retries=0, timeout=120.0
     )
     model = args.model
-    failures = []
-
-    def check(name):
-        def run(fn):
-            try:
-                fn()
-                print(f"ok   {name}", flush=True)
-            except Exception:  # report every failure, not only the first
-                failures.append(name)
-                print(f"FAIL {name}", flush=True)
-                traceback.print_exc()
-            return fn
-
-        return run
+    checks = Checks()
+    check = checks.check
 
     params = dict(model=model, prompt=PROMPT, max_tokens=8, temperature=0, seed=7)
     plain = {}
@@ -134,11 +122,7 @@ def main() -> int:
         else:
             raise AssertionError("no error")
 
-    if failures:
-        print(f"openai completions: {len(failures)} check(s) failed: {failures}", flush=True)
-        return 1
-    print("openai completions: every check passed", flush=True)
-    return 0
+    return checks.exit_code('openai completions')
 
 
 if __name__ == "__main__":

@@ -420,36 +420,10 @@ async fn a_runner_death_before_output_is_retried_and_one_after_is_an_error_event
 
 #[tokio::test]
 async fn a_client_that_disconnects_mid_stream_cancels_its_task() {
-    let api = start().await;
-    let (response, conn) = send(
-        api.addr,
-        "POST",
-        "/v1/messages",
-        Some(body("endless", true).to_string()),
-    )
+    disconnect_mid_stream_cancels("/v1/messages", body("endless", true).to_string(), |seen| {
+        seen.matches("content_block_delta").count() >= 6
+    })
     .await;
-    assert_eq!(response.status(), 200);
-    let mut stream = response.into_body();
-    let mut seen = String::new();
-    while seen.matches("content_block_delta").count() < 6 {
-        let frame = tokio::time::timeout(STEP, stream.frame())
-            .await
-            .expect("a frame in time")
-            .expect("the stream goes on")
-            .expect("a frame");
-        if let Ok(data) = frame.into_data() {
-            seen.push_str(&String::from_utf8_lossy(&data));
-        }
-    }
-    assert!(!api.fake.cancelled.load(Ordering::SeqCst));
-    drop(stream);
-    conn.abort();
-    let deadline = Instant::now() + STEP;
-    while !api.fake.cancelled.load(Ordering::SeqCst) {
-        assert!(Instant::now() < deadline, "the task was never cancelled");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    api.stop().await;
 }
 
 #[tokio::test]

@@ -502,36 +502,12 @@ async fn an_ollama_stream_retries_before_output_and_ends_with_an_error_line_afte
 
 #[tokio::test]
 async fn an_ollama_client_that_disconnects_mid_stream_cancels_its_task() {
-    let api = start().await;
-    let (response, conn) = send(
-        api.addr,
-        "POST",
+    disconnect_mid_stream_cancels(
         "/api/generate",
-        Some(json!({"model": "endless", "prompt": "x"}).to_string()),
+        json!({"model": "endless", "prompt": "x"}).to_string(),
+        |seen| seen.lines().count() >= 3,
     )
     .await;
-    assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
-    let mut seen = String::new();
-    while seen.lines().count() < 3 {
-        let frame = tokio::time::timeout(STEP, body.frame())
-            .await
-            .expect("a frame in time")
-            .expect("the stream goes on")
-            .expect("a frame");
-        if let Ok(data) = frame.into_data() {
-            seen.push_str(&String::from_utf8_lossy(&data));
-        }
-    }
-    assert!(!api.fake.cancelled.load(Ordering::SeqCst));
-    drop(body);
-    conn.abort();
-    let deadline = Instant::now() + STEP;
-    while !api.fake.cancelled.load(Ordering::SeqCst) {
-        assert!(Instant::now() < deadline, "the task was never cancelled");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    api.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------
