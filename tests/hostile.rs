@@ -1206,63 +1206,55 @@ fn an_insider_cannot_act_in_another_name_as_the_leader_or_break_the_term() {
     assert_unchanged(&a, &before_a, "(a) forged beats and (b) forged plans");
     assert_unchanged(&b, &before_b, "(a) forged beats and (b) forged plans");
 
-    // (c) A beat at the top of the term space, in the rogue's own name.
-    for _ in 0..5 {
-        for peer in [&a_id, &b_id] {
-            let beat = Envelope::Beat(Beat {
-                from: r1.id.clone(),
-                seq: 1,
-                addr: r1.addr,
-                started_ms: now_ms(),
-                priority: 0,
-                term: u64::MAX,
-                leader: Some(a_id.clone()),
-            });
-            assert!(cast_to(&r1.sessions, peer, &r1.sessions, beat));
+    // Sends the beat five times to both real nodes, 100 ms apart, in the rogue's own name
+    // (correctly sealed), then checks that neither node changed and that both said why.
+    let beat_storm = |beat: Beat, what: &str, logged: &str| {
+        for _ in 0..5 {
+            for peer in [&a_id, &b_id] {
+                let beat = Envelope::Beat(beat.clone());
+                assert!(cast_to(&r1.sessions, peer, &r1.sessions, beat));
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    assert_unchanged(&a, &before_a, "(c) a beat with term u64::MAX");
-    assert_unchanged(&b, &before_b, "(c) a beat with term u64::MAX");
-    for node in [&a, &b] {
-        assert!(
-            node.log()
-                .contains("dropped a beat with an implausible term"),
-            "{}",
-            tail(&node.log(), 20)
-        );
-    }
+        std::thread::sleep(Duration::from_millis(500));
+        assert_unchanged(&a, &before_a, what);
+        assert_unchanged(&b, &before_b, what);
+        for node in [&a, &b] {
+            assert!(node.log().contains(logged), "{}", tail(&node.log(), 20));
+        }
+    };
 
-    // (f) Beats in the rogue's own name, correctly sealed and with a sane term, that claim
-    // the top of the election (started at 0, the highest priority): a member's rank is fixed
-    // for its session, so the claim changes nothing.
-    for _ in 0..5 {
-        for peer in [&a_id, &b_id] {
-            let beat = Envelope::Beat(Beat {
-                from: r1.id.clone(),
-                seq: 1,
-                addr: r1.addr,
-                started_ms: 0,
-                priority: i32::MAX,
-                term,
-                leader: Some(r1.id.clone()),
-            });
-            assert!(cast_to(&r1.sessions, peer, &r1.sessions, beat));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    assert_unchanged(&a, &before_a, "(f) beats that raise the sender's rank");
-    assert_unchanged(&b, &before_b, "(f) beats that raise the sender's rank");
-    for node in [&a, &b] {
-        assert!(
-            node.log()
-                .contains("changes the peer's start time, priority or address"),
-            "{}",
-            tail(&node.log(), 20)
-        );
-    }
+    // (c) A beat at the top of the term space.
+    beat_storm(
+        Beat {
+            from: r1.id.clone(),
+            seq: 1,
+            addr: r1.addr,
+            started_ms: now_ms(),
+            priority: 0,
+            term: u64::MAX,
+            leader: Some(a_id.clone()),
+        },
+        "(c) a beat with term u64::MAX",
+        "dropped a beat with an implausible term",
+    );
+
+    // (f) Beats with a sane term that claim the top of the election (started at 0, the
+    // highest priority): a member's rank is fixed for its session, so the claim changes
+    // nothing.
+    beat_storm(
+        Beat {
+            from: r1.id.clone(),
+            seq: 1,
+            addr: r1.addr,
+            started_ms: 0,
+            priority: i32::MAX,
+            term,
+            leader: Some(r1.id.clone()),
+        },
+        "(f) beats that raise the sender's rank",
+        "changes the peer's start time, priority or address",
+    );
 
     // (e) Garbage: an undecodable frame, a frame sealed for B sent to A, an unknown message
     // variant, a call with garbage, and raw TCP garbage on a fresh connection.
