@@ -9,11 +9,14 @@
 //!   to the rest of the node through the `Backend` trait.
 //! - [`cluster`]: the cluster layer: reports, the replicated plan, the master's placement
 //!   and re-placement, and routing requests to instances on other nodes.
+//! - [`events`]: the node's event stream: runner events, restarts, membership, elections
+//!   and placements of every node of the cluster, in one bounded, resumable log.
 //! - [`placement`]: what a placement request, its answer and its errors are, shared by the
 //!   API, the node and the cluster layer.
 
 pub mod api;
 pub mod cluster;
+pub mod events;
 pub mod node;
 pub mod placement;
 pub mod runner;

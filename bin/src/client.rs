@@ -84,6 +84,26 @@ pub fn get_json(base: &str, path: &str) -> anyhow::Result<serde_json::Value> {
     serde_json::from_str(&body).with_context(|| format!("{url} did not answer JSON"))
 }
 
+/// GETs `base` + `path` and hands each line of the answer to `line` as it arrives (for
+/// streams: no overall timeout).
+pub fn get_lines(
+    base: &str,
+    path: &str,
+    mut line: impl FnMut(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let response = authorized(agent(None).get(&url))?.call().with_context(|| {
+        format!("cannot reach a Canopy node at {base} (is it running? try --url)")
+    })?;
+    let response = check(&url, response)?;
+    let reader = std::io::BufReader::new(response.into_body().into_reader());
+    for l in reader.lines() {
+        let l = l.with_context(|| format!("the connection to {url} broke"))?;
+        line(&l)?;
+    }
+    Ok(())
+}
+
 /// POSTs JSON to `base` + `path` and hands each line of the answer to `line` as it arrives.
 pub fn post_lines(
     base: &str,

@@ -6,13 +6,16 @@
 //! hidden `runner`: the child process that a `RunnerSupervisor` spawns to host one inference
 //! engine (see [`runner`]).
 //!
-//! Logs go to **stderr** through `tracing`, filtered by `CANOPY_LOG` (default `info`, any
-//! `tracing-subscriber` env-filter directive works). Stdout is reserved for protocol frames in
+//! Logs go to **stderr** through `tracing`, filtered by `CANOPY_LOG` (any
+//! `tracing-subscriber` env-filter directive works); without it, `up` and `node` print only
+//! warnings and their event lines (`-v` for INFO, `-vv` DEBUG), the other commands INFO.
+//! `--log-format json` writes one JSON object per line. Stdout is reserved for protocol frames in
 //! runner mode; nothing else writes to it.
 
 mod certs;
 mod chat;
 mod client;
+mod events;
 mod inspect;
 mod local_cluster;
 mod model;
@@ -36,6 +39,22 @@ struct Cli {
     /// What to run.
     #[command(subcommand)]
     command: Command,
+    /// More logs: -v for every INFO line, -vv for DEBUG (CANOPY_LOG, if set, wins).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// How logs are written to stderr: `text`, or `json` (one object per line, for log
+    /// shippers).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The `canopy` subcommands.
@@ -48,6 +67,9 @@ enum Command {
     Node(serve::ServeArgs),
     /// Prints the live actor tree of a running node.
     Inspect(inspect::InspectArgs),
+    /// Prints the event stream of a running node (every node's, on a cluster member):
+    /// restarts, runner deaths, membership, elections, placements.
+    Events(events::EventsArgs),
     /// Chats with a running node in the terminal.
     Chat(chat::ChatArgs),
     /// Hosts one inference engine for a supervisor, speaking frames on stdin/stdout (internal:
@@ -62,7 +84,11 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging();
+    // A node's terminal shows warnings and its own event lines (failures, restarts,
+    // membership) unless asked for more; the other commands log at INFO as before.
+    let quiet = matches!(cli.command, Command::Up(_) | Command::Node(_)) && cli.verbose == 0;
+    init_logging(cli.verbose, quiet, cli.log_format);
+    let json = cli.log_format == LogFormat::Json;
     match cli.command {
         Command::Runner(args) => {
             let exit = runner::run(args)?;
@@ -71,22 +97,39 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Model(args) => model::run(args),
         Command::Cluster(args) => certs::run(args),
-        Command::Up(args) => serve::run(args, Some(canopy_store::DEFAULT_MODEL)),
-        Command::Node(args) => serve::run(args, None),
+        Command::Up(args) => serve::run(args, Some(canopy_store::DEFAULT_MODEL), json),
+        Command::Node(args) => serve::run(args, None, json),
         Command::Inspect(args) => inspect::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Events(args) => events::run(args),
     }
 }
 
-/// Sends `tracing` output to stderr, filtered by `CANOPY_LOG` (default `info`).
-fn init_logging() {
-    let filter = EnvFilter::builder()
-        .with_default_directive(LevelFilter::INFO.into())
-        .with_env_var(LOG_ENV)
-        .from_env_lossy();
-    tracing_subscriber::fmt()
+/// What a quiet node logs: warnings and errors, but not those of the supervisors, whose
+/// restarts, deaths and give-ups the node prints as event lines instead (one line each).
+const QUIET_FILTER: &str = "warn,canopy_runtime::supervisor=off,canopy_runtime::process=error,canopy_actors::runner::supervisor=off";
+
+/// Sends `tracing` output to stderr, filtered by `CANOPY_LOG` if set, else by the verbosity
+/// (quiet: [`QUIET_FILTER`]; `-v` INFO; `-vv` DEBUG; `-vvv` TRACE), as text or JSON lines.
+fn init_logging(verbose: u8, quiet: bool, format: LogFormat) {
+    let level = match verbose {
+        0 | 1 => LevelFilter::INFO,
+        2 => LevelFilter::DEBUG,
+        _ => LevelFilter::TRACE,
+    };
+    let builder = EnvFilter::builder()
+        .with_default_directive(level.into())
+        .with_env_var(LOG_ENV);
+    let filter = match std::env::var(LOG_ENV) {
+        Ok(value) if !value.is_empty() => builder.from_env_lossy(),
+        _ if quiet => builder.parse_lossy(QUIET_FILTER),
+        _ => builder.parse_lossy(""),
+    };
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => fmt.json().init(),
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }

@@ -613,6 +613,48 @@ mod supervisor {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_observer_is_told_each_restart_and_the_escalation() {
+        use canopy_runtime::supervisor::{Observer, SupervisorEvent, SupervisorEventKind};
+        let mut h = Harness::new();
+        let told = Arc::new(std::sync::Mutex::new(Vec::<SupervisorEvent>::new()));
+        let sink = told.clone();
+        let (sup, watcher, mut seen) = spawn_watched(
+            args(Strategy::OneForOne)
+                .with_kind("worker")
+                .with_observer(Observer::new(move |e| sink.lock().unwrap().push(e)))
+                .with_intensity(Intensity {
+                    max_restarts: 1,
+                    period: Duration::from_secs(10),
+                })
+                .with_child(h.worker("a")),
+        )
+        .await;
+        h.expect(&[started("a")]).await;
+        send(&cell(&children(&sup).await, "a"), WorkerMsg::Fail);
+        h.expect(&[started("a")]).await;
+        send(&cell(&children(&sup).await, "a"), WorkerMsg::Fail);
+        assert!(matches!(
+            next_seen(&mut seen).await,
+            Seen::IntensityExceeded { .. }
+        ));
+        let told = told.lock().unwrap().clone();
+        assert_eq!(told.len(), 2, "{told:?}");
+        assert_eq!(
+            (told[0].supervisor.as_str(), told[0].child.as_str()),
+            ("worker", "a")
+        );
+        assert!(
+            matches!(told[0].kind, SupervisorEventKind::Restarting { .. }),
+            "{told:?}"
+        );
+        assert!(
+            matches!(told[1].kind, SupervisorEventKind::Escalated { .. }),
+            "{told:?}"
+        );
+        watcher.stop(None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_child_that_cannot_restart_hits_the_intensity_limit() {
         let mut h = Harness::new();
         let broken = Arc::new(AtomicBool::new(false));

@@ -139,6 +139,11 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// The node's event log (`GET /v1/events`); `None`: this backend keeps no events.
+    fn events(&self) -> Option<crate::events::EventLog> {
+        None
+    }
+
     /// Places model instances (`POST /instances`), answering once they are Ready.
     fn place(&self, request: PlaceRequest) -> BoxFuture<'static, Result<Vec<Placed>, PlaceError>> {
         let _ = request;

@@ -53,6 +53,7 @@ mod completion_request;
 mod completions;
 mod config;
 mod error;
+mod events;
 mod extract;
 mod guard;
 mod metrics;

@@ -17,6 +17,7 @@ use super::chat;
 use super::completions;
 use super::config::ApiConfig;
 use super::error::ApiError;
+use super::events;
 use super::guard;
 use super::metrics::Metrics;
 use super::models;
@@ -59,6 +60,7 @@ pub fn router(
         .route("/metrics", get(ops::metrics))
         .route("/state", get(ops::state))
         .route("/v1/cluster/actors", get(ops::cluster_actors))
+        .route("/v1/events", get(events::events))
         .route("/instances", post(ops::place))
         .route("/instances/{id}", delete(ops::delete_instance))
         .fallback(unknown_url)

@@ -80,6 +80,8 @@ pub struct AgentState {
     starting: HashSet<String>,
     /// Instances this node could not run, with why (reported until the plan moves them).
     errors: HashMap<String, (String, String)>,
+    /// The members of the last view seen.
+    members: HashSet<NodeId>,
     _tasks: Vec<AbortOnDrop>,
     _registration: canopy_runtime::introspect::Registration,
 }
@@ -236,12 +238,45 @@ impl AgentState {
         });
     }
 
+    /// Takes in the events a peer sent of its own, and asks it for any it missed.
+    fn absorb_events(&self, from: &NodeId, events: Vec<crate::events::Event>) {
+        if events.len() > crate::events::MAX_EVENTS_PER_MESSAGE {
+            tracing::warn!(peer = %from.short(), events = events.len(), "dropped an oversized event message");
+            return;
+        }
+        for gap in self.args.router.events().absorb(from.as_str(), events) {
+            self.ask_events(from, Some(gap.incarnation), gap.after);
+        }
+    }
+
+    fn ask_events(&self, to: &NodeId, incarnation: Option<u64>, after: u64) {
+        match encode(&AppMsg::EventsSince { incarnation, after }) {
+            Ok(msg) => {
+                if let Err(err) = self.args.shared.cluster().send(to, msg) {
+                    tracing::debug!(%err, "cannot ask a peer for its events");
+                }
+            }
+            Err(err) => tracing::error!(%err, "cannot ask a peer for its events"),
+        }
+    }
+
+    fn send_events(&self, to: &NodeId, events: Vec<crate::events::Event>) {
+        send_events(self.args.shared.cluster(), std::slice::from_ref(to), events);
+    }
+
     async fn follow_view(
         &mut self,
         myself: &ActorRef<AgentMsg>,
         view: &ClusterView,
     ) -> Result<(), ActorProcessingErr> {
         self.args.shared.forget_lost(view);
+        // A member new to this agent may hold events this node has not seen (it was here
+        // before this node, or events went while a session was down): ask for its history.
+        let members: HashSet<NodeId> = view.members.iter().map(|m| m.id.clone()).collect();
+        for id in members.difference(&self.members) {
+            self.ask_events(id, None, 0);
+        }
+        self.members = members;
         if view.is_leader() && self.master.is_none() {
             let (master, _) = Actor::spawn_linked(
                 None,
@@ -250,6 +285,7 @@ impl AgentState {
                     cluster: self.args.shared.cluster().clone(),
                     plan: self.args.shared.plan(),
                     resolver: self.args.resolver.clone(),
+                    events: self.args.router.events().clone(),
                 },
                 myself.get_cell(),
             )
@@ -330,6 +366,13 @@ impl AgentState {
             }
             (AppMsg::Event { key, event }, _) => self.args.shared.deliver(&from, key, event),
             (AppMsg::Cancel { key }, _) => self.args.shared.cancel_served(from, key),
+            (AppMsg::Events { events }, _) => self.absorb_events(&from, events),
+            (AppMsg::EventsSince { incarnation, after }, _) => {
+                let events = self.args.router.events().own_since(incarnation, after);
+                if !events.is_empty() {
+                    self.send_events(&from, events);
+                }
+            }
             (AppMsg::Actors, Some(reply)) => {
                 // The tree travels as JSON text: its actors' details are free-form JSON.
                 match serde_json::to_string(&self.args.router.local_actors()) {
@@ -342,6 +385,29 @@ impl AgentState {
             (other, None) => {
                 tracing::warn!(peer = %from.short(), msg = ?std::mem::discriminant(&other), "a call was sent as a cast; dropped");
             }
+        }
+    }
+}
+
+/// Sends `events` to each of `to`.
+fn send_events(
+    cluster: &canopy_runtime::cluster::ClusterHandle,
+    to: &[NodeId],
+    events: Vec<crate::events::Event>,
+) {
+    if to.is_empty() || events.is_empty() {
+        return;
+    }
+    let msg = match encode(&AppMsg::Events { events }) {
+        Ok(msg) => msg,
+        Err(err) => {
+            tracing::error!(%err, "cannot send events");
+            return;
+        }
+    };
+    for node in to {
+        if let Err(err) = cluster.send(node, msg.clone()) {
+            tracing::debug!(%err, peer = %node.short(), "cannot send events");
         }
     }
 }
@@ -385,13 +451,36 @@ impl Actor for ClusterAgent {
                 }
             })
         };
+        // This node's own events go to every member as they happen.
+        let publisher = {
+            let cluster = args.shared.cluster().clone();
+            let own = args
+                .router
+                .events()
+                .follow_own(args.router.events().last_id());
+            tokio::spawn(async move {
+                use futures::StreamExt;
+                let mut batches = Box::pin(own.ready_chunks(crate::events::MAX_EVENTS_PER_MESSAGE));
+                while let Some(batch) = batches.next().await {
+                    let members: Vec<NodeId> =
+                        cluster.view().members.into_iter().map(|m| m.id).collect();
+                    let events = batch.iter().map(|e| (**e).clone()).collect();
+                    send_events(&cluster, &members, events);
+                }
+            })
+        };
         myself.send_interval(REPORT_EVERY, || AgentMsg::Report);
         Ok(AgentState {
             args,
             master: None,
             starting: HashSet::new(),
             errors: HashMap::new(),
-            _tasks: vec![AbortOnDrop(reader), AbortOnDrop(watcher)],
+            members: HashSet::new(),
+            _tasks: vec![
+                AbortOnDrop(reader),
+                AbortOnDrop(watcher),
+                AbortOnDrop(publisher),
+            ],
             _registration: registration,
         })
     }

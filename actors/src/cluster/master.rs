@@ -11,7 +11,10 @@ use canopy_runtime::cluster::ClusterHandle;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
 
+use crate::events::EventLog;
+
 use super::ModelResolver;
+use super::plan_events::placement_events;
 use super::planner::{Members, Planner, Ticket};
 use super::protocol::{AppMsg, NodeReport, PlaceAnswer, PlaceRequest, Plan, encode, reply};
 
@@ -42,6 +45,8 @@ pub struct MasterArgs {
     pub plan: Option<Plan>,
     /// Resolves model names (for ids and memory needs).
     pub resolver: Arc<dyn ModelResolver>,
+    /// Where placements are recorded as events.
+    pub events: EventLog,
 }
 
 /// The master's state.
@@ -51,6 +56,9 @@ pub struct MasterState {
     /// The clients waiting for a placement, by the ticket the planner answers.
     waiting: HashMap<Ticket, RpcReplyPort<Vec<u8>>>,
     next_ticket: u64,
+    /// The plan published last (the inherited one at first), to tell what each new one changes.
+    published: Option<Plan>,
+    events: EventLog,
     _registration: canopy_runtime::introspect::Registration,
 }
 
@@ -69,6 +77,10 @@ impl MasterState {
         let ready = self.planner.ready(now);
         self.answer(ready.answers);
         if let Some(plan) = ready.publish {
+            for event in placement_events(self.published.as_ref(), &plan) {
+                self.events.record("master", event);
+            }
+            self.published = Some(plan.clone());
             let msg = match encode(&AppMsg::Plan(Box::new(plan))) {
                 Ok(msg) => msg,
                 Err(err) => {
@@ -105,6 +117,7 @@ impl Actor for MasterActor {
     ) -> Result<MasterState, ActorProcessingErr> {
         let registration = canopy_runtime::introspect::register(&myself.get_cell(), "master");
         let members = members_of(&args.cluster);
+        let published = args.plan.clone();
         let planner = Planner::new(args.plan, &members, args.resolver);
         tracing::info!(
             term = members.term,
@@ -117,6 +130,8 @@ impl Actor for MasterActor {
             planner,
             waiting: HashMap::new(),
             next_ticket: 0,
+            published,
+            events: args.events,
             _registration: registration,
         })
     }

@@ -18,6 +18,7 @@
 
 pub mod agent;
 pub mod master;
+pub mod plan_events;
 pub mod planner;
 pub mod protocol;
 pub mod shared;

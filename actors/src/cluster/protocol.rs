@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::api::SubmitError;
+use crate::events::Event;
 pub use crate::placement::{
     MAX_INSTANCES_PER_REQUEST, MAX_MODEL_LEN, PlaceError, PlaceRequest, Placed,
 };
@@ -239,6 +240,20 @@ pub enum AppMsg {
     },
     /// Any node to any node (call; answer: the actor tree as JSON text).
     Actors,
+    /// Any node to every member: events of its own as they happen, and the answer to
+    /// [`AppMsg::EventsSince`] (at most [`crate::events::MAX_EVENTS_PER_MESSAGE`] events).
+    Events {
+        /// The events, oldest first.
+        events: Vec<Event>,
+    },
+    /// Any node to a peer: send me your own events after sequence number `after` of your
+    /// incarnation `incarnation` (all you hold, for another or no incarnation).
+    EventsSince {
+        /// The peer's incarnation the asking node knows of.
+        incarnation: Option<u64>,
+        /// The last of that incarnation's sequence numbers the asking node holds.
+        after: u64,
+    },
 }
 
 /// The answer to [`AppMsg::Place`].

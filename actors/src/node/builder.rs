@@ -7,8 +7,8 @@ use std::time::Duration;
 use canopy_proto::LoadSpec;
 use canopy_runtime::restart::Intensity;
 use canopy_runtime::supervisor::{
-    ChildSpec, Restart, Shutdown, Strategy, Supervisor, SupervisorArgs, SupervisorError,
-    SupervisorMsg,
+    ChildSpec, Observer, Restart, Shutdown, Strategy, Supervisor, SupervisorArgs, SupervisorError,
+    SupervisorEvent, SupervisorMsg,
 };
 use futures::FutureExt;
 use ractor::{Actor, ActorCell, ActorRef, SupervisionEvent};
@@ -19,6 +19,7 @@ use super::config::{NodeConfig, Placement, RunnerDefaults};
 use super::router::ModelRouter;
 use crate::api::{ApiActor, ApiArgs, ApiMsg, Backend, Metrics};
 use crate::cluster::{AgentArgs, ClusterAgent, ClusterRoutes, ClusterSetup, Shared};
+use crate::events::{EventBody, EventLog};
 use crate::runner::{RunnerEvent, RunnerSupervisor, RunnerSupervisorArgs};
 
 /// The restart budget of each model instance under the worker: a runner supervisor that gives
@@ -67,6 +68,11 @@ impl Node {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             .to_string();
         let router = ModelRouter::new(metrics.clone(), tag);
+        metrics.register(
+            "events_dropped",
+            "Events dropped from this node's bounded history for room",
+            router.events().dropped_counter(),
+        );
         NodeBuilder {
             config,
             children: Vec::new(),
@@ -256,6 +262,11 @@ impl NodeBuilder {
         self
     }
 
+    /// The node's event log, available before the node starts (see [`crate::events`]).
+    pub fn events(&self) -> EventLog {
+        self.router.events().clone()
+    }
+
     /// The node's runner-event channel, available before the node starts so that a user
     /// actor's start function can capture it and subscribe in every incarnation.
     pub fn runner_events(&self) -> broadcast::Sender<RunnerEvent> {
@@ -274,8 +285,14 @@ impl NodeBuilder {
             cluster,
         } = self;
 
+        let log = router.events().clone();
+        let observer = Observer::new(move |event: SupervisorEvent| {
+            let path = format!("{}/{}", event.supervisor, event.child);
+            log.record(path, EventBody::from_supervisor(event));
+        });
         let mut worker = SupervisorArgs::new(Strategy::OneForOne)
             .with_kind("worker")
+            .with_observer(observer.clone())
             .with_intensity(Intensity {
                 max_restarts: 3,
                 period: Duration::from_secs(300),
@@ -318,11 +335,37 @@ impl NodeBuilder {
 
         let mut root = SupervisorArgs::new(Strategy::OneForOne)
             .with_kind("node")
+            .with_observer(observer)
             .with_child(ChildSpec::supervisor("worker", worker));
         let api_addr = Arc::new(std::sync::Mutex::new(None));
         let mut cluster_handle = None;
         if let Some(setup) = cluster {
             let (args, handle, incoming) = cluster_channels(setup.config.clone());
+            router.events().set_node(setup.config.node_id.as_str());
+            // Membership and election changes become events (subscribed before the cluster
+            // actor starts, so the first join is not missed).
+            let mut changes = handle.membership_events();
+            let log = router.events().clone();
+            tokio::spawn(async move {
+                use tokio::sync::broadcast::error::RecvError;
+                loop {
+                    match changes.recv().await {
+                        Ok(change) => {
+                            log.record("cluster", EventBody::from_membership(change));
+                        }
+                        Err(RecvError::Lagged(n)) => {
+                            log.note(
+                                "cluster",
+                                format!(
+                                    "{n} membership changes were not recorded (too many at once)"
+                                ),
+                                true,
+                            );
+                        }
+                        Err(RecvError::Closed) => break,
+                    }
+                }
+            });
             let shared = Shared::new(handle.clone(), router.clone());
             router.set_remote(Arc::new(ClusterRoutes::new(shared.clone())));
             let agent = AgentArgs {
@@ -441,6 +484,11 @@ impl NodeHandle {
     /// Subscribes to the runner supervisors' events.
     pub fn runner_events(&self) -> broadcast::Receiver<RunnerEvent> {
         self.events.subscribe()
+    }
+
+    /// The node's event log: what `GET /v1/events` serves.
+    pub fn events(&self) -> &EventLog {
+        self.router.events()
     }
 
     async fn child(&self, id: &str) -> Result<ActorCell, NodeError> {

@@ -10,6 +10,7 @@
 //! this router (ties broken round-robin); an instance at capacity is skipped, and when every
 //! Ready instance is full the request is `Busy`.
 
+use crate::events::{EventBody, EventLog};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -121,6 +122,7 @@ pub struct ModelRouter {
     remote: Arc<Mutex<Option<Arc<dyn Remote>>>>,
     metrics: Metrics,
     describer: Describer,
+    events: EventLog,
 }
 
 fn now_secs() -> u64 {
@@ -144,7 +146,13 @@ impl ModelRouter {
             remote: Arc::new(Mutex::new(None)),
             metrics,
             describer: Describer::default(),
+            events: EventLog::default(),
         }
+    }
+
+    /// The node's event log (runner events are recorded in it by [`observer`](Self::observer)).
+    pub fn events(&self) -> &EventLog {
+        &self.events
     }
 
     /// What this node's runner supervisors call with each of their events, before they
@@ -155,6 +163,9 @@ impl ModelRouter {
         Arc::new(move |event: &RunnerEvent| {
             router.metrics.runner_event(event);
             router.observe(event);
+            if let Some((instance, body)) = EventBody::from_runner(event) {
+                router.events.record(format!("worker/{instance}"), body);
+            }
         })
     }
 
@@ -577,6 +588,10 @@ impl Backend for ModelRouter {
     fn actors(&self) -> BoxFuture<'static, Option<ActorReport>> {
         let tree = self.local_actors();
         async move { tree }.boxed()
+    }
+
+    fn events(&self) -> Option<EventLog> {
+        Some(self.events.clone())
     }
 
     fn cluster_actors(&self) -> Option<BoxFuture<'static, ClusterActors>> {

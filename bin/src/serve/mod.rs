@@ -61,7 +61,8 @@ pub const DEFAULT_PORT: u16 = 52415;
 pub const DEFAULT_CLUSTER_PORT: u16 = 52416;
 
 /// Runs `canopy up` (`default_model = Some(..)`) or `canopy node` (`None`).
-pub fn run(args: ServeArgs, default_model: Option<&str>) -> anyhow::Result<()> {
+/// Runs `up`/`node`; `json` prints the node's event lines as JSON (`--log-format json`).
+pub fn run(args: ServeArgs, default_model: Option<&str>, json: bool) -> anyhow::Result<()> {
     let mut settings = Settings::resolve(args, default_model)?;
     let store = match &settings.model_dir {
         Some(dir) => ModelStore::open(dir.clone()),
@@ -154,7 +155,7 @@ pub fn run(args: ServeArgs, default_model: Option<&str>) -> anyhow::Result<()> {
         _ => None,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    let outcome = runtime.block_on(serve(settings, model, resolver));
+    let outcome = runtime.block_on(serve(settings, model, resolver, json));
     if let Some(nodes) = local_nodes {
         nodes.stop();
     }
@@ -217,6 +218,7 @@ async fn serve(
     settings: Settings,
     model: Option<(String, PathBuf)>,
     resolver: StoreResolver,
+    json: bool,
 ) -> anyhow::Result<()> {
     let mut command = RunnerCommand::current_exe().context("cannot find the canopy executable")?;
     if let Some(engine) = &settings.engine {
@@ -262,7 +264,17 @@ async fn serve(
         builder = builder.cluster(setup);
         _data_dir = Some(dir);
     }
+    let join_hint = settings.cluster.as_ref().map(|c| {
+        format!(
+            "join this cluster from another machine: canopy node --peer {} --cookie-file {}",
+            c.listen,
+            c.data_dir
+                .join(canopy_runtime::cluster::identity::COOKIE_FILE)
+                .display()
+        )
+    });
     let mut node = builder.start().await?;
+    print_events(node.events().clone(), json);
     let mut events = node.runner_events();
     let addr = node.api_addr().await?;
     let base = format!("http://{addr}");
@@ -308,12 +320,46 @@ async fn serve(
     } else {
         println!("Canopy node is up; API at {base} (no model placed)");
     }
-    println!("inspect the actor tree with: canopy inspect --url {base}");
+    let key_hint = if settings.api_key.is_some() {
+        " (enter the API key when asked)"
+    } else {
+        ""
+    };
+    println!("dashboard: {base}/{key_hint}");
+    if let Some(hint) = join_hint {
+        println!("{hint}");
+    }
+    println!(
+        "inspect the actor tree with: canopy inspect --url {base}; events: canopy events -f --url {base}"
+    );
 
     tokio::select! {
         outcome = node.wait() => node_ended(outcome),
         _ = shutdown_signal() => stop(node).await,
     }
+}
+
+/// Prints the node's notable events to stderr as they happen (failures, restarts,
+/// membership, elections, placements), one line each, or one JSON object each with `json`.
+fn print_events(log: canopy_actors::events::EventLog, json: bool) {
+    use canopy_actors::events::Followed;
+    use futures::StreamExt;
+    tokio::spawn(async move {
+        let mut events = Box::pin(log.follow(0));
+        while let Some(item) = events.next().await {
+            match item {
+                Followed::Event(e) if e.body.is_notable() => {
+                    if json {
+                        eprintln!("{}", e.to_json());
+                    } else {
+                        eprintln!("{}", e.line());
+                    }
+                }
+                Followed::Event(_) => {}
+                Followed::Missed(n) => eprintln!("({n} events went unprinted: too many at once)"),
+            }
+        }
+    });
 }
 
 fn node_ended(outcome: Result<(), canopy_actors::node::NodeError>) -> anyhow::Result<()> {

@@ -24,5 +24,5 @@ pub mod wire;
 pub use identity::NodeId;
 pub use membership::{
     ClusterActor, ClusterArgs, ClusterConfig, ClusterError, ClusterHandle, ClusterMsg, ClusterView,
-    DialFailure, Incoming, Member, cluster_channels, now_ms,
+    DialFailure, Incoming, Member, MembershipEvent, cluster_channels, now_ms,
 };

@@ -1,6 +1,7 @@
 //! The configuration a supervisor is started with: strategy, restart intensity, restart
 //! backoff and the initial children (Erlang's `sup_flags()` plus the child list).
 
+use super::observer::Observer;
 use super::spec::ChildSpec;
 use super::strategy::Strategy;
 use crate::restart::{Backoff, Intensity};
@@ -23,6 +24,8 @@ pub struct SupervisorArgs {
     /// The kind this supervisor reports to introspection (`None`: `supervisor`), e.g.
     /// `node` or `worker` for the supervisors that play those roles.
     pub kind: Option<String>,
+    /// Told of every restart, give-up and escalation (`None`: only the logs are).
+    pub observer: Option<Observer>,
 }
 
 impl SupervisorArgs {
@@ -49,6 +52,12 @@ impl SupervisorArgs {
     /// Sets the kind reported to introspection.
     pub fn with_kind(mut self, kind: impl Into<String>) -> Self {
         self.kind = Some(kind.into());
+        self
+    }
+
+    /// Tells `observer` of every restart, give-up and escalation of this supervisor.
+    pub fn with_observer(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
         self
     }
 

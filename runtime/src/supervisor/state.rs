@@ -16,6 +16,7 @@ use super::child::Child;
 use super::error::SupervisorError;
 use super::exit::ChildExit;
 use super::messages::{ChildInfo, RestartTicket, SupervisorMsg, SupervisorStats};
+use super::observer::{Observer, SupervisorEvent, SupervisorEventKind};
 use super::shutdown::shutdown_child;
 use super::spec::{ChildSpec, Restart};
 use super::strategy::Strategy;
@@ -36,6 +37,8 @@ pub struct SupervisorState {
     timers: Vec<JoinHandle<Result<(), MessagingErr<SupervisorMsg>>>>,
     /// This supervisor's introspection entry (removed when the state is dropped).
     pub(crate) registration: Option<crate::introspect::Registration>,
+    /// Told of restarts, give-ups and escalations, with this supervisor's kind.
+    observer: Option<(Observer, String)>,
 }
 
 impl SupervisorState {
@@ -51,6 +54,20 @@ impl SupervisorState {
             next_generation: 0,
             timers: Vec::new(),
             registration: None,
+            observer: args.observer.clone().map(|o| {
+                let kind = args.kind.clone().unwrap_or_else(|| "supervisor".into());
+                (o, kind)
+            }),
+        }
+    }
+
+    fn tell(&self, child: &str, kind: SupervisorEventKind) {
+        if let Some((observer, supervisor)) = &self.observer {
+            observer.tell(SupervisorEvent {
+                supervisor: supervisor.clone(),
+                child: child.to_owned(),
+                kind,
+            });
         }
     }
 
@@ -203,6 +220,13 @@ impl SupervisorState {
                 tracing::info!(child = child.id(), %exit, ?restart, "child exited; not restarting");
             } else {
                 tracing::warn!(child = child.id(), %exit, ?restart, "child exited; not restarting");
+                let id = child.id().to_owned();
+                self.tell(
+                    &id,
+                    SupervisorEventKind::NotRestarted {
+                        exit: exit.to_string(),
+                    },
+                );
             }
             if restart == Restart::Temporary {
                 self.remove(idx);
@@ -211,7 +235,21 @@ impl SupervisorState {
         }
         tracing::warn!(child = child.id(), %exit, "child exited; restarting");
         child.last_exit = Some(exit.to_string());
-        self.restart(myself, idx).await
+        let id = child.id().to_owned();
+        self.restart(myself, idx).await?;
+        // Told after the restart ran, so a give-up or an escalation is told instead.
+        if self
+            .position(&id)
+            .is_some_and(|i| self.children[i].gave_up.is_none())
+        {
+            self.tell(
+                &id,
+                SupervisorEventKind::Restarting {
+                    exit: exit.to_string(),
+                },
+            );
+        }
+        Ok(())
     }
 
     /// Starts the entries of a scheduled restart that came due; stale entries are skipped.
@@ -254,7 +292,8 @@ impl SupervisorState {
                     );
                     tracing::error!(child = %failed_id, %why, "child gave up: not restarting it; its siblings are not touched");
                     child.restart_pending = false;
-                    child.gave_up = Some(why);
+                    child.gave_up = Some(why.clone());
+                    self.tell(&failed_id, SupervisorEventKind::GaveUp { why });
                     return Ok(());
                 }
                 None if !self.window.record(now) => {
@@ -341,6 +380,15 @@ impl SupervisorState {
             "restart intensity exceeded; stopping all children and failing"
         );
         self.shutdown_all().await;
+        self.tell(
+            child,
+            SupervisorEventKind::Escalated {
+                why: format!(
+                    "more than {} restarts in {:?}",
+                    self.intensity.max_restarts, self.intensity.period
+                ),
+            },
+        );
         Box::new(SupervisorError::IntensityExceeded {
             max_restarts: self.intensity.max_restarts,
             period: self.intensity.period,

@@ -57,6 +57,7 @@ pub enum ClusterError {
 pub struct ClusterHandle {
     pub(super) me: NodeId,
     pub(super) view: watch::Receiver<ClusterView>,
+    pub(super) events: tokio::sync::broadcast::Sender<super::MembershipEvent>,
     pub(super) sessions: Arc<Sessions>,
     pub(super) discovery: DiscoveryStats,
 }
@@ -92,6 +93,12 @@ impl ClusterHandle {
     /// A receiver that wakes on every change of the view.
     pub fn subscribe(&self) -> watch::Receiver<ClusterView> {
         self.view.clone()
+    }
+
+    /// A receiver of membership and election changes from now on (joins, departures with
+    /// their reason, new leaders).
+    pub fn membership_events(&self) -> tokio::sync::broadcast::Receiver<super::MembershipEvent> {
+        self.events.subscribe()
     }
 
     fn inbox(&self, to: &NodeId) -> Result<ActorRef<InboxMsg>, ClusterError> {

@@ -69,7 +69,7 @@ pub use handle::{ClusterError, ClusterHandle, Incoming};
 use inbox::{Inbox, InboxArgs, RateLimit};
 pub use session::SessionEvent;
 use session::{Subscription, handle_session};
-pub use view::{ClusterView, Member};
+pub use view::{ClusterView, Member, MembershipEvent};
 
 /// The highest term a beat may carry. Terms grow by one per election, so a real cluster never
 /// comes near it; a larger one is a forged or corrupt beat, dropped before it can overflow the
@@ -142,6 +142,7 @@ pub struct ClusterArgs {
     /// Where application messages from peers go.
     pub incoming: mpsc::UnboundedSender<Incoming>,
     view: Arc<watch::Sender<ClusterView>>,
+    events: tokio::sync::broadcast::Sender<MembershipEvent>,
     sessions: Arc<Sessions>,
     discovery_stats: DiscoveryStats,
 }
@@ -165,11 +166,13 @@ pub fn cluster_channels(
         members: Vec::new(),
     };
     let (view_tx, view_rx) = watch::channel(view);
+    let events = tokio::sync::broadcast::channel(256).0;
     let sessions = Arc::new(Sessions::new(config.node_id.clone()));
     let discovery_stats = DiscoveryStats::new();
     let handle = ClusterHandle {
         me: config.node_id.clone(),
         view: view_rx,
+        events: events.clone(),
         sessions: sessions.clone(),
         discovery: discovery_stats.clone(),
     };
@@ -178,6 +181,7 @@ pub fn cluster_channels(
             config,
             incoming,
             view: Arc::new(view_tx),
+            events,
             sessions,
             discovery_stats,
         },
@@ -246,6 +250,8 @@ pub struct ClusterState {
     /// logged at most once per interval each.
     term_refusals: RateLimit,
     rank_refusals: RateLimit,
+    /// Why each peer dropped since the last published view was dropped.
+    departed: HashMap<NodeId, String>,
     registration: crate::introspect::Registration,
 }
 
@@ -321,14 +327,26 @@ impl ClusterState {
             quorum: outcome.quorum,
             members,
         };
+        let departed = &self.departed;
+        let events = &self.args.events;
         self.args.view.send_if_modified(|v| {
             if *v == view {
                 false
             } else {
+                let why = |id: &NodeId| {
+                    departed
+                        .get(id)
+                        .cloned()
+                        .unwrap_or_else(|| "it left the cluster".to_string())
+                };
+                for event in MembershipEvent::diff(v, &view, why) {
+                    let _ = events.send(event);
+                }
                 *v = view;
                 true
             }
         });
+        self.departed.clear();
     }
 
     /// Remembers `id`'s address; the table stays within [`MAX_KNOWN`] and forgets nodes
@@ -367,6 +385,7 @@ impl ClusterState {
             self.args.sessions.remove(id, peer.session_node);
             peer.monitor.stop(None);
             tracing::warn!(peer = %id.short(), why, "peer left the cluster");
+            self.departed.insert(id.clone(), why.to_string());
             if let Some(b) = &peer.beat
                 && let Some(d) = self.dials.get_mut(&b.addr)
             {
@@ -518,6 +537,7 @@ impl Actor for ClusterActor {
             dials: HashMap::new(),
             term_refusals: RateLimit::new(Duration::from_secs(10)),
             rank_refusals: RateLimit::new(Duration::from_secs(10)),
+            departed: HashMap::new(),
             registration,
         };
         state.elect_and_publish();
