@@ -94,6 +94,9 @@ use serde_json::{Value, json};
 
 const COOKIE: &str = "hostile-test-cookie";
 
+/// Cross-node streams against a host that goes quiet or freezes (uses the rogue below).
+mod stream_deadlines;
+
 // ---------------------------------------------------------------------------------------------
 // Real nodes.
 

@@ -19,7 +19,7 @@
 //! | the prompt does not fit the instance's context ([`RunnerError::TaskFailed`] of kind [`TaskErrorKind::ContextLengthExceeded`]) | 400 | `invalid_request_error` / `context_length_exceeded` (`param`: `messages`) |
 //! | the runner found the request unusable ([`RunnerError::TaskFailed`] of kind [`TaskErrorKind::InvalidRequest`]) | 400 | `invalid_request_error` / `invalid_request` |
 //! | runner reported any other task error ([`RunnerError::TaskFailed`]) | 500 | `server_error` / `task_failed` |
-//! | runner died ([`RunnerError::RunnerFailed`]), its node left ([`RunnerError::PeerLost`]), or the task stream vanished | 502 | `server_error` / `runner_failed` |
+//! | runner died ([`RunnerError::RunnerFailed`]), its node left ([`RunnerError::PeerLost`]), its cross-node stream broke or went silent past its deadline ([`RunnerError::StreamLost`]), or the task stream vanished | 502 | `server_error` / `runner_failed` |
 //! | no Ready instance, runner not ready, shutting down, supervisor gone | 503 + `Retry-After` | `server_error` / `no_ready_instance` |
 //! | this API is shutting down and ends the request | 503 + `Retry-After` | `server_error` / `shutting_down` |
 //!
@@ -284,7 +284,9 @@ impl ApiError {
             )
             .with_code("no_ready_instance")
             .with_retry_after(),
-            RunnerError::RunnerFailed { .. } | RunnerError::PeerLost { .. } => {
+            RunnerError::RunnerFailed { .. }
+            | RunnerError::PeerLost { .. }
+            | RunnerError::StreamLost { .. } => {
                 Self::new(StatusCode::BAD_GATEWAY, "server_error", err.to_string())
                     .with_code("runner_failed")
             }

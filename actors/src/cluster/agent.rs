@@ -365,6 +365,7 @@ impl AgentState {
                 self.args.shared.serve(from, key, model, request, reply);
             }
             (AppMsg::Event { key, event }, _) => self.args.shared.deliver(&from, key, event),
+            (AppMsg::Progress { key }, _) => self.args.shared.progress(&from, key),
             (AppMsg::Cancel { key }, _) => self.args.shared.cancel_served(from, key),
             (AppMsg::Events { events }, _) => self.absorb_events(&from, events),
             (AppMsg::EventsSince { incarnation, after }, _) => {

@@ -254,6 +254,13 @@ pub enum AppMsg {
         /// The last of that incarnation's sequence numbers the asking node holds.
         after: u64,
     },
+    /// Host to origin: stream `key`'s task is still running here, though it has had nothing
+    /// to forward for a while (a long prefill, a queue); it keeps the origin's deadline for
+    /// the stream from running out (see `cluster::shared`).
+    Progress {
+        /// The stream.
+        key: u64,
+    },
 }
 
 /// The answer to [`AppMsg::Place`].

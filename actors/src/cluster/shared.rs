@@ -1,11 +1,19 @@
 //! What the cluster layer shares between its actor and the router: the newest plan this node
 //! has seen, the streams of tasks it sent to other nodes, the tasks it serves for other
 //! nodes, and [`ClusterRoutes`], the router's [`Remote`].
+//!
+//! A cross-node stream always ends (the private `streams` module says how): the host
+//! forwards its task's failure like its output, stops and cancels the task when it cannot
+//! send, and sends [`AppMsg::Progress`] every [`PROGRESS_EVERY`] it has nothing else to send;
+//! the origin ends a stream it heard nothing about for [`STREAM_DEADLINE`] with
+//! [`RunnerError::StreamLost`], and one whose host left the cluster with `PeerLost`.
+
+mod streams;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use canopy_proto::{GenerateRequest, RunnerStatus};
 use canopy_runtime::cluster::{ClusterHandle, ClusterView, NodeId};
@@ -13,7 +21,6 @@ use canopy_runtime::introspect::ActorReport;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
 
 use super::protocol::{
     self, AppMsg, DeleteAnswer, PlaceAnswer, PlaceError, PlaceRequest, Placed, Plan, PlanState,
@@ -25,21 +32,35 @@ use crate::api::{
 };
 use crate::node::{ModelRouter, Remote};
 use crate::runner::{RunnerError, TaskEvent, TaskHandle};
+use streams::{Delivery, Forwarded, Served, Streams};
 
 /// How long a node waits for another to acknowledge a task.
 const SUBMIT_TIMEOUT: Duration = Duration::from_secs(65);
 
-struct Stream {
-    host: NodeId,
-    tx: mpsc::UnboundedSender<TaskEvent>,
-    started: bool,
-}
+/// How long a host forwards nothing for a task before it tells the origin that the task
+/// still runs ([`AppMsg::Progress`]).
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// How long the origin of a cross-node stream waits for word from its host (an event or a
+/// [`AppMsg::Progress`]) before it ends the stream with
+/// [`RunnerError::StreamLost`] and cancels the task.
+///
+/// The deadline bounds the link and the host's forwarding, not the task: while the task runs,
+/// its host sends word at least every [`PROGRESS_EVERY`], however long a prefill or a queue
+/// takes, and the runner's own stall timeouts (30 s to acknowledge, 300 s of prefill, 60 s
+/// between tokens: `StallTimeouts`) end a task that stops making progress, a failure that is
+/// forwarded like any other. So the deadline is seven progress messages missed in a row (a
+/// live host, however loaded, misses none: the cluster drops a node whose beats stop for
+/// about two seconds), and a quarter of the decode stall, so that a broken stream ends before
+/// a stalled runner would be noticed. Without the progress messages it would have to exceed
+/// the 300-s prefill stall, and a broken stream would hang that long.
+pub const STREAM_DEADLINE: Duration = Duration::from_secs(15);
 
 #[derive(Default)]
 struct Inner {
     plan: Option<Plan>,
-    streams: HashMap<u64, Stream>,
-    served: HashMap<(NodeId, u64), AbortHandle>,
+    streams: Streams,
+    served: Served,
 }
 
 /// The cluster layer's shared state. Cheap to clone.
@@ -102,24 +123,48 @@ impl Shared {
     /// Hands an event of stream `key`, sent by node `from`, to its waiter: only the node the
     /// stream was sent to may feed or end it.
     pub fn deliver(&self, from: &NodeId, key: u64, event: TaskEvent) {
-        let mut inner = self.lock();
-        let end = matches!(event, TaskEvent::Done { .. } | TaskEvent::Failed(_));
-        match inner.streams.get_mut(&key) {
-            Some(stream) if stream.host == *from => {}
-            Some(_) => {
+        let running = matches!(event, TaskEvent::Chunk(_));
+        let delivery = self
+            .lock()
+            .streams
+            .deliver(from, key, event, Instant::now());
+        self.delivered(from, key, delivery, running);
+    }
+
+    /// Takes node `from`'s word that the task of stream `key` still runs there.
+    pub fn progress(&self, from: &NodeId, key: u64) {
+        let delivery = self.lock().streams.progress(from, key, Instant::now());
+        self.delivered(from, key, delivery, true);
+    }
+
+    /// Logs a message about a stream that was dropped; a host still `running` a task for a
+    /// stream this node no longer has (it ended here: deadline, client gone) is told to
+    /// cancel it, so that it does not run to its end for nobody.
+    fn delivered(&self, from: &NodeId, key: u64, delivery: Delivery, running: bool) {
+        match delivery {
+            Delivery::Taken | Delivery::Ended => {}
+            Delivery::NotTheHost => {
                 tracing::warn!(peer = %from.short(), "dropped an event for a stream another node serves");
-                return;
             }
-            None => return,
-        }
-        if let Some(stream) = inner.streams.get_mut(&key) {
-            if matches!(event, TaskEvent::Chunk(_)) {
-                stream.started = true;
+            Delivery::Unknown => {
+                tracing::debug!(peer = %from.short(), key,
+                    "dropped a message about a stream this node does not have (ended, or never sent)");
+                if running {
+                    self.send_cancel(from, key);
+                }
             }
-            let _ = stream.tx.send(event);
         }
-        if end {
-            inner.streams.remove(&key);
+    }
+
+    /// Tells `host` to cancel the task of stream `key` (best effort).
+    fn send_cancel(&self, host: &NodeId, key: u64) {
+        match encode(&AppMsg::Cancel { key }) {
+            Ok(msg) => {
+                if let Err(err) = self.cluster.send(host, msg) {
+                    tracing::debug!(node = %host.short(), %err, "cannot cancel a task on its host");
+                }
+            }
+            Err(err) => tracing::error!(%err, "cannot cancel a task on its host"),
         }
     }
 
@@ -127,32 +172,23 @@ impl Shared {
     /// every task for an origin that is gone.
     pub fn forget_lost(&self, view: &ClusterView) {
         let mut inner = self.lock();
-        let lost: Vec<u64> = inner
-            .streams
-            .iter()
-            .filter(|(_, s)| !view.contains(&s.host))
-            .map(|(k, _)| *k)
-            .collect();
-        for key in lost {
-            if let Some(s) = inner.streams.remove(&key) {
-                tracing::warn!(node = %s.host.short(), "a node serving a task left: failing the task");
-                let _ = s.tx.send(TaskEvent::Failed(RunnerError::PeerLost {
-                    node: s.host.to_string(),
-                    started: s.started,
-                }));
-            }
+        for host in inner.streams.lose_hosts(|n| view.contains(n)) {
+            tracing::warn!(node = %host.short(), "a node serving a task left: failing the task");
         }
-        inner.served.retain(|(origin, _), task| {
-            let keep = view.contains(origin);
-            if !keep {
-                task.abort();
-            }
-            keep
-        });
+        let stopped = inner.served.keep_origins(|n| view.contains(n));
+        if stopped > 0 {
+            tracing::info!(
+                tasks = stopped,
+                "the origin of tasks served here left: cancelled them"
+            );
+        }
     }
 
     /// Serves a task another node sent here: submits it locally, answers, and forwards its
     /// events to `origin` until it ends or `origin` cancels it.
+    ///
+    /// The task is registered before this returns, so that a `Cancel` the agent handles
+    /// after this `Submit` always finds it, however far the task got.
     pub fn serve(
         &self,
         origin: NodeId,
@@ -161,61 +197,71 @@ impl Shared {
         request: GenerateRequest,
         reply: ractor::RpcReplyPort<Vec<u8>>,
     ) {
+        let mut inner = self.lock();
+        if inner.served.contains(&origin, key) {
+            drop(inner);
+            tracing::warn!(peer = %origin.short(), "refused a task under the key of one served for it already");
+            protocol::reply(
+                reply,
+                &SubmitAnswer::Err(SubmitError::Runner(RunnerError::TaskFailed {
+                    instance: model,
+                    message: "a task under this stream key is served already".into(),
+                    kind: canopy_proto::TaskErrorKind::Internal,
+                })),
+            );
+            return;
+        }
+        let serial = inner.served.next_serial();
         let shared = self.clone();
-        tokio::spawn(async move {
-            let handle = match shared.router.submit_local(&model, &request).await {
-                Ok(handle) => handle,
-                Err(err) => {
-                    protocol::reply(reply, &SubmitAnswer::Err(err));
-                    return;
-                }
-            };
-            if !protocol::reply(reply, &SubmitAnswer::Ok(())) {
-                // The origin gave up waiting: dropping the handle cancels the task.
+        let task = tokio::spawn({
+            let origin = origin.clone();
+            async move {
+                shared.run_served(&origin, key, model, request, reply).await;
+                // Not before it is registered: that holds the lock this takes.
+                shared.lock().served.finished(&origin, key, serial);
+            }
+        });
+        inner
+            .served
+            .insert(origin, key, serial, task.abort_handle());
+    }
+
+    /// The task `serve` registered: submit, answer, forward.
+    async fn run_served(
+        &self,
+        origin: &NodeId,
+        key: u64,
+        model: String,
+        request: GenerateRequest,
+        reply: ractor::RpcReplyPort<Vec<u8>>,
+    ) {
+        let handle = match self.router.submit_local(&model, &request).await {
+            Ok(handle) => handle,
+            Err(err) => {
+                protocol::reply(reply, &SubmitAnswer::Err(err));
                 return;
             }
-            let forward = {
-                let shared = shared.clone();
-                let origin = origin.clone();
-                tokio::spawn(async move {
-                    let mut handle: TaskHandle = handle;
-                    while let Some(event) = handle.next().await {
-                        let end = matches!(event, TaskEvent::Done { .. } | TaskEvent::Failed(_));
-                        let (msg, end) = match encode(&AppMsg::Event { key, event }) {
-                            Ok(msg) => (msg, end),
-                            Err(err) => {
-                                // End the origin's stream with the reason rather than leave
-                                // it waiting for events that will never come.
-                                tracing::error!(%err, "cannot forward a task event");
-                                let failed = TaskEvent::Failed(RunnerError::TaskFailed {
-                                    instance: model.clone(),
-                                    message: err.to_string(),
-                                    kind: canopy_proto::TaskErrorKind::Internal,
-                                });
-                                match encode(&AppMsg::Event { key, event: failed }) {
-                                    Ok(msg) => (msg, true),
-                                    Err(_) => break,
-                                }
-                            }
-                        };
-                        if shared.cluster.send(&origin, msg).is_err() || end {
-                            break;
-                        }
-                    }
-                    shared.lock().served.remove(&(origin, key));
-                })
-            };
-            shared
-                .lock()
-                .served
-                .insert((origin, key), forward.abort_handle());
-        });
+        };
+        if !protocol::reply(reply, &SubmitAnswer::Ok(())) {
+            // The origin gave up waiting: dropping the handle cancels the task.
+            return;
+        }
+        let me = self.cluster.view().me;
+        let outcome = streams::forward(key, handle, PROGRESS_EVERY, me.as_str(), |msg| {
+            self.cluster.send(origin, msg)
+        })
+        .await;
+        if let Forwarded::SendFailed(err) = outcome {
+            tracing::warn!(peer = %origin.short(), %err,
+                "cannot send a task's output to the node that sent the task: cancelled the task");
+        }
     }
 
     /// Cancels a task served here for `origin`.
     pub fn cancel_served(&self, origin: NodeId, key: u64) {
-        if let Some(task) = self.lock().served.remove(&(origin, key)) {
-            task.abort();
+        if !self.lock().served.cancel(&origin, key) {
+            tracing::debug!(peer = %origin.short(), key,
+                "a cancel for a task not served here (it ended, or was never sent)");
         }
     }
 
@@ -261,45 +307,44 @@ impl Shared {
             // Unguessable, so that no node can address another node's streams by counting.
             let key = loop {
                 let key = rand::random::<u64>();
-                if key != 0 && !self.lock().streams.contains_key(&key) {
+                if key != 0 && !self.lock().streams.contains(key) {
                     break key;
                 }
             };
             let (tx, rx) = mpsc::unbounded_channel();
-            self.lock().streams.insert(
+            let lost = self
+                .lock()
+                .streams
+                .open(key, host.clone(), tx.clone(), Instant::now());
+            let opening = Opening {
+                shared: self.clone(),
                 key,
-                Stream {
-                    host: host.clone(),
-                    tx: tx.clone(),
-                    started: false,
-                },
-            );
+                cancel_on_drop: true,
+            };
             let msg = AppMsg::Submit {
                 key,
                 model: model.clone(),
                 request: request.clone(),
             };
-            let answer: Result<SubmitAnswer, String> =
-                call_peer(&self.cluster, &host, &msg, SUBMIT_TIMEOUT).await;
+            // A host that leaves the cluster meanwhile (dies, freezes) answers no more: do not
+            // wait out the call's limit for it.
+            let answer: Result<SubmitAnswer, String> = tokio::select! {
+                answer = call_peer(&self.cluster, &host, &msg, SUBMIT_TIMEOUT) => answer,
+                () = lost.notified() => Err("it left the cluster".into()),
+            };
             match answer {
                 Ok(Ok(())) => {
-                    let shared = self.clone();
-                    tokio::spawn(async move {
-                        tx.closed().await;
-                        let gone = shared.lock().streams.remove(&key);
-                        if let Some(stream) = gone
-                            && let Ok(msg) = encode(&AppMsg::Cancel { key })
-                        {
-                            let _ = shared.cluster.send(&stream.host, msg);
-                        }
-                    });
+                    opening.taken();
+                    self.lock().streams.restart_deadline(key, Instant::now());
+                    tokio::spawn(self.clone().watch(key, tx));
                     return Ok(TaskHandle {
                         task_id: key,
                         events: rx,
                     });
                 }
                 Ok(Err(err)) => {
-                    self.lock().streams.remove(&key);
+                    // Refused: nothing runs there.
+                    opening.refused();
                     match err {
                         SubmitError::Busy(_) => busy = true,
                         SubmitError::NoReadyInstance(_) | SubmitError::UnknownModel(_) => {}
@@ -307,7 +352,9 @@ impl Shared {
                     }
                 }
                 Err(err) => {
-                    self.lock().streams.remove(&key);
+                    // The host may have taken the task after all (an answer too late): the
+                    // opening's drop cancels it there.
+                    drop(opening);
                     tracing::warn!(node = %host.short(), %err, "a node did not take a task");
                 }
             }
@@ -316,6 +363,39 @@ impl Shared {
             Err(SubmitError::Busy(model))
         } else {
             Err(SubmitError::NoReadyInstance(model))
+        }
+    }
+
+    /// Watches stream `key` (whose consumer holds the receiver of `tx`) until it ends: when
+    /// the consumer goes away, it closes the stream and cancels the task at the host; when
+    /// the host says nothing about it for [`STREAM_DEADLINE`], it ends it with
+    /// `StreamLost` and cancels the task there.
+    async fn watch(self, key: u64, tx: mpsc::UnboundedSender<TaskEvent>) {
+        loop {
+            let Some(deadline) = self.lock().streams.deadline(key, STREAM_DEADLINE) else {
+                return;
+            };
+            tokio::select! {
+                () = tx.closed() => {
+                    let host = self.lock().streams.close(key);
+                    if let Some(host) = host {
+                        self.send_cancel(&host, key);
+                    }
+                    return;
+                }
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    let expired = self
+                        .lock()
+                        .streams
+                        .expire(key, Instant::now(), STREAM_DEADLINE);
+                    if let Some(host) = expired {
+                        tracing::warn!(node = %host.short(), deadline_s = STREAM_DEADLINE.as_secs(),
+                            "a node serving a task sent nothing about it within the deadline: failing the task");
+                        self.send_cancel(&host, key);
+                        return;
+                    }
+                }
+            }
         }
     }
 
@@ -372,6 +452,40 @@ impl Shared {
             nodes,
             instances,
             local,
+        }
+    }
+}
+
+/// A stream whose `Submit` is under way. Dropped unsettled (the caller stopped waiting, or
+/// the call failed), it closes the stream and cancels the task at the host, which may have
+/// taken it all the same: `Backend::submit` promises that a dropped submission leaves no task
+/// running.
+struct Opening {
+    shared: Shared,
+    key: u64,
+    cancel_on_drop: bool,
+}
+
+impl Opening {
+    /// The host took the task: the stream stays open.
+    fn taken(mut self) {
+        self.cancel_on_drop = false;
+    }
+
+    /// The host refused the task: the stream closes, with nothing to cancel.
+    fn refused(mut self) {
+        self.cancel_on_drop = false;
+        self.shared.lock().streams.close(self.key);
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        if self.cancel_on_drop {
+            let host = self.shared.lock().streams.close(self.key);
+            if let Some(host) = host {
+                self.shared.send_cancel(&host, self.key);
+            }
         }
     }
 }

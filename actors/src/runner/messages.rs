@@ -72,6 +72,16 @@ pub enum RunnerError {
         /// Whether the task had produced any output before.
         started: bool,
     },
+    /// The task ran on another node, which is still a member, but its stream broke: nothing
+    /// came from that node about the task for longer than the stream's deadline, or that node
+    /// could not send the task's output (and cancelled the task).
+    #[error("the stream of the task on node {node} broke: {reason}")]
+    StreamLost {
+        /// The node.
+        node: String,
+        /// What happened.
+        reason: String,
+    },
 }
 
 /// One item of a task's stream. The stream ends after `Done` or `Failed`.
