@@ -229,3 +229,66 @@ fn a_non_loopback_address_without_a_key_is_refused() {
     assert!(stderr.contains("without an API key"), "{stderr}");
     assert!(stderr.contains("--insecure-no-api-key"), "{stderr}");
 }
+
+#[test]
+fn the_dashboard_asks_for_the_key_and_its_session_cookie_opens_the_api() {
+    let node = node(&[]);
+    let host = addr(&node);
+    let get = |path: &str, cookie: &str| {
+        raw(
+            &node,
+            &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{cookie}Connection: close\r\n\r\n"),
+        )
+    };
+    let login = get("/", "");
+    assert_eq!(status_of(&login), 200, "{login}");
+    assert!(login.contains("API key"), "{login}");
+    assert!(!login.contains("instances"), "the login page shows no data");
+    assert_eq!(status_of(&get("/v1/events?follow=false", "")), 401);
+    assert_eq!(status_of(&get("/dashboard/assets/app.js", "")), 200);
+    let post = |key: &str| {
+        let body = format!("key={key}");
+        raw(
+            &node,
+            &format!(
+                "POST /dashboard/login HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+    };
+    let wrong = post("not-the-key-0123456789");
+    assert_eq!(status_of(&wrong), 401, "{wrong}");
+    assert!(
+        !wrong.to_ascii_lowercase().contains("set-cookie"),
+        "{wrong}"
+    );
+    let right = post(KEY);
+    assert_eq!(status_of(&right), 303, "{right}");
+    let cookie = right
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("set-cookie: ")
+                .or_else(|| l.strip_prefix("Set-Cookie: "))
+        })
+        .expect("a session cookie")
+        .to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let session = cookie.split(';').next().expect("name=value").to_string();
+    assert!(
+        !session.contains(KEY),
+        "the cookie does not hold the key itself"
+    );
+    let events = get("/v1/events?follow=false", &format!("Cookie: {session}\r\n"));
+    assert_eq!(status_of(&events), 200, "{events}");
+    assert!(events.contains("\"events\""), "{events}");
+    let page = get("/", &format!("Cookie: {session}\r\n"));
+    assert!(page.contains("/dashboard/assets/app.js"), "{page}");
+    let forged = get(
+        "/v1/events?follow=false",
+        "Cookie: canopy_session=0000000000000000000000000000000000000000000000000000000000000000\r\n",
+    );
+    assert_eq!(status_of(&forged), 401);
+}

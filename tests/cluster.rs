@@ -483,17 +483,7 @@ fn a_node_with_the_wrong_cookie_is_refused() {
 
 /// Two free consecutive loopback ports.
 fn free_pair() -> u16 {
-    free_run(2)
-}
-
-/// `n` free consecutive loopback ports; returns the first.
-fn free_run(n: u16) -> u16 {
-    loop {
-        let p = common::free_port();
-        if p < 65000 && (1..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
-            return p;
-        }
-    }
+    common::free_run(2)
 }
 
 #[test]
@@ -580,7 +570,7 @@ fn up_with_nodes_starts_a_local_cluster_that_serves_from_every_node_and_stops_cl
 /// refusal: the loser of a simultaneous connect is neither a departure nor a wrong cookie.
 #[test]
 fn a_local_cluster_forms_without_false_departures_or_refusals_in_its_logs() {
-    let (api, cluster) = (free_run(3), free_run(3));
+    let (api, cluster) = (common::free_run(3), common::free_run(3));
     let dir = tempfile::tempdir().expect("tempdir");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_canopy"))
         .args([

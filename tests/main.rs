@@ -15,6 +15,8 @@ mod common;
 mod api_compat;
 mod api_security;
 mod cluster;
+mod dashboard;
+mod events;
 mod hostile;
 mod hostile_discovery;
 mod netns_fabric;

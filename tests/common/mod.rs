@@ -22,6 +22,16 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// `n` free consecutive loopback ports; returns the first.
+pub fn free_run(n: u16) -> u16 {
+    loop {
+        let p = free_port();
+        if p < 65000 && (1..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+            return p;
+        }
+    }
+}
+
 /// Whether `pid` is a live process (zombies count as dead).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

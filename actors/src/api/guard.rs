@@ -6,9 +6,11 @@
 //!   themselves), and the names the operator allows (`ApiConfig::allowed_hosts`, `*` for
 //!   any). Anything else, more than one `Host` header included, is a 403. A request without
 //!   `Host` (HTTP/1.0 tools) passes: browsers always send one.
-//! - **API key**: when the node has one, every request but `GET /health` must carry
-//!   `Authorization: Bearer <key>` (or `x-api-key: <key>`, which Anthropic-style clients
-//!   send); no key or a wrong one is a 401 with `WWW-Authenticate: Bearer`, before routing,
+//! - **API key**: when the node has one, every request but `GET /health` and the
+//!   dashboard's static assets and login must carry `Authorization: Bearer <key>` (or
+//!   `x-api-key: <key>`, which Anthropic-style clients send, or the dashboard's session
+//!   cookie, which its login sets: `SameSite=Strict`, so no other site's page sends it);
+//!   `GET /` without it answers the dashboard's login form; no key or a wrong one is a 401 with `WWW-Authenticate: Bearer`, before routing,
 //!   so that an unauthenticated client cannot even tell which routes exist. The comparison
 //!   takes the same time wherever the keys differ ([`ApiKey::matches`]).
 //!
@@ -33,9 +35,13 @@ pub(crate) async fn guard(State(state): State<AppState>, request: Request, next:
         return error_for(path, ApiError::foreign_host(&host));
     }
     if let Some(key) = &state.config.api_key
-        && path != "/health"
+        && !super::dashboard::is_public(path)
         && let Err(err) = check_key(request.headers(), key)
     {
+        if path == "/" {
+            // A browser without the dashboard's cookie: the login form, nothing else.
+            return super::dashboard::login_page(false);
+        }
         let mut response = error_for(path, err);
         response.headers_mut().insert(
             header::WWW_AUTHENTICATE,
@@ -116,6 +122,13 @@ fn check_key(headers: &HeaderMap, key: &ApiKey) -> Result<(), ApiError> {
         .iter()
         .map(|v| v.as_bytes().trim_ascii());
     let mut presented = false;
+    // The dashboard's session cookie (a browser's EventSource cannot send headers).
+    if let Some(token) = super::dashboard::session_cookie(headers) {
+        presented = true;
+        if super::dashboard::session_matches(key, &token) {
+            return Ok(());
+        }
+    }
     for candidate in bearer.chain(x_api_key) {
         presented = true;
         if key.matches(candidate) {

@@ -52,6 +52,7 @@ mod chat;
 mod completion_request;
 mod completions;
 mod config;
+mod dashboard;
 mod error;
 mod events;
 mod extract;

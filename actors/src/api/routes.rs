@@ -16,6 +16,7 @@ use super::backend::Backend;
 use super::chat;
 use super::completions;
 use super::config::ApiConfig;
+use super::dashboard;
 use super::error::ApiError;
 use super::events;
 use super::guard;
@@ -61,6 +62,10 @@ pub fn router(
         .route("/state", get(ops::state))
         .route("/v1/cluster/actors", get(ops::cluster_actors))
         .route("/v1/events", get(events::events))
+        .route("/", get(dashboard::index))
+        .route("/v1/dashboard", get(dashboard::dashboard))
+        .route("/dashboard/login", post(dashboard::login))
+        .route("/dashboard/assets/{name}", get(dashboard::asset))
         .route("/instances", post(ops::place))
         .route("/instances/{id}", delete(ops::delete_instance))
         .fallback(unknown_url)

@@ -132,8 +132,9 @@ pub struct Read {
     pub next: u64,
 }
 
-/// An item of [`EventLog::follow`].
-#[derive(Debug, Clone)]
+/// An item of [`EventLog::follow`]; also a message an actor can receive (see
+/// [`NodeContext::follow`](crate::node::NodeContext::follow)).
+#[derive(Debug, Clone, ractor_cluster::RactorMessage)]
 pub enum Followed {
     /// The next event.
     Event(Arc<Event>),
@@ -150,8 +151,8 @@ struct LogState {
     next_id: u64,
     bytes: usize,
     limits: Limits,
-    /// The last sequence number held of each peer incarnation, and the local id it got.
-    origins: HashMap<(String, u64), (u64, u64)>,
+    /// What is held of each peer incarnation.
+    origins: HashMap<(String, u64), Held>,
 }
 
 impl LogState {
@@ -202,6 +203,40 @@ impl LogState {
             events,
             missed,
             next,
+        }
+    }
+}
+
+/// The sequence numbers held of one peer incarnation: every one up to `contiguous`, and those
+/// in `above` (arrived past a gap), plus the local id of the newest arrival (for ageing out).
+#[derive(Debug, Default)]
+struct Held {
+    contiguous: u64,
+    above: std::collections::BTreeSet<u64>,
+    newest_id: u64,
+}
+
+/// Most sequence numbers held past a gap per incarnation; past it the gap is given up.
+const MAX_ABOVE_GAP: usize = 4096;
+
+impl Held {
+    fn has(&self, seq: u64) -> bool {
+        seq <= self.contiguous || self.above.contains(&seq)
+    }
+
+    fn insert(&mut self, seq: u64) {
+        self.above.insert(seq);
+        while self.above.remove(&(self.contiguous + 1)) {
+            self.contiguous += 1;
+        }
+        if self.above.len() > MAX_ABOVE_GAP {
+            // Too far behind to fill the gap: take the oldest held number as the new floor.
+            if let Some(first) = self.above.pop_first() {
+                self.contiguous = first;
+            }
+            while self.above.remove(&(self.contiguous + 1)) {
+                self.contiguous += 1;
+            }
         }
     }
 }
@@ -328,16 +363,8 @@ impl EventLog {
                     continue;
                 }
                 let key = (event.node.clone(), event.incarnation);
-                let held = s.origins.get(&key).map_or(0, |(seq, _)| *seq);
-                if event.seq <= held {
+                if event.seq == 0 || s.origins.get(&key).is_some_and(|h| h.has(event.seq)) {
                     continue;
-                }
-                if event.seq > held + 1 && !gaps.iter().any(|g| g.incarnation == key.1) {
-                    gaps.push(Gap {
-                        node: key.0.clone(),
-                        incarnation: key.1,
-                        after: held,
-                    });
                 }
                 event.path.truncate(
                     (0..=MAX_PATH_LEN.min(event.path.len()))
@@ -348,15 +375,27 @@ impl EventLog {
                 event.body = event.body.bounded(MAX_EVENT_TEXT, MAX_STDERR_LINES);
                 let seq = event.seq;
                 let id = s.push(event);
-                s.origins.insert(key, (seq, id));
+                let held = s.origins.entry(key).or_default();
+                held.insert(seq);
+                held.newest_id = id;
                 last = Some(id);
+            }
+            // What is still missing below the newest held number of each sender's incarnation.
+            for ((node, incarnation), held) in &s.origins {
+                if node == from && !held.above.is_empty() {
+                    gaps.push(Gap {
+                        node: node.clone(),
+                        incarnation: *incarnation,
+                        after: held.contiguous,
+                    });
+                }
             }
             if s.origins.len() > MAX_ORIGINS {
                 // Forget the incarnations heard from longest ago.
                 let mut by_age: Vec<((String, u64), u64)> = s
                     .origins
                     .iter()
-                    .map(|(k, (_, id))| (k.clone(), *id))
+                    .map(|(k, h)| (k.clone(), h.newest_id))
                     .collect();
                 by_age.sort_by_key(|(_, id)| *id);
                 let excess = s.origins.len() - MAX_ORIGINS;
@@ -373,13 +412,13 @@ impl EventLog {
         gaps
     }
 
-    /// What this node holds of `node`'s incarnation `incarnation` (the last sequence number,
-    /// 0 for none): where to ask a peer that joined to resume its history from.
+    /// What this node holds of `node`'s incarnation `incarnation`: every sequence number up
+    /// to the one returned (0 for none).
     pub fn held_of(&self, node: &str, incarnation: u64) -> u64 {
         self.lock()
             .origins
             .get(&(node.to_string(), incarnation))
-            .map_or(0, |(seq, _)| *seq)
+            .map_or(0, |h| h.contiguous)
     }
 
     /// This node's own events after sequence number `after` of `incarnation` (all it holds

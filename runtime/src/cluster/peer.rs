@@ -81,6 +81,8 @@ pub struct PeerState {
     seq: u64,
     last_beat: Instant,
     beats: u64,
+    /// When the last beat came (unix ms), for introspection.
+    heard: std::sync::Arc<std::sync::atomic::AtomicU64>,
     _registration: crate::introspect::Registration,
 }
 
@@ -99,9 +101,15 @@ impl Actor for PeerMonitor {
     ) -> Result<PeerState, ActorProcessingErr> {
         let registration = crate::introspect::register(&myself.get_cell(), "peer-monitor");
         let peer = args.peer.to_string();
-        registration.set_details(std::sync::Arc::new(
-            move || serde_json::json!({ "peer": peer }),
+        let heard = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
+            super::membership::now_ms(),
         ));
+        let last = heard.clone();
+        registration.set_details(std::sync::Arc::new(move || {
+            let age = super::membership::now_ms()
+                .saturating_sub(last.load(std::sync::atomic::Ordering::Relaxed));
+            serde_json::json!({ "peer": peer, "heartbeat_age_ms": age })
+        }));
         myself.send_interval(args.heartbeat.interval, || PeerMsg::Tick);
         Ok(PeerState {
             args,
@@ -109,6 +117,7 @@ impl Actor for PeerMonitor {
             // The peer gets a full timeout from the start to send its first beat.
             last_beat: Instant::now(),
             beats: 0,
+            heard,
             _registration: registration,
         })
     }
@@ -123,6 +132,10 @@ impl Actor for PeerMonitor {
             PeerMsg::Beat(_) => {
                 state.last_beat = Instant::now();
                 state.beats += 1;
+                state.heard.store(
+                    super::membership::now_ms(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
             }
             PeerMsg::Tick => {
                 let silent = state.last_beat.elapsed();
