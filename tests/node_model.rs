@@ -281,11 +281,74 @@ fn log_lines(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// The event ids of the lines of the failure log at `path`, in file order.
+fn logged_ids(path: &Path) -> Vec<u64> {
+    log_lines(path)
+        .iter()
+        .map(|l| {
+            l["id"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("a line with no id: {l}"))
+        })
+        .collect()
+}
+
+/// The ids of the `runner_failed` events the node's event log holds, oldest first.
+fn runner_failures(node: &canopy_actors::node::NodeHandle) -> Vec<u64> {
+    use canopy_actors::events::EventBody;
+    let held = node.events().read(0, usize::MAX);
+    assert_eq!(held.missed, 0, "the node's event history dropped events");
+    held.events
+        .iter()
+        .filter(|e| matches!(e.body, EventBody::RunnerFailed { .. }))
+        .map(|e| e.id)
+        .collect()
+}
+
+/// `spec` with every restart of its child (not its first start) held until a permit is added
+/// to `gate`: a supervisor waits for its child's start, so the child stays down meanwhile.
+fn with_held_restarts(
+    mut spec: canopy_runtime::supervisor::ChildSpec,
+    gate: std::sync::Arc<tokio::sync::Semaphore>,
+) -> canopy_runtime::supervisor::ChildSpec {
+    let start = spec.start.clone();
+    let started = std::sync::atomic::AtomicBool::new(false);
+    spec.start = std::sync::Arc::new(move |supervisor| {
+        let (start, gate) = (start.clone(), gate.clone());
+        let restart = started.swap(true, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            if restart {
+                gate.acquire()
+                    .await
+                    .expect("the gate is never closed")
+                    .forget();
+            }
+            start(supervisor).await
+        })
+    });
+    spec
+}
+
+/// Waits for the node's runner to be ready, then sends a request that kills it (the runner
+/// has `CANOPY_RUNNER_FAULT=crash-after-tokens=2`).
+async fn kill_the_runner(base: &str) {
+    eventually("a ready runner", async || {
+        (http("GET", format!("{base}/ready"), None).await.0 == 200).then_some(())
+    })
+    .await;
+    let request = json!({
+        "model": "scripted",
+        "messages": [{"role": "user", "content": "tokens=20"}],
+    });
+    let (status, body) = http("POST", format!("{base}/v1/chat/completions"), Some(request)).await;
+    assert_eq!(status, 502, "the runner dies mid-answer: {body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_failure_log_example_records_runner_deaths_and_survives_its_own_restart() {
     use canopy_actors::node::Node;
     use canopy_actors::runner::RunnerCommand;
-    use failure_log::{FailureLogArgs, RunnerEventFeed};
+    use failure_log::FailureLog;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("failures.jsonl");
@@ -293,110 +356,114 @@ async fn the_failure_log_example_records_runner_deaths_and_survives_its_own_rest
     let command = RunnerCommand::canopy(env!("CARGO_BIN_EXE_canopy"))
         .args(["--engine", "scripted"])
         .env("CANOPY_RUNNER_FAULT", "crash-after-tokens=2");
-    let feed = RunnerEventFeed::new();
-    let node = Node::builder(failure_log::node_config(command, "scripted", "scripted", 0))
-        .child(FailureLogArgs::new(&path, feed.clone()).child_spec())
+    let builder = Node::builder(failure_log::node_config(command, "scripted", "scripted", 0));
+    let restarts = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let logger = with_held_restarts(FailureLog::spec(&path, builder.context()), restarts.clone());
+    let node = builder
+        .child(logger)
         .start()
         .await
         .expect("the node starts");
-    feed.connect(&node);
     let base = format!("http://{}", node.api_addr().await.expect("api addr"));
-    let request = json!({
-        "model": "scripted",
-        "messages": [{"role": "user", "content": "tokens=20"}],
-    });
 
-    let first = eventually("the logger to subscribe", async || {
-        failure_log_report(&node).filter(|r| r["details"]["subscribed"] == true)
+    let first = eventually("the logger", async || failure_log_report(&node)).await;
+    assert_eq!(first["child_id"], failure_log::CHILD_ID, "{first}");
+    assert_eq!(
+        first["details"]["path"],
+        path.display().to_string(),
+        "{first}"
+    );
+
+    // A runner death while the logger runs: in the file, as the event log holds it. (A
+    // request normally costs one death; when the runner is killed before its supervisor read
+    // what it wrote, the request is retried once, transparently: two.)
+    kill_the_runner(&base).await;
+    let before = eventually("the failure in the file", async || {
+        let failures = runner_failures(&node);
+        (!failures.is_empty() && logged_ids(&path) == failures).then_some(failures)
     })
     .await;
-    assert_eq!(first["child_id"], failure_log::CHILD_ID);
-    assert_eq!(first["details"]["path"], path.display().to_string());
-    assert_eq!(first["details"]["failures_seen"], 0);
-
-    // Failures logged so far. A request normally costs one runner death, but when the
-    // runner is killed before the supervisor has read the chunks it wrote, the request had
-    // produced nothing as far as anyone saw and is retried once, transparently: two deaths.
-    let mut seen = 0usize;
-    for round in 1..=2u64 {
-        eventually("a ready runner", async || {
-            (http("GET", format!("{base}/ready"), None).await.0 == 200).then_some(())
+    let record = log_lines(&path).pop().expect("a line");
+    assert_eq!(record["kind"], "runner_failed", "{record}");
+    assert_eq!(record["instance"], "scripted-0", "{record}");
+    assert_eq!(record["path"], "worker/scripted-0", "{record}");
+    assert!(
+        record["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("killed by signal 9")),
+        "{record}"
+    );
+    assert_eq!(record["will_restart"], true, "{record}");
+    assert_eq!(record["failed_tasks"], 1, "{record}");
+    assert!(record["pid"].as_u64().unwrap_or(0) > 0, "{record}");
+    assert!(record["time_ms"].as_u64().unwrap_or(0) > 0, "{record}");
+    assert!(
+        record["stderr_tail"].as_array().is_some_and(|t| t
+            .iter()
+            .any(|l| l.as_str().is_some_and(|l| l.contains("fault")))),
+        "{record}"
+    );
+    let last = *before.last().expect("a failure");
+    let report = eventually("the logger to acknowledge it", async || {
+        failure_log_report(&node).filter(|r| {
+            r["details"]["events_acked"]
+                .as_u64()
+                .is_some_and(|a| a >= last)
         })
-        .await;
-        let (status, body) = http(
-            "POST",
-            format!("{base}/v1/chat/completions"),
-            Some(request.clone()),
-        )
-        .await;
-        assert_eq!(status, 502, "the runner dies mid-answer: {body}");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let lines = loop {
-            let lines = log_lines(&path);
-            let counted = failure_log_report(&node)
-                .and_then(|r| r["details"]["failures_seen"].as_u64())
-                .unwrap_or(0);
-            if lines.len() > seen && counted == lines.len() as u64 {
-                break lines;
-            }
-            assert!(
-                Instant::now() < deadline && lines.len() <= seen + 2,
-                "waiting for failure {} in the log; it holds {lines:?}; the logger: {:?}; \
-                 the 502's body: {body}",
-                seen + 1,
-                failure_log_report(&node)
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        seen = lines.len();
-        let record = &lines[seen - 1];
-        assert_eq!(record["instance"], "scripted-0", "{record}");
-        assert_eq!(record["reason"]["kind"], "signaled", "{record}");
-        assert_eq!(record["reason"]["signal"], 9, "{record}");
-        assert_eq!(record["will_restart"], true, "{record}");
-        assert_eq!(record["failed_tasks"], 1, "{record}");
-        assert!(record["pid"].as_u64().unwrap_or(0) > 0, "{record}");
-        assert!(record["time_unix_ms"].as_u64().unwrap_or(0) > 0, "{record}");
-        assert!(
-            record["stderr_tail"].as_array().is_some_and(|t| t
-                .iter()
-                .any(|l| l.as_str().is_some_and(|l| l.contains("fault")))),
-            "{record}"
-        );
-        let report = eventually("the count in the details", async || {
-            failure_log_report(&node).filter(|r| r["details"]["failures_seen"] == seen as u64)
-        })
-        .await;
-        assert!(
-            report["details"]["last_failure"]
-                .as_str()
-                .is_some_and(|l| l.starts_with("scripted-0: killed by signal 9")),
-            "{report}"
-        );
+    })
+    .await;
 
-        if round == 1 {
-            // Stop the logger: it is permanent, so the node starts it again, and the new
-            // incarnation subscribes through the feed.
-            let old_id = report["id"].clone();
-            let cell = node
-                .root()
-                .get_children()
-                .into_iter()
-                .find(|c| Value::String(c.get_id().to_string()) == old_id)
-                .expect("the logger is a child of the node");
-            cell.stop(Some("test".into()));
-            let again = eventually("the restarted logger", async || {
-                // Annotated by its supervisor (child id, restart count) and subscribed.
-                failure_log_report(&node).filter(|r| {
-                    r["id"] != old_id
-                        && r["child_id"] == failure_log::CHILD_ID
-                        && r["details"]["subscribed"] == true
-                })
-            })
-            .await;
-            assert_eq!(again["restarts"], 1, "{again}");
-            assert_eq!(again["details"]["failures_seen"], seen as u64, "{again}");
-        }
+    // Kill the logger (no post_stop, its mailbox gone). It is permanent, so the node restarts
+    // it, but the test holds that restart until a runner has died while no logger runs.
+    let old_id = report["id"].clone();
+    let cell = node
+        .root()
+        .get_children()
+        .into_iter()
+        .find(|c| Value::String(c.get_id().to_string()) == old_id)
+        .expect("the logger is a child of the node");
+    cell.kill();
+    eventually("the logger to be gone", async || {
+        failure_log_report(&node).is_none().then_some(())
+    })
+    .await;
+    kill_the_runner(&base).await;
+    let during = eventually("a failure while the logger is down", async || {
+        let failures = runner_failures(&node);
+        (failures.len() > before.len()).then_some(failures)
+    })
+    .await;
+    assert!(
+        failure_log_report(&node).is_none(),
+        "the logger runs again already"
+    );
+    assert_eq!(logged_ids(&path), before, "written while no logger ran");
+
+    // The next incarnation resumes after the last event the first acknowledged: the failure
+    // that happened while it was down is logged, and none before it twice.
+    restarts.add_permits(1);
+    let again = eventually("the restarted logger", async || {
+        failure_log_report(&node).filter(|r| r["id"] != old_id)
+    })
+    .await;
+    assert_eq!(again["child_id"], failure_log::CHILD_ID, "{again}");
+    assert_eq!(again["restarts"], 1, "{again}");
+    let settled = common::eventually_async(
+        Duration::from_secs(20),
+        "every failure in the file exactly once, in order",
+        async || {
+            let logged = logged_ids(&path);
+            (logged.len() > before.len() && logged == runner_failures(&node)).then_some(())
+        },
+    )
+    .await;
+    if let Err(why) = settled {
+        panic!(
+            "{why}: the file holds {:?}, the node's log {:?} (before the kill {before:?}, \
+             while the logger was down {during:?})",
+            logged_ids(&path),
+            runner_failures(&node)
+        );
     }
     node.shutdown(Duration::from_secs(30))
         .await
@@ -407,19 +474,17 @@ async fn the_failure_log_example_records_runner_deaths_and_survives_its_own_rest
 async fn a_user_actor_that_cannot_start_fails_the_node_start_and_leaves_no_runner() {
     use canopy_actors::node::Node;
     use canopy_actors::runner::RunnerCommand;
-    use failure_log::{FailureLogArgs, RunnerEventFeed};
+    use failure_log::FailureLog;
 
     let tag = common::unique_tag("failed-start");
     let command = RunnerCommand::canopy(env!("CARGO_BIN_EXE_canopy"))
         .args(["--engine", "scripted"])
         .env("CANOPY_TEST_TAG", &tag);
-    let feed = RunnerEventFeed::new();
     // Its own model id: runner supervisors are named after their instance in ractor's
     // process-wide registry, so two nodes in one process cannot both serve "scripted".
-    let started = Node::builder(failure_log::node_config(command, "doomed", "scripted", 0))
-        .child(FailureLogArgs::new("/nonexistent/dir/failures.jsonl", feed).child_spec())
-        .start()
-        .await;
+    let builder = Node::builder(failure_log::node_config(command, "doomed", "scripted", 0));
+    let logger = FailureLog::spec("/nonexistent/dir/failures.jsonl", builder.context());
+    let started = builder.child(logger).start().await;
     let Err(err) = started else {
         panic!("the node started although its failure log cannot be opened");
     };

@@ -16,6 +16,7 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use super::config::{NodeConfig, Placement, RunnerDefaults};
+use super::context::NodeContext;
 use super::router::ModelRouter;
 use crate::api::{ApiActor, ApiArgs, ApiMsg, Backend, Metrics};
 use crate::cluster::{AgentArgs, ClusterAgent, ClusterRoutes, ClusterSetup, Shared};
@@ -256,10 +257,18 @@ impl NodeBuilder {
 
     /// Adds a user actor to the node's tree, after the built-in children. It is supervised
     /// one_for_one under the node with the restart type and shutdown of its spec, and shows
-    /// in `canopy inspect` if it registers itself with `canopy_runtime::introspect`.
+    /// in `canopy inspect` if it registers itself (see [`NodeContext::register`]).
     pub fn child(mut self, spec: ChildSpec) -> Self {
         self.children.push(spec);
         self
+    }
+
+    /// A context for one user actor (put it in the arguments of the child's spec): the node's
+    /// placer, router, metrics and event log, and an event subscription that starts at the
+    /// node's first event and resumes, in every incarnation of the actor, after the last
+    /// event it acknowledged. Make one per child; see [`NodeContext`].
+    pub fn context(&self) -> NodeContext {
+        NodeContext::new(self.placer(), self.router.clone(), self.metrics.clone())
     }
 
     /// The node's event log, available before the node starts (see [`crate::events`]).
@@ -268,7 +277,8 @@ impl NodeBuilder {
     }
 
     /// The node's runner-event channel, available before the node starts so that a user
-    /// actor's start function can capture it and subscribe in every incarnation.
+    /// actor's start function can capture it and subscribe in every incarnation. (It misses
+    /// what happens while the actor is down; [`NodeBuilder::context`] does not.)
     pub fn runner_events(&self) -> broadcast::Sender<RunnerEvent> {
         self.events.clone()
     }
@@ -489,6 +499,16 @@ impl NodeHandle {
     /// The node's event log: what `GET /v1/events` serves.
     pub fn events(&self) -> &EventLog {
         self.router.events()
+    }
+
+    /// A context for an actor added to the running node (see [`NodeBuilder::context`]); its
+    /// event subscription starts after the newest event the node holds now.
+    pub fn context(&self) -> NodeContext {
+        NodeContext::new(
+            self.placer.clone(),
+            self.router.clone(),
+            self.metrics.clone(),
+        )
     }
 
     async fn child(&self, id: &str) -> Result<ActorCell, NodeError> {
