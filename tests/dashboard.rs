@@ -12,7 +12,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
-use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
 use crate::common;
@@ -119,55 +118,16 @@ async fn chat(client: &Client, text: &str) {
 )]
 async fn the_dashboard_shows_the_cluster_streams_a_chat_and_a_runner_death_live() {
     let driver_bin = chromedriver();
-    let (api, cluster) = (common::free_run(2), common::free_run(2));
     let dir = tempfile::tempdir().expect("tempdir");
     // The fault fires on a generate while the marker is absent: present now, so the first
     // chat runs; removed later, so the next one kills its runner before its first token (and
     // is retried on the restarted runner).
     let marker = dir.path().join("fired");
     std::fs::write(&marker, "").expect("marker");
-    let tag = common::unique_tag("dashboard");
-    let up = Killed(
-        Command::new(env!("CARGO_BIN_EXE_canopy"))
-            .args([
-                "up", "--nodes", "2", "--engine", "scripted", "--model", "scripted",
-            ])
-            .args([
-                "--port",
-                &api.to_string(),
-                "--cluster-port",
-                &cluster.to_string(),
-            ])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .env(
-                "CANOPY_RUNNER_FAULT",
-                format!("crash-on-generate,once={}", marker.display()),
-            )
-            .env("CANOPY_TEST_TAG", &tag)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("canopy up starts"),
-    );
-    let second = format!("http://127.0.0.1:{}", api + 1);
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .into();
-    common::eventually(
-        Duration::from_secs(60),
-        "the second node to be ready",
-        || {
-            agent
-                .get(format!("{second}/ready"))
-                .call()
-                .is_ok_and(|r| r.status() == 200)
-        },
-    )
-    .expect("second node ready");
+    let fault = format!("crash-on-generate,once={}", marker.display());
+    let cluster = common::LocalCluster::start(2, &[("CANOPY_RUNNER_FAULT", &fault)]);
+    // The second node has no instance of its own: it shows the cluster through the plan.
+    let second = cluster.base(1);
 
     let driver_port = common::free_port();
     let _driver = Killed(
@@ -201,7 +161,6 @@ async fn the_dashboard_shows_the_cluster_streams_a_chat_and_a_runner_death_live(
     }
     let client = client.expect("chromedriver answers");
 
-    // The second node has no instance of its own: it shows the cluster through the plan.
     let started = Instant::now();
     client
         .goto(&format!("{second}/"))
@@ -310,14 +269,5 @@ async fn the_dashboard_shows_the_cluster_streams_a_chat_and_a_runner_death_live(
     screenshot(&client, "failure").await;
     client.close().await.expect("browser closed");
 
-    // Ctrl-C stops both nodes and every runner.
-    let processes = common::processes_with_env("CANOPY_TEST_TAG", &tag);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.0.id() as i32), Signal::SIGINT)
-        .expect("SIGINT");
-    for pid in processes {
-        assert!(
-            common::wait_gone(pid, Duration::from_secs(30)),
-            "{pid} left behind"
-        );
-    }
+    cluster.stop();
 }

@@ -4,7 +4,7 @@
 //! its reason on both nodes.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
@@ -36,42 +36,8 @@ fn list(v: &Value) -> Vec<Value> {
 
 #[test]
 fn a_nodes_events_are_seen_through_the_other_in_order_and_resume_where_a_reader_stopped() {
-    let (api, cluster) = (common::free_run(2), common::free_run(2));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let tag = common::unique_tag("events");
-    let mut up = Command::new(env!("CARGO_BIN_EXE_canopy"))
-        .args([
-            "up", "--nodes", "2", "--engine", "scripted", "--model", "scripted",
-        ])
-        .args([
-            "--port",
-            &api.to_string(),
-            "--cluster-port",
-            &cluster.to_string(),
-        ])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .env("CANOPY_TEST_TAG", &tag)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("canopy up starts");
-    let (first, second) = (
-        format!("http://127.0.0.1:{api}"),
-        format!("http://127.0.0.1:{}", api + 1),
-    );
-    common::eventually(
-        Duration::from_secs(60),
-        "the second node to be ready",
-        || {
-            agent()
-                .get(format!("{second}/ready"))
-                .call()
-                .is_ok_and(|r| r.status() == 200)
-        },
-    )
-    .expect("ready");
+    let cluster = common::LocalCluster::start(2, &[]);
+    let (first, second) = (cluster.base(0), cluster.base(1));
     let state: Value = agent()
         .get(format!("{first}/state"))
         .call()
@@ -167,13 +133,5 @@ fn a_nodes_events_are_seen_through_the_other_in_order_and_resume_where_a_reader_
         "{text}"
     );
 
-    let processes = common::processes_with_env("CANOPY_TEST_TAG", &tag);
-    kill(Pid::from_raw(up.id() as i32), Signal::SIGINT).expect("SIGINT");
-    let _ = up.wait();
-    for pid in processes {
-        assert!(
-            common::wait_gone(pid, Duration::from_secs(30)),
-            "{pid} left behind"
-        );
-    }
+    cluster.stop();
 }

@@ -89,19 +89,11 @@ pub fn get_json(base: &str, path: &str) -> anyhow::Result<serde_json::Value> {
 pub fn get_lines(
     base: &str,
     path: &str,
-    mut line: impl FnMut(&str) -> anyhow::Result<()>,
+    line: impl FnMut(&str) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let url = format!("{}{path}", base.trim_end_matches('/'));
-    let response = authorized(agent(None).get(&url))?.call().with_context(|| {
-        format!("cannot reach a Canopy node at {base} (is it running? try --url)")
-    })?;
-    let response = check(&url, response)?;
-    let reader = std::io::BufReader::new(response.into_body().into_reader());
-    for l in reader.lines() {
-        let l = l.with_context(|| format!("the connection to {url} broke"))?;
-        line(&l)?;
-    }
-    Ok(())
+    let sent = authorized(agent(None).get(&url))?.call();
+    read_lines(base, &url, sent, line)
 }
 
 /// POSTs JSON to `base` + `path` and hands each line of the answer to `line` as it arrives.
@@ -109,15 +101,24 @@ pub fn post_lines(
     base: &str,
     path: &str,
     body: &serde_json::Value,
-    mut line: impl FnMut(&str) -> anyhow::Result<()>,
+    line: impl FnMut(&str) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let url = format!("{}{path}", base.trim_end_matches('/'));
-    let response = authorized(agent(None).post(&url))?
-        .send_json(body)
-        .with_context(|| {
-            format!("cannot reach a Canopy node at {base} (is it running? try --url)")
-        })?;
-    let response = check(&url, response)?;
+    let sent = authorized(agent(None).post(&url))?.send_json(body);
+    read_lines(base, &url, sent, line)
+}
+
+/// Hands each line of the answer `sent` got from `url` to `line` as it arrives.
+fn read_lines(
+    base: &str,
+    url: &str,
+    sent: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    mut line: impl FnMut(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let response = sent.with_context(|| {
+        format!("cannot reach a Canopy node at {base} (is it running? try --url)")
+    })?;
+    let response = check(url, response)?;
     let reader = std::io::BufReader::new(response.into_body().into_reader());
     for l in reader.lines() {
         let l = l.with_context(|| format!("the connection to {url} broke"))?;

@@ -525,3 +525,82 @@ pub fn run_python_checks(
     );
     assert!(stdout.contains("every check passed"), "{stdout}");
 }
+
+/// `canopy up --nodes N --engine scripted --model scripted` on free loopback ports: node 0
+/// hosts the instance, the others route to it. Killed (with its runners, through the node's
+/// death signal) when dropped, unless [`LocalCluster::stop`] stopped it first.
+pub struct LocalCluster {
+    child: Option<std::process::Child>,
+    api: u16,
+    tag: String,
+    _dir: tempfile::TempDir,
+}
+
+impl LocalCluster {
+    /// Starts `nodes` nodes with `env`, and waits until the last one is ready.
+    pub fn start(nodes: u16, env: &[(&str, &str)]) -> Self {
+        let (api, cluster) = (free_run(nodes), free_run(nodes));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tag = unique_tag("local-cluster");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_canopy"));
+        cmd.args(["up", "--nodes", &nodes.to_string()])
+            .args(["--engine", "scripted", "--model", "scripted"])
+            .args([
+                "--port",
+                &api.to_string(),
+                "--cluster-port",
+                &cluster.to_string(),
+            ])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("CANOPY_TEST_TAG", &tag)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let cluster = Self {
+            child: Some(cmd.spawn().expect("canopy up starts")),
+            api,
+            tag,
+            _dir: dir,
+        };
+        let last = cluster.base(nodes - 1);
+        let agent = NodeProcess::agent();
+        eventually(Duration::from_secs(60), "the last node to be ready", || {
+            agent
+                .get(format!("{last}/ready"))
+                .call()
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .expect("the local cluster ready");
+        cluster
+    }
+
+    /// Node `i`'s API URL.
+    pub fn base(&self, i: u16) -> String {
+        format!("http://127.0.0.1:{}", self.api + i)
+    }
+
+    /// Ctrl-C: asserts that every node and runner is gone within 30 s.
+    pub fn stop(mut self) {
+        let processes = processes_with_env("CANOPY_TEST_TAG", &self.tag);
+        if let Some(mut child) = self.child.take() {
+            kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).expect("SIGINT");
+            let _ = child.wait();
+        }
+        for pid in processes {
+            assert!(wait_gone(pid, Duration::from_secs(30)), "{pid} left behind");
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
