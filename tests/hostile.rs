@@ -1075,6 +1075,44 @@ fn forged_plan(leader: &NodeId, term: u64, node: &NodeId) -> Vec<u8> {
     encode(&AppMsg::Plan(Box::new(plan))).expect("encodes")
 }
 
+/// Makes `rogue` report to `leader`, every 300 ms until it is dropped, a Ready instance
+/// `instance` of `model` that only it serves (the leader adopts it).
+fn report_ready_forever(
+    rt: &tokio::runtime::Runtime,
+    rogue: &mut Rogue,
+    leader: &NodeId,
+    instance: &str,
+    model: &str,
+) {
+    let report = encode(&AppMsg::Report(NodeReport {
+        node: rogue.id.clone(),
+        api: None,
+        mem_available: 0,
+        instances: vec![InstanceReport {
+            id: instance.into(),
+            model: model.into(),
+            source: model.into(),
+            status: RunnerStatus::Ready,
+            pid: None,
+            restarts: 0,
+            last_failure: None,
+            error: None,
+        }],
+    }))
+    .expect("encodes");
+    let (sessions, id, leader) = (rogue.sessions.clone(), rogue.id.clone(), leader.clone());
+    rogue.tasks.push(rt.spawn(async move {
+        loop {
+            let report = Envelope::App {
+                from: id.clone(),
+                payload: report.clone(),
+            };
+            let _ = cast_to(&sessions, &leader, &sessions, report);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }));
+}
+
 /// A rogue with the cookie that dials `nodes`, beats like a (junior, priority 0) member
 /// following `leader` at `term`, and is seen as a member by every one of them.
 fn insider(
@@ -1302,35 +1340,7 @@ fn an_insider_cannot_act_in_another_name_as_the_leader_or_break_the_term() {
 
     // (d) A stream hosted by R1, attacked by a second insider R2 that knows its key.
     // R1 reports a Ready instance of a model only it serves; the leader adopts it.
-    let report = encode(&AppMsg::Report(NodeReport {
-        node: r1.id.clone(),
-        api: None,
-        mem_available: 0,
-        instances: vec![InstanceReport {
-            id: "rogue-instance".into(),
-            model: "rogue-model".into(),
-            source: "rogue-model".into(),
-            status: RunnerStatus::Ready,
-            pid: None,
-            restarts: 0,
-            last_failure: None,
-            error: None,
-        }],
-    }))
-    .expect("encodes");
-    {
-        let (sessions, id, a_id) = (r1.sessions.clone(), r1.id.clone(), a_id.clone());
-        r1.tasks.push(tokio::spawn(async move {
-            loop {
-                let report = Envelope::App {
-                    from: id.clone(),
-                    payload: report.clone(),
-                };
-                let _ = cast_to(&sessions, &a_id, &sessions, report);
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-        }));
-    }
+    report_ready_forever(&rt, &mut r1, &a_id, "rogue-instance", "rogue-model");
     assert!(
         eventually(Duration::from_secs(5), "the condition", || a
             .state()

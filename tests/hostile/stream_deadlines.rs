@@ -131,35 +131,7 @@ fn a_quiet_host_ends_its_streams_at_the_deadline_and_progress_keeps_a_slow_one()
     let mut rogue = insider(&rt, &[(&a, a_id.clone())], &a_id, term);
 
     // The rogue reports a Ready instance of a model only it serves; the leader adopts it.
-    let report = encode(&AppMsg::Report(NodeReport {
-        node: rogue.id.clone(),
-        api: None,
-        mem_available: 0,
-        instances: vec![InstanceReport {
-            id: "quiet-instance".into(),
-            model: "quiet-model".into(),
-            source: "quiet-model".into(),
-            status: RunnerStatus::Ready,
-            pid: None,
-            restarts: 0,
-            last_failure: None,
-            error: None,
-        }],
-    }))
-    .expect("encodes");
-    {
-        let (sessions, id, a_id) = (rogue.sessions.clone(), rogue.id.clone(), a_id.clone());
-        rogue.tasks.push(tokio::spawn(async move {
-            loop {
-                let report = Envelope::App {
-                    from: id.clone(),
-                    payload: report.clone(),
-                };
-                let _ = cast_to(&sessions, &a_id, &sessions, report);
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-        }));
-    }
+    report_ready_forever(&rt, &mut rogue, &a_id, "quiet-instance", "quiet-model");
     assert!(
         eventually(
             Duration::from_secs(10),
