@@ -25,7 +25,10 @@
 //!   positions actually prefilled, and a note says if any were reused all the same.
 //! - **prompt 4k tokens/s**: the same for a prompt of `CANOPY_BENCH_LONG_PROMPT_TOKENS`
 //!   tokens, which the batch prefills in chunks of 512 rows a step; measured after everything
-//!   else, so that the other rows are those of a run without it.
+//!   else, in a second engine loaded with `parallel = 1`: a batch of one sequence and a KV
+//!   budget of one context, the counterpart of llama-bench's one context (with the default
+//!   `parallel` the prefix cache keeps every earlier long prompt's cache while the budget has
+//!   room, which a note under the table sizes).
 //! - **generation tokens/s**: greedy, `CANOPY_BENCH_GEN_TOKENS` tokens after a short prompt
 //!   (a count, which greedy decoding continues without meeting an end-of-sequence token);
 //!   `(n - 1) / (last chunk - first chunk)`, i.e. one-token forwards plus sampling and
@@ -33,8 +36,9 @@
 //! - **peak RSS**: `VmHWM` of this process after Canopy's part. The process holds nothing else
 //!   of size (llama.cpp runs in a child, before Canopy's part), so it is the engine's
 //!   high-water mark.
-//! - **peak RSS with prompt 4k**: the same, after the 4k-token prompts (their KV cache and
-//!   activations).
+//! - **peak RSS with prompt 4k**: `VmHWM` after the 4k-token prompts, reset (Linux
+//!   `/proc/self/clear_refs`) before the second engine loads, so that it is that engine's:
+//!   its weights, its KV cache and activations, as llama.cpp's long-prompt child's is its own.
 //!
 //! llama.cpp, as a child process: `llama-bench -m FILE -p P -n N -t T -r R -o json`, its
 //! standard benchmark (`pp` runs a P-token batch at an empty context, `tg` decodes N tokens one
@@ -169,6 +173,12 @@ fn self_peak_rss() -> u64 {
     } else {
         0
     }
+}
+
+/// Forgets this process's peak RSS (`VmHWM` becomes the current RSS; Linux's
+/// `/proc/self/clear_refs`); false where that is not possible.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 /// Records when prefill started and when each token's chunk arrived.
@@ -375,10 +385,27 @@ fn bench_canopy(cfg: &Config) -> Result<Measured, BoxError> {
         ));
     }
     let peak_rss = self_peak_rss();
-    // The long prompt last, so that the peak above is that of the standard sizes; a failure
-    // here (a prompt too long for the context) leaves its rows empty.
+    // What the default batch would keep of the long prompts: each finished sequence's cache
+    // stays in its prefix cache while the KV budget has room.
+    let default_batch = batch_report(&mut engine);
+    drop(engine);
+
+    // The long prompt last, in an engine of its own that holds one sequence (a KV budget of
+    // one context, like llama-bench's one context), so that the peak is that of one long
+    // prompt; the peak so far is forgotten first where the kernel allows. A failure here (a
+    // prompt too long for the context) leaves its rows empty.
+    let reset = reset_peak_rss();
+    let mut long_engine = CandleEngine::new(Backend::Cpu);
+    long_engine.load(
+        &LoadSpec {
+            parallel: Some(1),
+            ..spec.clone()
+        },
+        &mut |_, _| {},
+    )?;
+    long_engine.warm_up()?;
     let long_prompt_tps = match prefill_tps(
-        &mut engine,
+        &mut long_engine,
         cfg.long_prompt_tokens,
         cfg.reps,
         cfg.reps + 1,
@@ -395,7 +422,24 @@ fn bench_canopy(cfg: &Config) -> Result<Measured, BoxError> {
         }
     };
     let long_peak_rss = long_prompt_tps.map(|_| self_peak_rss());
-    drop(engine);
+    // The last long prompt's cache, kept by the batch after it finished.
+    let long_cache = batch_report(&mut long_engine).kv_bytes;
+    drop(long_engine);
+    if long_prompt_tps.is_some() {
+        notes.push(format!(
+            "canopy: the long prompts ran in an engine holding one sequence (`parallel` 1), \
+             {}; with the default `parallel` {} the prefix cache would also keep each earlier \
+             long prompt's cache ({:.0} MiB each) within the KV budget of {:.0} MiB",
+            if reset {
+                "its peak RSS measured from its load on"
+            } else {
+                "its peak RSS the process's (the peak could not be reset)"
+            },
+            default_batch.parallel,
+            long_cache as f64 / (1 << 20) as f64,
+            default_batch.kv_capacity_bytes as f64 / (1 << 20) as f64,
+        ));
+    }
     Ok(Measured {
         load_ms: Some(median(&mut loads)),
         prompt_tps: Some(prompt_tps),

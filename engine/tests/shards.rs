@@ -7,8 +7,9 @@
 //! - decoding with the KV cache agrees with recomputing the whole sequence, and rewinding
 //!   reproduces earlier steps exactly;
 //! - fused and unfused projections give bit-identical logits;
-//! - the forward is bit-identical with 1, 2 and 3 CPU threads (child processes, since candle
-//!   sizes its thread pool once per process from `CANDLE_NUM_THREADS`/`RAYON_NUM_THREADS`);
+//! - the forward, and the batched forward, are bit-identical with 1, 2 and 3 CPU threads (child
+//!   processes, since candle sizes its thread pool once per process from
+//!   `CANDLE_NUM_THREADS`/`RAYON_NUM_THREADS`);
 //! - configuration and error paths.
 //!
 //! `bench_decode_tokens_per_second` (ignored) prints greedy decode speed against candle's
@@ -501,17 +502,36 @@ fn config_errors_name_the_key() {
 const CHILD_ENV: &str = "CANOPY_THREAD_DETERMINISM_CHILD";
 
 /// Child half of `forward_is_identical_across_thread_counts`: prints a digest of the logits of
-/// a prefill and four decode steps.
+/// a prefill and four decode steps, and of three batched forwards.
 #[test]
 #[ignore = "run as a child process by forward_is_identical_across_thread_counts"]
 fn thread_count_child() {
     if std::env::var_os(CHILD_ENV).is_none() {
         return;
     }
-    let (logits, fed) = greedy_trace(&mut full(), 4);
+    let mut shard = full();
+    let (logits, fed) = greedy_trace(&mut shard, 4);
+    // The batched forward too (its row attention splits tiles across the threads): a prompt
+    // in two chunks beside another sequence, then a decode row of each.
+    let prompt = prompt_40();
+    let (mut mine, mut other) = (shard.new_sequence_cache(), shard.new_sequence_cache());
+    let mut batched_logits = batched(
+        &shard,
+        &mut [(&prompt[..29], &mut mine), (PROMPT, &mut other)],
+    );
+    batched_logits.extend(batched(&shard, &mut [(&prompt[29..], &mut mine)]));
+    batched_logits.extend(batched(
+        &shard,
+        &mut [(&[7], &mut other), (&[9], &mut mine)],
+    ));
     // FNV-1a over every logit's bits.
     let mut digest = 0xcbf29ce484222325u64;
-    for bits in logits.iter().flatten().map(|v| v.to_bits()) {
+    for bits in logits
+        .iter()
+        .chain(&batched_logits)
+        .flatten()
+        .map(|v| v.to_bits())
+    {
         for byte in bits.to_le_bytes() {
             digest = (digest ^ u64::from(byte)).wrapping_mul(0x100000001b3);
         }
@@ -702,10 +722,12 @@ fn batched_forward_is_close_to_the_reference_and_independent_of_the_batch() {
     let got_prefill = batched(&shard, &mut [(&prompt, &mut cache)]).remove(0);
     let got_decode = batched(&shard, &mut [(&[next], &mut cache)]).remove(0);
     assert_eq!(cache.len(), prompt.len() + 1);
-    // Rounding differences, amplified by the quantized activations, reach ~1 logit (the
-    // largest over the vocabulary: 0.6 on this prefill, 1.06 on this decode step, mostly a
-    // shift common to all logits, which softmax ignores); a real bug (a wrong position, mask or
-    // cache row) moves logits by many units and probabilities by far more than 0.05.
+    // Rounding differences (the batched forward keeps keys and values in f16 and sums its
+    // softmax blockwise), amplified by the quantized activations, reach ~1 logit (the largest
+    // over the vocabulary: 0.94 on this prefill, 0.79 on this decode step, mostly a shift
+    // common to all logits, which softmax ignores; probabilities move by at most 0.041 and
+    // 0.005); a real bug (a wrong position, mask or cache row) moves logits by many units and
+    // probabilities by far more than 0.05.
     for (what, got, want) in [
         ("prefill", &got_prefill, &want_prefill),
         ("decode", &got_decode, &want_decode),

@@ -27,6 +27,8 @@ use std::io::{Read, Seek};
 
 use super::linear::Linear;
 use candle_core::{DType, Module, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use super::config::LlamaConfig;
 use super::error::Result;
@@ -183,17 +185,18 @@ impl Attention {
         let (mut q, mut k, v) = (host(q)?, host(k)?, host(v)?);
         for (span, cache) in spans.iter().zip(caches.iter_mut()) {
             let end = span.pos + span.len;
-            cache.k.resize(end * kv_row, 0.0);
-            cache.v.resize(end * kv_row, 0.0);
+            cache.k.resize(end * kv_row, f16::ZERO);
+            cache.v.resize(end * kv_row, f16::ZERO);
             for r in 0..span.len {
                 let (row, pos) = (span.start + r, span.pos + r);
                 self.rope
                     .rotate_row(&mut q[row * q_row..(row + 1) * q_row], pos);
                 let key = &mut k[row * kv_row..(row + 1) * kv_row];
                 self.rope.rotate_row(key, pos);
-                cache.k[pos * kv_row..(pos + 1) * kv_row].copy_from_slice(key);
+                // Stored as f16, rounded to nearest (see `SequenceCache`).
+                cache.k[pos * kv_row..(pos + 1) * kv_row].convert_from_f32_slice(key);
                 cache.v[pos * kv_row..(pos + 1) * kv_row]
-                    .copy_from_slice(&v[row * kv_row..(row + 1) * kv_row]);
+                    .convert_from_f32_slice(&v[row * kv_row..(row + 1) * kv_row]);
             }
         }
         let mut y = vec![0f32; rows * q_row];

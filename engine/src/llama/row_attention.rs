@@ -1,31 +1,51 @@
 //! The attention kernel of the batched forward: each query row attends to its own sequence's
-//! cached positions, one row and head at a time, in a fixed order.
+//! cached positions, in blocks of positions with an online softmax, with an arithmetic fixed
+//! per query.
 //!
 //! The batched forward ([`LlamaShard::forward_batch`](super::LlamaShard::forward_batch)) puts
 //! the rows of many sequences (prefill chunks and decode rows) through one set of matmuls; the
-//! attention of each row reads only its own sequence's keys and values. This kernel computes,
-//! for every query row `r` at position `p` of its sequence and every query head `h` (reading
-//! key/value head `h / n_rep`):
+//! attention of each row reads only its own sequence's keys and values (f16, see
+//! [`SequenceCache`](super::SequenceCache)). For every query row at position `p` of its
+//! sequence and every query head (reading key/value head `h / n_rep`) it computes
+//! `y = Σ_{j<=p} softmax(q·k_j/√d)_j · v_j`, as follows (the definition is
+//! [`scalar::attend_query`]):
 //!
 //! ```text
-//! s_j = (q_r,h · k_j) · (1/√d)      for j in 0..=p
-//! w_j = exp(s_j − max s) / Σ exp(s − max s)
-//! y_r,h = Σ_j w_j · v_j
+//! q' = q · (log2 e / √d)                               (scores in base 2)
+//! m = -inf, l = 0, acc = 0
+//! for each block of BLOCK positions [lo, hi), lo = 0, BLOCK, 2·BLOCK, …, hi <= p + 1:
+//!     s_j   = fma-chain over i in order of q'_i · k_j,i
+//!     m'    = max(m, max_j s_j)
+//!     α     = 2^(m − m');  l = l·α;  acc = acc·α;  m = m'
+//!     w_j   = 2^(s_j − m);  l += w_j            (j in order)
+//!     acc   = fma(w_j, v_j, acc)                (j in order)
+//! y = acc / l
 //! ```
 //!
-//! Every output `y_r,h` is computed by one thread, start to end, in the same order whatever
-//! else is in the batch, however the prompt was split into chunks and however many threads
-//! run: a row's result depends only on its query and its sequence's cache. That is the batch
-//! invariance the scheduler relies on (a sequence's tokens do not depend on what it was
-//! batched with). No score matrix is materialised: a row's scores are one `p + 1` buffer, so
-//! a long prompt costs memory linear in its length.
+//! with [`exp2`]'s `2^x`. The blocks are aligned to position 0, so where a prompt was cut into
+//! chunks, what else is in the batch, which tile a query lands in and how many threads run
+//! never change a query's operations: a row's result depends only on its query and its
+//! sequence's cache. That is the batch invariance the scheduler relies on (a sequence's
+//! tokens do not depend on what it was batched with). No score matrix is materialised: memory
+//! is a few blocks of scratch per thread, whatever the prompt's length.
 //!
-//! The dot products use eight independent partial sums combined in a fixed tree (separate
-//! multiplies and adds, never fused), which the compiler vectorises; an AVX2 build of the same
-//! code runs where the CPU has it, and gives the same bits because the arithmetic is the same.
+//! Work is split into tiles: up to [`MAX_LANES`] queries of one sequence (consecutive rows,
+//! and the query heads of one key/value head), which read each key and value once for all of
+//! them. With AVX2, FMA and F16C the tile runs in [`avx2`], the queries in the lanes of vector
+//! registers (scores, softmax and weighted sums all vertical, no horizontal reductions, no
+//! libm calls); elsewhere [`scalar`] runs the definition query by query. Both give the same
+//! bits (the tests check it), so the choice never changes a result either.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod exp2;
+mod scalar;
+
+use std::ops::Range;
 
 use super::cpu_matmul::SharedPtr;
 use super::sequence::LayerKv;
+use scalar::{Head, QueryBuffers};
 
 /// Where one sequence's rows sit in a batched forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,282 +66,242 @@ pub(super) struct Heads {
     pub(super) head_dim: usize,
 }
 
-/// Query rows of one sequence attended together in one task (they share each key and value
-/// they read).
-const ROW_TILE: usize = 8;
+/// Positions per softmax block (blocks start at multiples of it).
+const BLOCK: usize = 64;
+
+/// Most queries in one tile (three registers of eight lanes).
+const MAX_LANES: usize = 24;
+
+/// Most tiles in one task (which converts each block of keys and values once for them all).
+const TASK_TILES: usize = 4;
+
+/// The factor queries are multiplied by: `log2 e / √d`, rounded once to f32.
+fn score_scale(d: usize) -> f32 {
+    (std::f64::consts::LOG2_E / (d as f64).sqrt()) as f32
+}
+
+/// Queries of one tile: rows `row0..row0 + rows` of the batch (positions `pos0..`) of one
+/// sequence, and for each the query heads `head0..head0 + reps`, all reading one key/value
+/// head. Lane `r * reps + k` is row `row0 + r`, head `head0 + k`.
+#[derive(Clone, Copy)]
+struct Tile<'a> {
+    /// All queries, `[rows][n_head * d]`.
+    q: &'a [f32],
+    q_row: usize,
+    row0: usize,
+    pos0: usize,
+    rows: usize,
+    head0: usize,
+    reps: usize,
+    head: Head<'a>,
+    d: usize,
+}
+
+impl Tile<'_> {
+    fn lanes(&self) -> usize {
+        self.rows * self.reps
+    }
+
+    /// Offset of lane `lane`'s query in `q` (and of its output in `y`).
+    fn offset(&self, lane: usize) -> usize {
+        let (r, k) = (lane / self.reps, lane % self.reps);
+        (self.row0 + r) * self.q_row + (self.head0 + k) * self.d
+    }
+
+    /// Position of lane `lane`'s row.
+    fn position(&self, lane: usize) -> usize {
+        self.pos0 + lane / self.reps
+    }
+
+    /// Positions the tile reads: those of its last row and before.
+    fn width(&self) -> usize {
+        self.pos0 + self.rows
+    }
+}
+
+/// Buffers a thread reuses across its tasks (a few blocks' worth, whatever the context).
+#[derive(Default)]
+struct Scratch {
+    /// The block's keys and values in f32: `[pos][dim]`.
+    kb: Vec<f32>,
+    vb: Vec<f32>,
+    /// The block's scores, then weights: `[pos][lane]`.
+    pb: Vec<f32>,
+    /// The vector kernel's state of each tile of the task.
+    #[cfg(target_arch = "x86_64")]
+    groups: Vec<avx2::Group>,
+    /// The scalar path's buffers.
+    query: QueryBuffers,
+    y: Vec<f32>,
+}
+
+/// Which implementation runs the tiles.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Kernel {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            return Self::Avx2;
+        }
+        Self::Scalar
+    }
+
+    /// Runs `tiles` (of one sequence and key/value head) and writes through `out`.
+    fn run(self, tiles: &[Tile<'_>], scratch: &mut Scratch, out: SharedPtr<f32>) {
+        match self {
+            Self::Scalar => {
+                for tile in tiles {
+                    scalar::run_tile(tile, scratch, out);
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2, FMA and F16C were detected; `out` is the output the tiles index.
+            Self::Avx2 => unsafe { avx2::run_tiles(tiles, scratch, out) },
+        }
+    }
+}
 
 /// `y[r, h, :]` for every row `r` of every span and head `h` (see the module docs); `q` is
 /// `[rows][n_head * head_dim]` (already rotated), `caches[i]` holds span `i`'s keys and values
 /// for positions `0..spans[i].pos + spans[i].len`, and `y` has `q`'s shape.
-///
-/// Work is split into tasks of up to [`ROW_TILE`] rows of one sequence and one key/value head
-/// with all the query heads that read it, so each key and value is loaded once for up to
-/// `ROW_TILE * n_rep` queries. Each query still runs its own scores, softmax and weighted sum
-/// over positions `0..=p` in order, so the tiling (which depends on the batch) never changes a
-/// query's arithmetic.
 pub(super) fn attend(q: &[f32], spans: &[Span], caches: &[&LayerKv], heads: Heads, y: &mut [f32]) {
+    attend_with(Kernel::detect(), q, spans, caches, heads, y);
+}
+
+/// [`attend`] with a chosen kernel.
+fn attend_with(
+    kernel: Kernel,
+    q: &[f32],
+    spans: &[Span],
+    caches: &[&LayerKv],
+    heads: Heads,
+    y: &mut [f32],
+) {
     let Heads {
         n_head,
         n_kv_head,
-        head_dim,
+        head_dim: d,
     } = heads;
-    let q_row = n_head * head_dim;
+    let q_row = n_head * d;
+    let kv_row = n_kv_head * d;
+    let n_rep = n_head / n_kv_head;
     let rows: usize = spans.iter().map(|s| s.len).sum();
     assert!(
-        q.len() == rows * q_row && y.len() == q.len(),
+        q.len() == rows * q_row && y.len() == q.len() && caches.len() == spans.len(),
         "row attention: shapes"
     );
-    // (span, first row within the span, rows, kv head)
+    for (span, cache) in spans.iter().zip(caches) {
+        let end = span.pos + span.len;
+        assert!(
+            cache.k.len() >= end * kv_row && cache.v.len() >= end * kv_row,
+            "row attention: a cache holds fewer positions than its span reads"
+        );
+    }
+    // A tile: all query heads of a key/value head for as many rows as fit in its lanes (or,
+    // with more heads per key/value head than lanes, one row and a share of them).
+    let (tile_rows, tile_reps) = if n_rep >= MAX_LANES {
+        (1, MAX_LANES)
+    } else {
+        (MAX_LANES / n_rep, n_rep)
+    };
+    // Tasks: up to TASK_TILES consecutive tiles of one sequence and key/value head, which
+    // share every block of keys and values they read.
+    let mut tiles = Vec::new();
     let mut tasks = Vec::new();
-    for (i, span) in spans.iter().enumerate() {
-        for start in (0..span.len).step_by(ROW_TILE) {
-            for kv_h in 0..n_kv_head {
-                tasks.push((i, start, ROW_TILE.min(span.len - start), kv_h));
+    for (span, cache) in spans.iter().zip(caches) {
+        for kv_h in 0..n_kv_head {
+            for rep in (0..n_rep).step_by(tile_reps) {
+                for r in (0..span.len).step_by(tile_rows) {
+                    if r % (TASK_TILES * tile_rows) == 0 {
+                        tasks.push(tiles.len()..tiles.len());
+                    }
+                    tiles.push(Tile {
+                        q,
+                        q_row,
+                        row0: span.start + r,
+                        pos0: span.pos + r,
+                        rows: tile_rows.min(span.len - r),
+                        head0: kv_h * n_rep + rep,
+                        reps: tile_reps.min(n_rep - rep),
+                        head: Head {
+                            kv: cache,
+                            kv_row,
+                            kv_off: kv_h * d,
+                        },
+                        d,
+                    });
+                    if let Some(task) = tasks.last_mut() {
+                        task.end = tiles.len();
+                    }
+                }
             }
         }
     }
+    // Most work first, so that the threads' shares even out at the end.
+    let work = |task: &Range<usize>| -> usize {
+        tiles[task.clone()]
+            .iter()
+            .map(|t| t.width() * t.lanes())
+            .sum()
+    };
+    tasks.sort_by_key(|task| std::cmp::Reverse(work(task)));
     let out = SharedPtr(y.as_mut_ptr());
-    let avx2 = avx2_available();
     candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
         let mut scratch = Scratch::default();
-        for t in range {
-            let (i, start, n, kv_h) = tasks[t];
-            let tile = Tile {
-                q,
-                span: spans[i],
-                start,
-                rows: n,
-                kv_h,
-                cache: caches[i],
-                heads,
-            };
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: AVX2 was detected at run time.
-                unsafe { tile.run_avx2(&mut scratch, out) };
-            } else {
-                tile.run(&mut scratch, out);
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                let _ = avx2;
-                tile.run(&mut scratch, out);
-            }
+        for task in &tasks[range] {
+            kernel.run(&tiles[task.clone()], &mut scratch, out);
         }
     });
 }
 
-fn avx2_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Buffers a thread reuses across its tasks.
-#[derive(Default)]
-struct Scratch {
-    /// One row of scores per query of the tile.
-    scores: Vec<f32>,
-    /// One output per query of the tile.
-    acc: Vec<f32>,
-}
-
-/// Up to [`ROW_TILE`] rows of one sequence, and the query heads that read key/value head
-/// `kv_h`.
-struct Tile<'a> {
-    q: &'a [f32],
-    span: Span,
-    /// First row of the tile within the span.
-    start: usize,
-    rows: usize,
-    kv_h: usize,
-    cache: &'a LayerKv,
-    heads: Heads,
-}
-
-impl Tile<'_> {
-    /// Computes the tile's outputs and writes them through `out` (the whole `y`).
-    #[inline(always)]
-    fn run(&self, scratch: &mut Scratch, out: SharedPtr<f32>) {
-        self.run_with(scratch, out, dot);
-    }
-
-    /// [`Tile::run`] with the dot product `dot` (which must compute [`dot`]'s bits).
-    #[inline(always)]
-    fn run_with(
-        &self,
-        scratch: &mut Scratch,
-        out: SharedPtr<f32>,
-        dot: impl Fn(&[f32], &[f32]) -> f32,
-    ) {
-        let Heads {
-            n_head,
-            n_kv_head,
-            head_dim: d,
-        } = self.heads;
-        let n_rep = n_head / n_kv_head;
-        let (q_row, kv_row) = (n_head * d, n_kv_head * d);
-        let scale = (1.0 / (d as f64).sqrt()) as f32;
-        let first = self.span.pos + self.start;
-        // Queries, row-major then head: query `r * n_rep + k` is row `first + r`, head
-        // `kv_h * n_rep + k`; it attends to positions `0..=first + r`.
-        let n_q = self.rows * n_rep;
-        let width = first + self.rows; // positions of the last row, plus one
-        scratch.scores.clear();
-        scratch.scores.resize(n_q * width, 0.0);
-        scratch.acc.clear();
-        scratch.acc.resize(n_q * d, 0.0);
-        let query = |qi: usize| {
-            let (r, k) = (qi / n_rep, qi % n_rep);
-            let row = self.span.start + self.start + r;
-            let h = self.kv_h * n_rep + k;
-            &self.q[row * q_row + h * d..][..d]
-        };
-        let offset = self.kv_h * d;
-        // Scores: each key once, for every query that sees it.
-        for j in 0..width {
-            let key = &self.cache.k[j * kv_row + offset..][..d];
-            let seen_from = j.saturating_sub(first); // rows r >= seen_from see position j
-            for qi in seen_from * n_rep..n_q {
-                scratch.scores[qi * width + j] = dot(query(qi), key) * scale;
-            }
-        }
-        // Softmax, per query, in position order.
-        for qi in 0..n_q {
-            let len = first + qi / n_rep + 1;
-            let s = &mut scratch.scores[qi * width..qi * width + len];
-            let mut max = f32::NEG_INFINITY;
-            for &x in s.iter() {
-                max = max.max(x);
-            }
-            let mut sum = 0f32;
-            for x in s.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
-            for x in s.iter_mut() {
-                *x *= inv;
-            }
-        }
-        // Weighted values: each value once, for every query that sees it.
-        for j in 0..width {
-            let value = &self.cache.v[j * kv_row + offset..][..d];
-            let seen_from = j.saturating_sub(first);
-            for qi in seen_from * n_rep..n_q {
-                let w = scratch.scores[qi * width + j];
-                let acc = &mut scratch.acc[qi * d..(qi + 1) * d];
-                for (a, &v) in acc.iter_mut().zip(value) {
-                    *a += w * v;
-                }
-            }
-        }
-        for qi in 0..n_q {
-            let (r, k) = (qi / n_rep, qi % n_rep);
-            let row = self.span.start + self.start + r;
-            let base = row * q_row + (self.kv_h * n_rep + k) * d;
-            for (e, &value) in scratch.acc[qi * d..(qi + 1) * d].iter().enumerate() {
-                // SAFETY: base + e < rows * q_row = y.len(); this tile is the only writer of
-                // row `row`, head `kv_h * n_rep + k`.
-                unsafe { out.write(base + e, value) };
-            }
-        }
-    }
-
-    /// [`Tile::run`] compiled for AVX2 (the same arithmetic, wider registers).
-    ///
-    /// # Safety
-    /// The CPU supports AVX2.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn run_avx2(&self, scratch: &mut Scratch, out: SharedPtr<f32>) {
-        // SAFETY: this function only runs where AVX2 was detected.
-        self.run_with(scratch, out, |a, b| unsafe { dot_avx2(a, b) });
-    }
-}
-
-/// `a · b` with eight partial sums combined in a fixed tree.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| x * y)
-        .fold(0.0, |s, p| s + p);
-    for (x, y) in a8.zip(b8) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
-}
-
-/// [`dot`] with AVX2 intrinsics: the same eight partial sums (lane `l` accumulates elements
-/// `8i + l` with a separate multiply and add) and the same final tree, so the same bits.
-///
-/// # Safety
-/// The CPU supports AVX2; `a` and `b` have the same length.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let mut acc = _mm256_setzero_ps();
-    let mut i = 0;
-    while i + 8 <= n {
-        // SAFETY: i + 8 <= n: the eight floats at i are in bounds of both slices.
-        let (x, y) = unsafe {
-            (
-                _mm256_loadu_ps(a.as_ptr().add(i)),
-                _mm256_loadu_ps(b.as_ptr().add(i)),
-            )
-        };
-        acc = _mm256_add_ps(acc, _mm256_mul_ps(x, y));
-        i += 8;
-    }
-    let mut lanes = [0f32; 8];
-    // SAFETY: `lanes` holds eight floats.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
-    let tail: f32 = a[i..n]
-        .iter()
-        .zip(&b[i..n])
-        .map(|(x, y)| x * y)
-        .fold(0.0, |s, p| s + p);
-    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
-        + tail
-}
-
 #[cfg(test)]
 mod tests {
+    use half::f16;
+
     use super::super::cpu_matmul::testing::random;
     use super::*;
 
-    /// The textbook formula in f64, for comparison.
-    fn reference(q: &[f32], k: &[f32], v: &[f32], pos: usize, heads: Heads) -> Vec<f32> {
+    fn kv(values: &[f32]) -> Vec<f16> {
+        values.iter().map(|&x| f16::from_f32(x)).collect()
+    }
+
+    /// A layer cache of `positions` random positions.
+    fn cache(positions: usize, heads: Heads, seed: u64) -> LayerKv {
+        let n = positions * heads.n_kv_head * heads.head_dim;
+        // Keys with a larger spread than values, so that the softmax is not flat.
+        let k: Vec<f32> = random(n, seed).iter().map(|x| x * 6.0).collect();
+        LayerKv {
+            k: kv(&k),
+            v: kv(&random(n, seed + 1)),
+        }
+    }
+
+    /// The textbook formula in f64 (on the f16 keys and values), for comparison.
+    fn reference(q: &[f32], cache: &LayerKv, pos: usize, heads: Heads) -> Vec<f32> {
         let Heads {
             n_head,
             n_kv_head,
             head_dim: d,
         } = heads;
+        let at = |x: &[f16], j: usize, kv: usize, i: usize| {
+            f64::from(x[(j * n_kv_head + kv) * d + i].to_f32())
+        };
         let mut y = vec![0f32; n_head * d];
         for h in 0..n_head {
             let kv = h / (n_head / n_kv_head);
             let s: Vec<f64> = (0..=pos)
                 .map(|j| {
                     (0..d)
-                        .map(|i| {
-                            f64::from(q[h * d + i]) * f64::from(k[(j * n_kv_head + kv) * d + i])
-                        })
+                        .map(|i| f64::from(q[h * d + i]) * at(&cache.k, j, kv, i))
                         .sum::<f64>()
                         / (d as f64).sqrt()
                 })
@@ -331,83 +311,261 @@ mod tests {
             let sum: f64 = e.iter().sum();
             for i in 0..d {
                 y[h * d + i] = (0..=pos)
-                    .map(|j| e[j] / sum * f64::from(v[(j * n_kv_head + kv) * d + i]))
+                    .map(|j| e[j] / sum * at(&cache.v, j, kv, i))
                     .sum::<f64>() as f32;
             }
         }
         y
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn the_avx2_dot_gives_the_portable_dots_bits() {
-        if !avx2_available() {
-            return;
+    fn bits(x: &[f32]) -> Vec<u32> {
+        x.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Each query alone through the definition ([`scalar::attend_query`]).
+    fn by_definition(q: &[f32], spans: &[Span], caches: &[&LayerKv], heads: Heads) -> Vec<f32> {
+        let Heads {
+            n_head,
+            n_kv_head,
+            head_dim: d,
+        } = heads;
+        let n_rep = n_head / n_kv_head;
+        let mut y = vec![0f32; q.len()];
+        let mut buffers = QueryBuffers::default();
+        for (span, cache) in spans.iter().zip(caches) {
+            for r in 0..span.len {
+                let row = span.start + r;
+                for h in 0..n_head {
+                    let at = (row * n_head + h) * d;
+                    let head = Head {
+                        kv: cache,
+                        kv_row: n_kv_head * d,
+                        kv_off: (h / n_rep) * d,
+                    };
+                    scalar::attend_query(
+                        &q[at..at + d],
+                        span.pos + r,
+                        head,
+                        &mut buffers,
+                        &mut y[at..at + d],
+                    );
+                }
+            }
         }
-        for n in [1usize, 7, 8, 9, 63, 64, 65, 128] {
-            let (a, b) = (random(n, n as u64), random(n, 99 + n as u64));
-            // SAFETY: AVX2 was detected.
-            let fast = unsafe { dot_avx2(&a, &b) };
-            assert_eq!(fast.to_bits(), dot(&a, &b).to_bits(), "n = {n}");
+        y
+    }
+
+    #[test]
+    fn matches_the_formula() {
+        for (n_head, n_kv_head, head_dim) in [(6, 2, 20), (9, 3, 64), (4, 4, 16)] {
+            let heads = Heads {
+                n_head,
+                n_kv_head,
+                head_dim,
+            };
+            let q_row = n_head * head_dim;
+            // Positions crossing several blocks, a prefill chunk starting mid-block.
+            let a = cache(200, heads, 1);
+            let spans = [Span {
+                start: 0,
+                len: 11,
+                pos: 189,
+            }];
+            let q = random(11 * q_row, 5);
+            let mut y = vec![0f32; q.len()];
+            attend(&q, &spans, &[&a], heads, &mut y);
+            for r in 0..11 {
+                let want = reference(&q[r * q_row..][..q_row], &a, 189 + r, heads);
+                for (got, want) in y[r * q_row..][..q_row].iter().zip(&want) {
+                    assert!(
+                        (got - want).abs() < 2e-5,
+                        "{heads:?} row {r}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Every kernel gives every query the bits of the definition, whatever the batch, the
+    /// tiles and the blocks around it.
+    #[test]
+    fn every_kernel_gives_each_query_the_bits_of_the_definition() {
+        let mut kernels = vec![Kernel::Scalar];
+        if Kernel::detect() != Kernel::Scalar {
+            kernels.push(Kernel::detect());
+        }
+        // (heads, kv heads, width): tiles of 1 to 3 registers, tails of keys and dimensions,
+        // and more query heads per key/value head than a tile has lanes.
+        for (n_head, n_kv_head, head_dim) in [
+            (9, 3, 64),
+            (6, 2, 20),
+            (4, 4, 12),
+            (2, 1, 8),
+            (30, 1, 8),
+            (8, 2, 7),
+        ] {
+            let heads = Heads {
+                n_head,
+                n_kv_head,
+                head_dim,
+            };
+            let q_row = n_head * head_dim;
+            // A prefill chunk crossing block boundaries, a decode row at a block's first
+            // position, a chunk from position 0, a single row at position 0.
+            let spans = [
+                Span {
+                    start: 0,
+                    len: 37,
+                    pos: 100,
+                },
+                Span {
+                    start: 37,
+                    len: 1,
+                    pos: 128,
+                },
+                Span {
+                    start: 38,
+                    len: 70,
+                    pos: 0,
+                },
+                Span {
+                    start: 108,
+                    len: 1,
+                    pos: 0,
+                },
+            ];
+            let caches: Vec<LayerKv> = spans
+                .iter()
+                .enumerate()
+                .map(|(i, s)| cache(s.pos + s.len, heads, 10 + 2 * i as u64))
+                .collect();
+            let refs: Vec<&LayerKv> = caches.iter().collect();
+            let q = random(109 * q_row, 3);
+            let want = by_definition(&q, &spans, &refs, heads);
+            for &kernel in &kernels {
+                let mut y = vec![0f32; q.len()];
+                attend_with(kernel, &q, &spans, &refs, heads, &mut y);
+                assert!(
+                    bits(&y) == bits(&want),
+                    "{heads:?}: a kernel differs from the definition"
+                );
+                // A span alone, and one row of it alone, give the same bits again.
+                let mut alone = vec![0f32; 37 * q_row];
+                let single = [Span {
+                    start: 0,
+                    len: 37,
+                    pos: 100,
+                }];
+                attend_with(
+                    kernel,
+                    &q[..37 * q_row],
+                    &single,
+                    &refs[..1],
+                    heads,
+                    &mut alone,
+                );
+                assert!(
+                    bits(&alone) == bits(&want[..37 * q_row]),
+                    "{heads:?}: alone"
+                );
+                let mut row = vec![0f32; q_row];
+                let single = [Span {
+                    start: 0,
+                    len: 1,
+                    pos: 120,
+                }];
+                let at = 20 * q_row..21 * q_row;
+                attend_with(kernel, &q[at.clone()], &single, &refs[..1], heads, &mut row);
+                assert!(bits(&row) == bits(&want[at]), "{heads:?}: one row");
+            }
         }
     }
 
     #[test]
-    fn matches_the_formula_and_ignores_the_rest_of_the_batch() {
+    fn a_hidden_position_never_changes_a_query() {
+        // A cache whose later positions hold values that would change every output (huge
+        // keys, NaN-free): a query must not see positions after its own, not even as zeros.
         let heads = Heads {
-            n_head: 6,
-            n_kv_head: 2,
-            head_dim: 20,
+            n_head: 3,
+            n_kv_head: 1,
+            head_dim: 8,
         };
-        let (q_row, kv_row) = (6 * 20, 2 * 20);
-        // Two sequences: 5 rows from position 3, and 1 row at position 9.
-        let a = LayerKv {
-            k: random(8 * kv_row, 1),
-            v: random(8 * kv_row, 2),
-        };
-        let b = LayerKv {
-            k: random(10 * kv_row, 3),
-            v: random(10 * kv_row, 4),
-        };
-        let spans = [
-            Span {
-                start: 0,
-                len: 5,
-                pos: 3,
-            },
-            Span {
-                start: 5,
-                len: 1,
-                pos: 9,
-            },
-        ];
-        let q = random(6 * q_row, 5);
-        let mut y = vec![0f32; q.len()];
-        attend(&q, &spans, &[&a, &b], heads, &mut y);
-        for r in 0..6 {
-            let (cache, pos) = if r < 5 { (&a, 3 + r) } else { (&b, 9) };
-            let want = reference(&q[r * q_row..][..q_row], &cache.k, &cache.v, pos, heads);
-            for (got, want) in y[r * q_row..][..q_row].iter().zip(&want) {
-                assert!((got - want).abs() < 1e-5, "row {r}: {got} vs {want}");
-            }
+        let mut a = cache(80, heads, 7);
+        for x in &mut a.k[70 * 8..] {
+            *x = f16::from_f32(1000.0);
         }
-        // The second sequence alone gives the same bits.
-        let mut alone = vec![0f32; q_row];
-        let single = [Span {
+        for x in &mut a.v[70 * 8..] {
+            *x = f16::from_f32(-0.0);
+        }
+        let q = random(12 * 24, 9);
+        let spans = [Span {
             start: 0,
-            len: 1,
-            pos: 9,
+            len: 12,
+            pos: 68,
         }];
-        attend(&q[5 * q_row..], &single, &[&b], heads, &mut alone);
-        assert_eq!(alone, y[5 * q_row..]);
-        // And so does a row of the first sequence computed on its own.
-        let mut row2 = vec![0f32; q_row];
-        let single = [Span {
+        let mut y = vec![0f32; q.len()];
+        attend(&q, &spans, &[&a], heads, &mut y);
+        let want = by_definition(&q, &spans, &[&a], heads);
+        assert!(bits(&y) == bits(&want));
+        // Rows 0 and 1 (positions 68 and 69) do not see position 70.
+        let mut clean = cache(80, heads, 7);
+        clean.k.truncate(70 * 8);
+        clean.v.truncate(70 * 8);
+        let mut first = vec![0f32; 2 * 24];
+        let spans = [Span {
             start: 0,
-            len: 1,
-            pos: 5,
+            len: 2,
+            pos: 68,
         }];
-        attend(&q[2 * q_row..3 * q_row], &single, &[&a], heads, &mut row2);
-        assert_eq!(row2, y[2 * q_row..3 * q_row]);
+        attend(&q[..48], &spans, &[&clean], heads, &mut first);
+        assert!(bits(&first) == bits(&y[..48]));
+    }
+
+    /// A hidden position must leave a query's output as it is, even an output of `-0`
+    /// (adding `0 · v` would make it `+0`).
+    #[test]
+    fn a_hidden_position_keeps_the_sign_of_a_zero() {
+        let heads = Heads {
+            n_head: 1,
+            n_kv_head: 1,
+            head_dim: 8,
+        };
+        let d = 8;
+        let f = f16::from_f32;
+        let mut k = vec![f(0.0); 66 * d];
+        let mut v = vec![f(-0.0); 66 * d];
+        // Block 0: position 0 gets a weight of about 2^-120 next to position 1 and adds
+        // -2^-120 to the output; block 1's larger score at position 64 rescales that by
+        // 2^-30, to -0; position 64 adds -0 · w, keeping it -0.
+        for j in 0..64 {
+            k[j * d] = f(-117.0);
+        }
+        k[d] = f(118.0);
+        k[64 * d] = f(178.0);
+        for x in &mut v[..d] {
+            *x = f(-1.0);
+        }
+        // Position 65, which the first row does not see: a positive value.
+        for x in &mut v[65 * d..] {
+            *x = f(1.0);
+        }
+        let a = LayerKv { k, v };
+        let mut q = vec![0f32; 2 * d];
+        q[0] = 1.0;
+        q[d] = 1.0;
+        let spans = [Span {
+            start: 0,
+            len: 2,
+            pos: 64,
+        }];
+        let want = by_definition(&q, &spans, &[&a], heads);
+        assert!(
+            want[..d].iter().all(|x| x.to_bits() == (-0f32).to_bits()),
+            "the case this test is for: {:?}",
+            &want[..d]
+        );
+        let mut y = vec![0f32; q.len()];
+        attend(&q, &spans, &[&a], heads, &mut y);
+        assert!(bits(&y) == bits(&want), "{y:?} vs {want:?}");
     }
 }

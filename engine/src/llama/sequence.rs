@@ -2,20 +2,26 @@
 //! caller of the batched forward ([`LlamaShard::forward_batch`](super::LlamaShard::forward_batch)).
 //!
 //! The batched forward runs many sequences through one set of weights, so the caches live
-//! outside the layers: each sequence brings its own. Each layer keeps two plain `f32` buffers
-//! laid out position-major (`[position][kv_head][head_dim]`), so appending a position writes
-//! one contiguous row and growing is a `Vec` resize that never reorders what is kept. A cache
-//! can be truncated (a prefix kept, e.g. when a new request shares a prompt prefix with the
+//! outside the layers: each sequence brings its own. Each layer keeps two plain buffers laid
+//! out position-major (`[position][kv_head][head_dim]`), so appending a position writes one
+//! contiguous row and growing is a `Vec` resize that never reorders what is kept. A cache can
+//! be truncated (a prefix kept, e.g. when a new request shares a prompt prefix with the
 //! sequence that filled it) and its first positions copied into another cache.
 //!
-//! Values are stored exactly as computed, so a position's keys and values do not depend on
-//! which forward (or which chunk of a prompt) wrote them.
+//! Keys and values are stored as IEEE half floats (`f16`, rounded to nearest even from the
+//! f32 the projections compute), as llama.cpp stores them by default: half the memory of f32,
+//! and half the bytes the attention reads per position. The rounding is a pure function of
+//! the value, so a position's keys and values still do not depend on which forward (or which
+//! chunk of a prompt) wrote them. (A value beyond f16's range, ±65504, would become infinite,
+//! as in llama.cpp; a llama layer's keys and values stay orders of magnitude below it.)
+
+use half::f16;
 
 /// Keys and values of one layer, position-major.
 #[derive(Debug, Clone, Default)]
 pub struct LayerKv {
-    pub(super) k: Vec<f32>,
-    pub(super) v: Vec<f32>,
+    pub(super) k: Vec<f16>,
+    pub(super) v: Vec<f16>,
 }
 
 /// One sequence's cache across the layers of one shard.
@@ -45,8 +51,8 @@ impl SequenceCache {
     pub(crate) fn zeroed(n_layers: usize, row: usize, capacity: usize, len: usize) -> Self {
         let mut cache = Self::new(n_layers, row, capacity);
         for layer in &mut cache.layers {
-            layer.k.resize(len * row, 0.0);
-            layer.v.resize(len * row, 0.0);
+            layer.k.resize(len * row, f16::ZERO);
+            layer.v.resize(len * row, f16::ZERO);
         }
         cache.len = len;
         cache
@@ -107,13 +113,13 @@ impl SequenceCache {
     pub fn allocated_bytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|l| (l.k.capacity() + l.v.capacity()) * std::mem::size_of::<f32>())
+            .map(|l| (l.k.capacity() + l.v.capacity()) * std::mem::size_of::<f16>())
             .sum()
     }
 
     /// Bytes one position takes across the layers.
     pub fn bytes_per_position(&self) -> usize {
-        2 * self.layers.len() * self.row * std::mem::size_of::<f32>()
+        2 * self.layers.len() * self.row * std::mem::size_of::<f16>()
     }
 
     /// Layers of the cache.
@@ -144,8 +150,8 @@ mod tests {
     fn filled(cache: &mut SequenceCache, len: usize, value: f32) {
         let row = cache.row();
         for layer in cache.layers_mut() {
-            layer.k.resize(len * row, value);
-            layer.v.resize(len * row, -value);
+            layer.k.resize(len * row, f16::from_f32(value));
+            layer.v.resize(len * row, f16::from_f32(-value));
         }
         cache.set_len(len);
     }
@@ -155,12 +161,12 @@ mod tests {
         let mut a = SequenceCache::new(2, 4, 16);
         filled(&mut a, 5, 1.0);
         assert_eq!(a.len(), 5);
-        assert_eq!(a.bytes_per_position(), 2 * 2 * 4 * 4);
+        assert_eq!(a.bytes_per_position(), 2 * 2 * 4 * 2);
         let mut b = SequenceCache::new(2, 4, 16);
         b.copy_prefix_from(&a, 3);
         assert_eq!(b.len(), 3);
-        assert_eq!(b.layers[1].k, vec![1.0; 12]);
-        assert_eq!(b.layers[1].v, vec![-1.0; 12]);
+        assert_eq!(b.layers[1].k, vec![f16::ONE; 12]);
+        assert_eq!(b.layers[1].v, vec![f16::NEG_ONE; 12]);
         a.truncate(2);
         assert_eq!(a.len(), 2);
         assert_eq!(a.layers[0].k.len(), 8);
