@@ -162,8 +162,19 @@ impl ModelRouter {
         let router = self.clone();
         Arc::new(move |event: &RunnerEvent| {
             router.metrics.runner_event(event);
+            // A Ready runner turns Running and back with every request: state, not events.
+            let busy_toggle = match event {
+                RunnerEvent::StatusChanged { instance, status } => {
+                    let before = router.lock().instances.get(instance).map(|i| i.status);
+                    let idle_or_busy = |s: Option<RunnerStatus>| {
+                        matches!(s, Some(RunnerStatus::Ready | RunnerStatus::Running))
+                    };
+                    idle_or_busy(before) && idle_or_busy(Some(*status))
+                }
+                _ => false,
+            };
             router.observe(event);
-            if let Some((instance, body)) = EventBody::from_runner(event) {
+            if !busy_toggle && let Some((instance, body)) = EventBody::from_runner(event) {
                 router.events.record(format!("worker/{instance}"), body);
             }
         })
