@@ -481,51 +481,15 @@ fn a_node_with_the_wrong_cookie_is_refused() {
     assert!(formed(&[&a, &b]));
 }
 
-/// Two free consecutive loopback ports.
-fn free_pair() -> u16 {
-    common::free_run(2)
-}
-
 #[test]
 fn up_with_nodes_starts_a_local_cluster_that_serves_from_every_node_and_stops_cleanly() {
-    let (api, cluster) = (free_pair(), free_pair());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let tag = common::unique_tag("up-nodes");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_canopy"))
-        .args([
-            "up", "--nodes", "2", "--engine", "scripted", "--model", "scripted",
-        ])
-        .args([
-            "--port",
-            &api.to_string(),
-            "--cluster-port",
-            &cluster.to_string(),
-        ])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .env("CANOPY_TEST_TAG", &tag)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("canopy up starts");
+    let cluster = common::LocalCluster::start(2, &[]);
+    let (api, second) = (cluster.base(0), cluster.base(1));
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(30)))
         .build()
         .into();
-    let second = format!("http://127.0.0.1:{}", api + 1);
-    common::eventually(
-        Duration::from_secs(60),
-        "the second node to be ready",
-        || {
-            agent
-                .get(format!("{second}/ready"))
-                .call()
-                .is_ok_and(|r| r.status() == 200)
-        },
-    )
-    .expect("the second node ready");
     // The second node has no instance of its own: it routes to the first.
     let mut r = agent
         .post(format!("{second}/v1/chat/completions"))
@@ -537,32 +501,14 @@ fn up_with_nodes_starts_a_local_cluster_that_serves_from_every_node_and_stops_cl
         body["choices"][0]["message"]["content"].is_string(),
         "{body}"
     );
-    let mut r = agent
-        .get(format!("http://127.0.0.1:{api}/state"))
-        .call()
-        .expect("state");
+    let mut r = agent.get(format!("{api}/state")).call().expect("state");
     let s: Value = r.body_mut().read_json().expect("json");
     assert_eq!(s["nodes"].as_array().map(Vec::len), Some(2), "{s}");
 
     // Ctrl-C stops both nodes and every runner.
-    let started = common::processes_with_env("CANOPY_TEST_TAG", &tag);
+    let started = cluster.processes();
     assert!(started.len() >= 3, "two nodes and a runner: {started:?}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        Signal::SIGINT,
-    )
-    .expect("SIGINT");
-    let status = common::eventually_some(Duration::from_secs(60), "canopy up to exit", || {
-        child.try_wait().expect("wait")
-    })
-    .expect("canopy up exits");
-    assert!(status.success(), "{status}");
-    for pid in started {
-        assert!(
-            common::wait_gone(pid, Duration::from_secs(10)),
-            "{pid} left behind"
-        );
-    }
+    cluster.stop();
 }
 
 /// Three nodes that all dial each other at once (`up --nodes 3`: every node has every other

@@ -583,12 +583,21 @@ impl LocalCluster {
         format!("http://127.0.0.1:{}", self.api + i)
     }
 
-    /// Ctrl-C: asserts that every node and runner is gone within 30 s.
+    /// The pids of its processes (nodes and runners) now.
+    pub fn processes(&self) -> Vec<u32> {
+        processes_with_env("CANOPY_TEST_TAG", &self.tag)
+    }
+
+    /// Ctrl-C: asserts that `canopy up` exits 0 and every node and runner is gone within 30 s.
     pub fn stop(mut self) {
-        let processes = processes_with_env("CANOPY_TEST_TAG", &self.tag);
+        let processes = self.processes();
         if let Some(mut child) = self.child.take() {
             kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).expect("SIGINT");
-            let _ = child.wait();
+            let status = eventually_some(Duration::from_secs(60), "canopy up to exit", || {
+                child.try_wait().expect("wait")
+            })
+            .expect("canopy up exits");
+            assert!(status.success(), "{status}");
         }
         for pid in processes {
             assert!(wait_gone(pid, Duration::from_secs(30)), "{pid} left behind");
