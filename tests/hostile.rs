@@ -1376,11 +1376,7 @@ fn an_insider_cannot_act_in_another_name_as_the_leader_or_break_the_term() {
     let client = {
         let base = a.proc.base.clone();
         std::thread::spawn(move || {
-            let node = NodeProcess {
-                child: None,
-                base,
-                log: Arc::default(),
-            };
+            let node = NodeProcess::client(base);
             let mut text = String::new();
             let status = node.stream(
                 &json!({

@@ -161,6 +161,15 @@ impl NodeProcess {
             .into()
     }
 
+    /// A client of the node at `base` that this test did not start (nothing to kill or read).
+    pub fn client(base: String) -> Self {
+        Self {
+            child: None,
+            base,
+            log: std::sync::Arc::default(),
+        }
+    }
+
     /// GET `path`: (status, body).
     pub fn get(&self, path: &str) -> Result<(u16, String), ureq::Error> {
         let mut r = Self::agent().get(format!("{}{path}", self.base)).call()?;

@@ -46,16 +46,22 @@ struct Seen {
     events: Vec<String>,
 }
 
+/// POSTs `body` to `base`'s chat completions (in a thread); the receiver gets the answer.
+fn post_from(base: &str, body: Value) -> mpsc::Receiver<(u16, Value)> {
+    let (tx, rx) = mpsc::channel();
+    let node = NodeProcess::client(base.to_string());
+    std::thread::spawn(move || {
+        let _ = tx.send(node.post("/v1/chat/completions", &body));
+    });
+    rx
+}
+
 /// Streams `body` from `base` (in a thread); `chunks` counts the text chunks as they come.
 fn stream_from(base: &str, body: Value, chunks: Arc<AtomicUsize>) -> mpsc::Receiver<Seen> {
     let (tx, rx) = mpsc::channel();
     let base = base.to_string();
     std::thread::spawn(move || {
-        let node = NodeProcess {
-            child: None,
-            base,
-            log: Arc::default(),
-        };
+        let node = NodeProcess::client(base);
         let mut seen = Seen::default();
         seen.status = node.stream(&body, |data, at| {
             seen.events.push(data.to_string());
@@ -173,22 +179,7 @@ fn a_quiet_host_ends_its_streams_at_the_deadline_and_progress_keeps_a_slow_one()
     ));
 
     // 2. A request that is not streamed, and nothing at all after the rogue took it.
-    let quiet_json = {
-        let (tx, rx) = mpsc::channel();
-        let base = a.proc.base.clone();
-        std::thread::spawn(move || {
-            let node = NodeProcess {
-                child: None,
-                base,
-                log: Arc::default(),
-            };
-            let _ = tx.send(node.post(
-                "/v1/chat/completions",
-                &ask("quiet-model", "quiet json", 8, false),
-            ));
-        });
-        rx
-    };
+    let quiet_json = post_from(&a.proc.base, ask("quiet-model", "quiet json", 8, false));
     let json_key = next_key("non-streamed");
 
     // 3. A stream whose host only says it is still working, for longer than the deadline,
@@ -406,22 +397,10 @@ fn a_frozen_host_fails_the_stream_at_once_and_serves_again_when_resumed() {
     let frozen = Instant::now();
     // A request sent to the frozen A before B noticed: B does not wait out the 65-s limit of
     // its call to A once A leaves its view.
-    let late = {
-        let (tx, rx) = mpsc::channel();
-        let base = b.proc.base.clone();
-        std::thread::spawn(move || {
-            let node = NodeProcess {
-                child: None,
-                base,
-                log: Arc::default(),
-            };
-            let _ = tx.send(node.post(
-                "/v1/chat/completions",
-                &ask("scripted", "sent to a frozen node", 2, false),
-            ));
-        });
-        rx
-    };
+    let late = post_from(
+        &b.proc.base,
+        ask("scripted", "sent to a frozen node", 2, false),
+    );
     let seen = stream.recv_timeout(STREAM_DEADLINE + MARGIN);
     let late = late.recv_timeout(STREAM_DEADLINE + MARGIN);
     kill(a_pid, Signal::SIGCONT).expect("SIGCONT");
