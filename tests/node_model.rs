@@ -654,3 +654,69 @@ fn concurrent_streams_are_batch_invariant_and_a_runner_death_mid_batch_fails_eac
     }
     node.interrupt_and_check();
 }
+
+/// A batch step that never ends (the runner's work loop wedged while its heartbeat goes on)
+/// is caught by `--stall-timeout`: every stream of the batch gets its error and `[DONE]`, the
+/// runner is killed and restarted, and the node answers as before.
+#[test]
+fn a_wedged_batch_step_fails_every_stream_after_the_stall_timeout() {
+    let _turn = real_model_turn();
+    let tag = common::unique_tag("wedge");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 4 streams share the batch; the 20th chunk sent wedges the step, once.
+    let fault = format!(
+        "stall-after-tokens=20,once={}",
+        dir.path().join("wedged").display()
+    );
+    let node = NodeProcess::start(
+        &["up", "--parallel", "4", "--stall-timeout", "2"],
+        &[("CANOPY_TEST_TAG", &tag), ("CANOPY_RUNNER_FAULT", &fault)],
+        true,
+    );
+    let pids = node.runner_pids();
+    assert_eq!(pids.len(), 1, "one runner: {pids:?}");
+    let t0 = Instant::now();
+    let outcomes: Vec<(Seen, Duration)> = std::thread::scope(|s| {
+        let handles: Vec<_> = QUESTIONS
+            .iter()
+            .map(|q| {
+                let node = &node;
+                s.spawn(move || (stream_chat(node, q, 400, &|| {}), t0.elapsed()))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect()
+    });
+    for (seen, _) in &outcomes {
+        assert!(seen.error, "a stream did not get its error: {seen:?}");
+        assert!(seen.done, "a stream did not end: {seen:?}");
+    }
+    let last = outcomes.iter().map(|(_, at)| *at).max().unwrap_or_default();
+    eprintln!("wedged step: every stream ended {last:?} after they started");
+    assert!(
+        last < Duration::from_secs(50),
+        "the 2 s stall timeout ended the streams, not the 60 s default: {last:?}"
+    );
+    // The wedged runner was replaced and the node serves again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(node.get("/ready"), Ok((200, _))) {
+        assert!(Instant::now() < deadline, "not ready again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = node.runner_pids();
+    assert_eq!(after.len(), 1, "one runner again: {after:?}");
+    assert_ne!(after, pids, "the wedged runner was replaced");
+    let again = stream_chat(&node, QUESTIONS[0], 24, &|| {});
+    assert!(again.done && !again.error, "after the restart: {again:?}");
+    let (_, metrics) = node.get("/metrics").expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("canopy_runner_failures_total{")
+                && l.contains("reason=\"stalled\"")),
+        "the failure is counted as a stall: {metrics}"
+    );
+    node.interrupt_and_check();
+}

@@ -120,6 +120,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CANOPY_HEADER_TIMEOUT", value_parser = parse_seconds)]
     #[serde(deserialize_with = "seconds_value")]
     pub(super) header_timeout: Option<Duration>,
+    /// Seconds a running request may go without a new token (one batch step) before its
+    /// runner is taken for wedged: the runner is killed and restarted, and every request in
+    /// its batch gets its error (or its one retry, if it had no token yet) [default: 60].
+    #[arg(long, env = "CANOPY_STALL_TIMEOUT", value_parser = parse_seconds)]
+    #[serde(deserialize_with = "seconds_value")]
+    pub(super) stall_timeout: Option<Duration>,
     /// Where the node keeps its identity and cookie [default: the user's data dir, canopy].
     #[arg(long, env = "CANOPY_DATA_DIR")]
     pub(super) data_dir: Option<PathBuf>,
@@ -284,6 +290,7 @@ impl ServeArgs {
             model_path_allow: list(self.model_path_allow, file.model_path_allow),
             max_connections: self.max_connections.or(file.max_connections),
             header_timeout: self.header_timeout.or(file.header_timeout),
+            stall_timeout: self.stall_timeout.or(file.stall_timeout),
             data_dir: self.data_dir.or(file.data_dir),
             peers: list(self.peers, file.peers),
             expect: self.expect.or(file.expect),

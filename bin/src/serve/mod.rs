@@ -106,6 +106,9 @@ pub fn run(args: ServeArgs, default_model: Option<&str>, json: bool) -> anyhow::
             if let Some(max_queue) = settings.max_queue {
                 passthrough.extend(["--max-queue".to_string(), max_queue.to_string()]);
             }
+            if let Some(stall) = settings.stall_timeout {
+                passthrough.extend(["--stall-timeout".to_string(), stall.as_secs_f64().to_string()]);
+            }
             for host in &settings.allowed_hosts {
                 passthrough.extend(["--allowed-host".to_string(), host.clone()]);
             }
@@ -226,6 +229,9 @@ async fn serve(
     }
     let mut runners = RunnerDefaults::new(command);
     runners.max_tasks = settings.max_queue;
+    if let Some(stall) = settings.stall_timeout {
+        runners.stall.decode = stall;
+    }
     let placements = model
         .iter()
         .map(|(id, path)| Placement {

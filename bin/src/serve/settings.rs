@@ -41,6 +41,9 @@ pub(super) struct Settings {
     pub(super) model_path_allow: Vec<PathBuf>,
     pub(super) max_connections: usize,
     pub(super) header_timeout: Duration,
+    /// `--stall-timeout`: the most time between two tokens of a running request; `None`:
+    /// the runner supervisor's default.
+    pub(super) stall_timeout: Option<Duration>,
 }
 
 /// The cluster part of the settings (None when standalone).
@@ -189,6 +192,7 @@ impl Settings {
             model_path_allow: args.model_path_allow,
             max_connections,
             header_timeout: args.header_timeout.unwrap_or(api_defaults.header_timeout),
+            stall_timeout: args.stall_timeout,
             addr: SocketAddr::new(host, port),
             model: args.model.or(default_model.map(str::to_string)),
             instances,
@@ -316,6 +320,7 @@ cluster_port = 6001
 peer = ["127.0.0.3:6001", "127.0.0.4:6001"]
 allowed_host = ["canopy.example"]
 header_timeout = 2.5
+stall_timeout = 5
 memory = "1G"
 max_connections = 9
 priority = -2
@@ -339,6 +344,7 @@ no_discovery = true
         assert_eq!(c.memory, Some(1 << 30));
         assert_eq!(s.allowed_hosts, ["canopy.example"]);
         assert_eq!(s.header_timeout, Duration::from_millis(2500));
+        assert_eq!(s.stall_timeout, Some(Duration::from_secs(5)));
         assert_eq!(s.max_connections, 9);
 
         // A flag's list replaces the file's.
