@@ -1408,6 +1408,7 @@ fn an_insider_cannot_act_in_another_name_as_the_leader_or_break_the_term() {
             index: 0,
             text: text.into(),
             token_ids: vec![1],
+            logprobs: Vec::new(),
         })
     };
     let done = TaskEvent::Done {

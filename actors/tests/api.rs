@@ -94,6 +94,7 @@ fn chunk(index: u32, text: &str) -> TaskEvent {
         index,
         text: text.to_string(),
         token_ids: vec![100 + index],
+        logprobs: Vec::new(),
     })
 }
 
@@ -106,6 +107,7 @@ fn scripted() -> Vec<TaskEvent> {
             index: 2,
             text: String::new(),
             token_ids: vec![7],
+            logprobs: Vec::new(),
         }),
         chunk(3, " world"),
         TaskEvent::Done {
@@ -684,8 +686,17 @@ async fn every_bad_request_gets_an_openai_error_and_the_server_keeps_serving() {
             Some("stop"),
         ),
         (
-            json!({"model": "scripted", "messages": user, "n": 2}).to_string(),
+            json!({"model": "scripted", "messages": user, "n": 17}).to_string(),
             Some("n"),
+        ),
+        (
+            json!({"model": "scripted", "messages": user, "response_format": {"type": "json_object"}})
+                .to_string(),
+            Some("response_format"),
+        ),
+        (
+            json!({"model": "scripted", "messages": user, "frobnicate": 1}).to_string(),
+            Some("frobnicate"),
         ),
         (
             json!({"model": "scripted", "messages": user, "stop": 5}).to_string(),

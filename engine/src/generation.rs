@@ -6,11 +6,12 @@ use std::ops::ControlFlow;
 
 use candle_core::Tensor;
 use canopy_proto::{
-    FinishReason, GenerateParams, GenerateRequest, Phase, Prompt, TokenChunk, Usage,
+    FinishReason, GenerateParams, GenerateRequest, Phase, Prompt, TokenChunk, TokenLogprob,
+    TopLogprob, Usage,
 };
 
 use crate::chat::ChatTemplate;
-use crate::sampling::Sampler;
+use crate::sampling::{Logprobs, Sampler};
 use crate::stop::StopFilter;
 use crate::tokenizer::{GgufTokenizer, StreamState};
 use crate::{Engine, EngineError, GenerateOutcome, GenerateSink};
@@ -114,10 +115,19 @@ impl Decoder {
                 max_context: room,
             });
         }
+        let sampler = Sampler::new(params)?;
+        let vocab = tokenizer.vocab_size();
+        if let Some(id) = sampler.biased_tokens().find(|&id| id as usize >= vocab) {
+            return Err(EngineError::InvalidRequest(format!(
+                "logit_bias names token {id}, but the model's vocabulary has {vocab} tokens \
+                 (0 to {})",
+                vocab.saturating_sub(1)
+            )));
+        }
         Ok(Self {
             prompt_len,
             max_tokens: (params.max_tokens as usize).min(room - prompt_len),
-            sampler: Sampler::new(params)?,
+            sampler,
             stream: StreamState::new(tokenizer),
             stops: StopFilter::new(&params.stop),
             generated: 0,
@@ -168,7 +178,8 @@ impl Decoder {
         if sink.cancelled() {
             return Ok(Next::Finished(self.cancel()));
         }
-        let next = self.sampler.sample(logits)?;
+        let sampled = self.sampler.sample_masked(logits, None)?;
+        let next = sampled.token;
         if tokenizer.is_eos(next) {
             return Ok(Next::Finished(self.finish(FinishReason::Stop, sink)));
         }
@@ -179,12 +190,17 @@ impl Decoder {
             index: (self.generated - 1) as u32,
             text,
             token_ids: vec![next],
+            logprobs: sampled
+                .logprobs
+                .map(|l| vec![token_logprob(tokenizer, next, l)])
+                .unwrap_or_default(),
         };
         if let ControlFlow::Break(()) = sink.chunk(chunk) {
             return Ok(Next::Finished(self.cancel()));
         }
-        if stopped {
-            return Ok(Next::Finished(self.finish(FinishReason::Stop, sink)));
+        if let Some(index) = stopped {
+            let reason = FinishReason::StopSequence(index);
+            return Ok(Next::Finished(self.finish(reason, sink)));
         }
         if self.generated == 1 {
             sink.phase(Phase::Decode);
@@ -210,11 +226,31 @@ impl Decoder {
                 index: self.generated as u32,
                 text: rest,
                 token_ids: Vec::new(),
+                logprobs: Vec::new(),
             });
         }
         GenerateOutcome {
             finish_reason: reason,
             usage: self.usage(),
         }
+    }
+}
+
+/// A sampled token's log-probabilities as the protocol carries them, with each token's bytes.
+fn token_logprob(tokenizer: &GgufTokenizer, token: u32, logprobs: Logprobs) -> TokenLogprob {
+    let bytes = |id: u32| tokenizer.piece(id).map(<[u8]>::to_vec).unwrap_or_default();
+    TokenLogprob {
+        token,
+        bytes: bytes(token),
+        logprob: logprobs.chosen,
+        top: logprobs
+            .top
+            .into_iter()
+            .map(|(id, logprob)| TopLogprob {
+                token: id,
+                bytes: bytes(id),
+                logprob,
+            })
+            .collect(),
     }
 }

@@ -18,7 +18,8 @@
 //!   prefill, as a real engine refuses a prompt longer than its context.
 //!   It streams `min(N, max_tokens)` tokens and finishes with `Length` when `N > max_tokens`,
 //!   `Stop` otherwise (so a prompt without `tokens=` streams `max_tokens` tokens and stops with
-//!   `Stop`). Stop sequences and sampling parameters are ignored.
+//!   `Stop`). Stop sequences and sampling parameters are ignored; asked for log-probabilities,
+//!   it reports each token with probability 1 (log-probability 0), its only alternative.
 //! - **Phases**: `Prefill` is reported before the first token (which a real model produces at
 //!   the end of prefill), `Decode` before the second.
 //! - **Cancellation** is checked between tokens and every ≤10 ms while sleeping.
@@ -32,7 +33,9 @@ use std::ops::ControlFlow;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use canopy_proto::{FinishReason, GenerateRequest, LoadSpec, Phase, TokenChunk, Usage};
+use canopy_proto::{
+    FinishReason, GenerateRequest, LoadSpec, Phase, TokenChunk, TokenLogprob, TopLogprob, Usage,
+};
 
 use crate::{Engine, EngineError, FaultHooks, GenerateOutcome, GenerateSink};
 
@@ -190,10 +193,29 @@ impl Engine for ScriptedEngine {
             if sleep_unless_cancelled(script.delay, sink) {
                 return cancelled(usage);
             }
+            let text = format!("{index} ");
+            // The script leaves no choice: each token has probability 1.
+            let logprobs = match request.params.logprobs {
+                None => Vec::new(),
+                Some(k) => vec![TokenLogprob {
+                    token: index,
+                    bytes: text.clone().into_bytes(),
+                    logprob: 0.0,
+                    top: (k > 0)
+                        .then(|| TopLogprob {
+                            token: index,
+                            bytes: text.clone().into_bytes(),
+                            logprob: 0.0,
+                        })
+                        .into_iter()
+                        .collect(),
+                }],
+            };
             let flow = sink.chunk(TokenChunk {
                 index,
-                text: format!("{index} "),
+                text,
                 token_ids: vec![index],
+                logprobs,
             });
             usage.completion_tokens = index + 1;
             self.fire_faults(&script, index + 1)?;

@@ -17,20 +17,23 @@ impl StopFilter {
         }
     }
 
-    /// Adds `text`; returns what may be emitted now, and whether a stop sequence was hit
-    /// (then the returned text is everything before it and generation must end).
-    pub(crate) fn push(&mut self, text: &str) -> (String, bool) {
+    /// Adds `text`; returns what may be emitted now, and the stop sequence that was hit, if
+    /// one was (its index in the list; then the returned text is everything before it and
+    /// generation must end). Of two stop sequences in the text, the one that starts first
+    /// wins, and of two starting at the same place the one listed first.
+    pub(crate) fn push(&mut self, text: &str) -> (String, Option<u32>) {
         self.held.push_str(text);
         let hit = self
             .stops
             .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| self.held.find(s.as_str()))
+            .zip(0u32..)
+            .filter(|(s, _)| !s.is_empty())
+            .filter_map(|(s, i)| self.held.find(s.as_str()).map(|at| (at, i)))
             .min();
-        if let Some(at) = hit {
+        if let Some((at, index)) = hit {
             let out = self.held[..at].to_string();
             self.held.clear();
-            return (out, true);
+            return (out, Some(index));
         }
         // Keep the longest suffix that is a proper prefix of some stop sequence.
         let mut keep = 0;
@@ -44,7 +47,7 @@ impl StopFilter {
         let cut = self.held.len() - keep;
         let out = self.held[..cut].to_string();
         self.held.drain(..cut);
-        (out, false)
+        (out, None)
     }
 
     /// Whatever is still held back (the generation ended without a stop sequence).
@@ -61,19 +64,22 @@ mod tests {
     fn stop_filter_holds_back_prefixes_and_cuts_at_the_stop() {
         let stops = vec!["\nUser:".to_string(), "END".to_string()];
         let mut f = StopFilter::new(&stops);
-        assert_eq!(f.push("Hello"), ("Hello".to_string(), false));
-        assert_eq!(f.push(" wor\nUs"), (" wor".to_string(), false));
-        assert_eq!(f.push("er: hi"), (String::new(), true));
+        assert_eq!(f.push("Hello"), ("Hello".to_string(), None));
+        assert_eq!(f.push(" wor\nUs"), (" wor".to_string(), None));
+        assert_eq!(f.push("er: hi"), (String::new(), Some(0)));
         let mut f = StopFilter::new(&stops);
-        assert_eq!(f.push("EN"), (String::new(), false));
-        assert_eq!(f.push("x"), ("ENx".to_string(), false));
-        assert_eq!(f.push("abcEND tail"), ("abc".to_string(), true));
+        assert_eq!(f.push("EN"), (String::new(), None));
+        assert_eq!(f.push("x"), ("ENx".to_string(), None));
+        assert_eq!(f.push("abcEND tail"), ("abc".to_string(), Some(1)));
+        // The stop that starts first wins, whatever its place in the list.
+        let mut f = StopFilter::new(&stops);
+        assert_eq!(f.push("aEND\nUser:"), ("a".to_string(), Some(1)));
     }
 
     #[test]
     fn stop_filter_without_stops_passes_everything() {
         let mut f = StopFilter::new(&[]);
-        assert_eq!(f.push("a"), ("a".to_string(), false));
+        assert_eq!(f.push("a"), ("a".to_string(), None));
         assert_eq!(f.finish(), "");
     }
 }

@@ -166,7 +166,7 @@ fn a_stop_sequence_ends_generation_before_it() {
         ),
         &mut sink,
     );
-    assert_eq!(finish, FinishReason::Stop);
+    assert_eq!(finish, FinishReason::StopSequence(0));
     let cut = sink.text();
     assert!(!cut.contains(&stop), "{cut:?} contains {stop:?}");
     assert!(

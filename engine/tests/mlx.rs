@@ -428,7 +428,7 @@ fn a_stop_sequence_ends_generation_before_it() {
         ..greedy(24)
     };
     let finish = run(&chat(prompt, params), &mut sink);
-    assert_eq!(finish, FinishReason::Stop);
+    assert_eq!(finish, FinishReason::StopSequence(0));
     assert_eq!(sink.text(), text[..at], "stop {stop:?} in {text:?}");
 }
 

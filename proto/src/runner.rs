@@ -88,6 +88,37 @@ pub struct GenerateParams {
     pub seed: u64,
     /// Stop sequences: generation ends before any of them would be emitted.
     pub stop: Vec<String>,
+    /// Subtracted once from the logit of every token already generated (OpenAI's
+    /// `presence_penalty`, -2 to 2).
+    #[serde(default)]
+    pub presence_penalty: f32,
+    /// Subtracted from a generated token's logit once per time it was generated (OpenAI's
+    /// `frequency_penalty`, -2 to 2).
+    #[serde(default)]
+    pub frequency_penalty: f32,
+    /// Added to the logits of these token ids before sampling (OpenAI's `logit_bias`, -100 to
+    /// 100; -100 bans a token).
+    #[serde(default)]
+    pub logit_bias: Vec<(u32, f32)>,
+    /// `Some(k)`: report each generated token's log-probability and the `k` most likely
+    /// tokens at its position ([`TokenChunk::logprobs`]); `None`: none.
+    #[serde(default)]
+    pub logprobs: Option<u8>,
+    /// Constrains the output to a grammar (structured output); `None`: free text.
+    #[serde(default)]
+    pub constraint: Option<Constraint>,
+}
+
+/// A grammar the output must follow: the engine masks every token that would leave it, and
+/// ends the generation when the grammar is complete.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Constraint {
+    /// Any JSON object (OpenAI's `response_format: {"type": "json_object"}`).
+    JsonObject,
+    /// JSON valid against this JSON Schema (given as JSON text).
+    JsonSchema(String),
+    /// A Lark grammar, as llguidance reads it.
+    Lark(String),
 }
 
 impl Default for GenerateParams {
@@ -99,6 +130,11 @@ impl Default for GenerateParams {
             top_k: None,
             seed: 0,
             stop: Vec::new(),
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            logprobs: None,
+            constraint: None,
         }
     }
 }
@@ -218,8 +254,11 @@ impl std::fmt::Display for Phase {
 /// Why a task ended normally.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FinishReason {
-    /// The model produced its end-of-sequence token or a stop sequence.
+    /// The model produced its end-of-sequence token (or completed its grammar).
     Stop,
+    /// The output reached one of the request's stop sequences (its index in
+    /// [`GenerateParams::stop`]).
+    StopSequence(u32),
     /// `max_tokens` was reached.
     Length,
     /// The task was cancelled.
@@ -236,7 +275,7 @@ pub struct Usage {
 }
 
 /// A piece of generated output.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TokenChunk {
     /// Index of this chunk within its task, from 0.
     pub index: u32,
@@ -244,6 +283,37 @@ pub struct TokenChunk {
     pub text: String,
     /// The token ids this chunk covers.
     pub token_ids: Vec<u32>,
+    /// One entry per token of `token_ids`, when the request asked for log-probabilities.
+    #[serde(default)]
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+/// A generated token's log-probability, and the most likely tokens at its position.
+///
+/// The distribution is the one the sampler drew from before its top-k/top-p cut: the model's
+/// logits after `logit_bias`, the penalties and the grammar's mask, divided by the temperature
+/// (by 1 for greedy decoding).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    /// The token id.
+    pub token: u32,
+    /// The bytes the token decodes to (possibly part of a UTF-8 character).
+    pub bytes: Vec<u8>,
+    /// Its natural log-probability.
+    pub logprob: f32,
+    /// The most likely tokens at this position, most likely first (as many as asked for).
+    pub top: Vec<TopLogprob>,
+}
+
+/// One of the most likely tokens at a position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    /// The token id.
+    pub token: u32,
+    /// The bytes the token decodes to.
+    pub bytes: Vec<u8>,
+    /// Its natural log-probability.
+    pub logprob: f32,
 }
 
 /// A message from the runner to the supervisor (stdout).

@@ -27,17 +27,70 @@ fn arb_params() -> impl Strategy<Value = GenerateParams> {
         proptest::option::of(any::<u32>()),
         any::<u64>(),
         prop::collection::vec(any::<String>(), 0..3),
+        (
+            -2.0f32..2.0,
+            -2.0f32..2.0,
+            prop::collection::vec((any::<u32>(), -100.0f32..100.0), 0..4),
+            proptest::option::of(0u8..=20),
+            proptest::option::of(prop_oneof![
+                Just(Constraint::JsonObject),
+                any::<String>().prop_map(Constraint::JsonSchema),
+                any::<String>().prop_map(Constraint::Lark),
+            ]),
+        ),
     )
         .prop_map(
-            |(max_tokens, temperature, top_p, top_k, seed, stop)| GenerateParams {
+            |(
                 max_tokens,
                 temperature,
                 top_p,
                 top_k,
                 seed,
                 stop,
+                (presence_penalty, frequency_penalty, logit_bias, logprobs, constraint),
+            )| GenerateParams {
+                max_tokens,
+                temperature,
+                top_p,
+                top_k,
+                seed,
+                stop,
+                presence_penalty,
+                frequency_penalty,
+                logit_bias,
+                logprobs,
+                constraint,
             },
         )
+}
+
+fn arb_logprob() -> impl Strategy<Value = TokenLogprob> {
+    (
+        any::<u32>(),
+        prop::collection::vec(any::<u8>(), 0..4),
+        -30.0f32..0.0,
+        prop::collection::vec(
+            (
+                any::<u32>(),
+                prop::collection::vec(any::<u8>(), 0..4),
+                -30.0f32..0.0,
+            ),
+            0..3,
+        ),
+    )
+        .prop_map(|(token, bytes, logprob, top)| TokenLogprob {
+            token,
+            bytes,
+            logprob,
+            top: top
+                .into_iter()
+                .map(|(token, bytes, logprob)| TopLogprob {
+                    token,
+                    bytes,
+                    logprob,
+                })
+                .collect(),
+        })
 }
 
 fn arb_handshake() -> impl Strategy<Value = Handshake> {
@@ -98,6 +151,7 @@ fn arb_from_runner() -> impl Strategy<Value = FromRunner> {
     ];
     let finish = prop_oneof![
         Just(FinishReason::Stop),
+        any::<u32>().prop_map(FinishReason::StopSequence),
         Just(FinishReason::Length),
         Just(FinishReason::Cancelled)
     ];
@@ -115,16 +169,20 @@ fn arb_from_runner() -> impl Strategy<Value = FromRunner> {
             any::<u64>(),
             any::<u32>(),
             any::<String>(),
-            prop::collection::vec(any::<u32>(), 0..8)
+            prop::collection::vec(any::<u32>(), 0..8),
+            prop::collection::vec(arb_logprob(), 0..2)
         )
-            .prop_map(|(task_id, index, text, token_ids)| FromRunner::Chunk {
-                task_id,
-                chunk: TokenChunk {
-                    index,
-                    text,
-                    token_ids
+            .prop_map(
+                |(task_id, index, text, token_ids, logprobs)| FromRunner::Chunk {
+                    task_id,
+                    chunk: TokenChunk {
+                        index,
+                        text,
+                        token_ids,
+                        logprobs
+                    }
                 }
-            }),
+            ),
         (any::<u64>(), finish, any::<u32>(), any::<u32>()).prop_map(
             |(task_id, finish_reason, prompt_tokens, completion_tokens)| FromRunner::Done {
                 task_id,

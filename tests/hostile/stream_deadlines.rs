@@ -105,6 +105,7 @@ fn chunk(text: &str) -> TaskEvent {
         index: 0,
         text: text.into(),
         token_ids: vec![1],
+        logprobs: Vec::new(),
     })
 }
 

@@ -6,7 +6,7 @@ Checks that what the client library sees is what Anthropic's Messages API would 
 `messages.create` (the message object, its text block, stop reason and usage), a stream with
 `messages.stream` (text collected from the events equals the final message's, the final
 message's usage), a system prompt, `stop_sequences` (the stop sequence never appears in the
-text), `max_tokens` reached (`stop_reason == "max_tokens"`), and the errors the client raises:
+text; `stop_reason` names it), `max_tokens` reached (`stop_reason == "max_tokens"`), and the errors the client raises:
 `NotFoundError` for an unknown model, `BadRequestError` for a refused field (`tools`,
 `thinking`) or a missing `max_tokens`, and `AuthenticationError` for a wrong key when the node
 has one. The key is sent with `api_key=` (the client sends it as `x-api-key`). Prints one line
@@ -124,9 +124,9 @@ def main() -> int:
         got = msg.content[0].text
         assert stop not in got, (stop, got)
         assert got == text[:at], (got, text[:at], stop)
-        # The engine does not say which stop ended the answer: never a guessed value.
-        assert msg.stop_reason == "end_turn", msg.stop_reason
-        assert msg.stop_sequence is None, msg.stop_sequence
+        # The engine says which stop ended the answer.
+        assert msg.stop_reason == "stop_sequence", msg.stop_reason
+        assert msg.stop_sequence == stop, msg.stop_sequence
         print(f"     stop {stop!r}: {got!r}", flush=True)
 
     @check("max_tokens reached is stop_reason max_tokens")

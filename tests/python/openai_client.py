@@ -3,13 +3,15 @@
 Usage: python openai_client.py --base-url http://127.0.0.1:PORT/v1 --model MODEL
 
 Checks that what the client library sees is what OpenAI's API would give it: the model list,
-a plain chat completion, a streamed one (deltas joined, finish reason, usage chunk), and the
+a plain chat completion, a streamed one (deltas joined, finish reason, usage chunk),
+log-probabilities (plain and streamed), `n` choices, the penalties and `logit_bias`, and the
 typed errors the client raises for an unknown model (NotFoundError) and for bad parameters
 (BadRequestError). Prints one line per check and exits non-zero if any check failed.
 Started by tests/node_model.rs, which starts the node and installs the client in a venv.
 """
 
 import argparse
+import math
 import sys
 from checks import Checks
 
@@ -98,6 +100,93 @@ def main() -> int:
             assert text == plain["content"], (text, plain["content"])
             assert usage.completion_tokens == plain["usage"].completion_tokens, usage
 
+    @check("logprobs=True, top_logprobs=3")
+    def _():
+        resp = client.chat.completions.create(**params, logprobs=True, top_logprobs=3)
+        choice = resp.choices[0]
+        entries = choice.logprobs.content
+        # One entry per generated token; their bytes are the answer's text.
+        assert len(entries) == resp.usage.completion_tokens, (len(entries), resp.usage)
+        joined = b"".join(bytes(e.bytes) for e in entries).decode("utf-8")
+        assert joined == choice.message.content, (joined, choice.message.content)
+        for e in entries:
+            assert e.logprob <= 0.0, e
+            assert len(e.top_logprobs) == 3, e
+            tops = [t.logprob for t in e.top_logprobs]
+            assert tops == sorted(tops, reverse=True), tops
+            # Greedy: the chosen token is the most likely one.
+            assert math.isclose(e.logprob, tops[0], abs_tol=1e-6), (e.logprob, tops)
+            assert sum(math.exp(t) for t in tops) <= 1.0 + 1e-4, tops
+        if "content" in plain:
+            # Asking for log-probabilities does not change the tokens.
+            assert choice.message.content == plain["content"], choice.message.content
+        print(f"     first token {entries[0].token!r}: {entries[0].logprob:.4f}", flush=True)
+
+    @check("logprobs in a stream")
+    def _():
+        stream = client.chat.completions.create(
+            **params, logprobs=True, top_logprobs=1, stream=True,
+            stream_options={"include_usage": True},
+        )
+        entries, text, usage = [], [], None
+        for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    text.append(choice.delta.content)
+                if choice.logprobs is not None and choice.logprobs.content:
+                    entries.extend(choice.logprobs.content)
+        assert usage is not None and len(entries) == usage.completion_tokens, (len(entries), usage)
+        joined = b"".join(bytes(e.bytes) for e in entries).decode("utf-8")
+        assert joined == "".join(text), (joined, text)
+
+    @check("n=3 gives three seeded choices")
+    def _():
+        sampled = {**params, "temperature": 1.0, "seed": 1234, "n": 3, "max_tokens": 12}
+        first = client.chat.completions.create(**sampled)
+        assert [c.index for c in first.choices] == [0, 1, 2], first
+        texts = [c.message.content for c in first.choices]
+        assert all(isinstance(t, str) for t in texts), texts
+        # The prompt counts once; the completions add up.
+        single = client.chat.completions.create(**{**sampled, "n": 1})
+        assert first.usage.prompt_tokens == single.usage.prompt_tokens, (first.usage, single.usage)
+        assert first.usage.completion_tokens >= 3, first.usage
+        # Choice 0 is the n=1 answer with the same seed; the whole answer repeats.
+        assert texts[0] == single.choices[0].message.content, (texts, single)
+        again = client.chat.completions.create(**sampled)
+        assert [c.message.content for c in again.choices] == texts, (texts, again)
+        print(f"     choices: {texts!r}", flush=True)
+
+    @check("n=2 in a stream finishes each choice")
+    def _():
+        stream = client.chat.completions.create(
+            **{**params, "n": 2, "max_tokens": 8}, stream=True
+        )
+        finishes, text = {}, {0: [], 1: []}
+        for chunk in stream:
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    text[choice.index].append(choice.delta.content)
+                if choice.finish_reason:
+                    assert choice.index not in finishes, "two finish reasons"
+                    finishes[choice.index] = choice.finish_reason
+        assert sorted(finishes) == [0, 1], finishes
+        # Greedy: both choices say the same.
+        assert "".join(text[0]) == "".join(text[1]), text
+
+    @check("logit_bias +100 forces a token; penalties are accepted")
+    def _():
+        resp = client.chat.completions.create(
+            **{**params, "max_tokens": 5}, logit_bias={"1000": 100}, logprobs=True
+        )
+        tokens = [e.token for e in resp.choices[0].logprobs.content]
+        assert len(tokens) == 5 and len(set(tokens)) == 1, tokens
+        resp = client.chat.completions.create(
+            **{**params, "max_tokens": 24}, presence_penalty=1.5, frequency_penalty=1.0
+        )
+        assert resp.choices[0].message.content is not None, resp
+
     @check("unknown model raises NotFoundError")
     def _():
         try:
@@ -124,7 +213,10 @@ def main() -> int:
         ("temperature=5", {"temperature": 5}, "temperature"),
         ("top_p=1.5", {"top_p": 1.5}, "top_p"),
         ("max_tokens=0", {"max_tokens": 0}, "max_tokens"),
-        ("n=2", {"n": 2}, "n"),
+        ("n=17", {"n": 17}, "n"),
+        ("top_logprobs=21", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("logit_bias out of the vocabulary", {"logit_bias": {"99999999": 1}}, "logit_bias"),
+        ("response_format", {"response_format": {"type": "json_object"}}, "response_format"),
         ("no messages", {"messages": []}, "messages"),
         ("unknown role", {"messages": [{"role": "wizard", "content": "x"}]}, "role"),
     ]

@@ -4,8 +4,9 @@
 Usage: python openai_completions.py --base-url http://127.0.0.1:PORT/v1 --model MODEL
 
 Checks a plain completion (raw prompt, no chat template), a streamed one (pieces joined, one
-finish reason, the usage chunk), `echo`, a list of prompts (one choice each, by index), and the
-BadRequestError the client raises for a refused field (`suffix`, `logprobs`). Prints one line
+finish reason, the usage chunk), `echo`, a list of prompts (one choice each, by index),
+`logprobs` in the legacy shape, `n` choices per prompt, and the BadRequestError the client
+raises for a refused field (`suffix`, `best_of`). Prints one line
 per check and exits non-zero if any check failed. Started by tests/api_compat.rs, which starts
 the node and installs the client in a venv.
 """
@@ -97,9 +98,41 @@ def main() -> int:
             assert resp.choices[0].text == plain["text"], resp.choices[0].text
             assert resp.usage.completion_tokens >= plain["usage"].completion_tokens, resp.usage
 
+    @check("logprobs=2 in the legacy shape")
+    def _():
+        resp = client.completions.create(**params, logprobs=2)
+        choice = resp.choices[0]
+        lp = choice.logprobs
+        n = resp.usage.completion_tokens
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == n, lp
+        assert "".join(lp.tokens) == choice.text, (lp.tokens, choice.text)
+        offsets = [sum(len(t) for t in lp.tokens[:i]) for i in range(n)]
+        assert lp.text_offset == offsets, (lp.text_offset, offsets)
+        for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+            assert 1 <= len(top) <= 2, top
+            assert abs(chosen - max(top.values())) < 1e-6, (chosen, top)
+        if "text" in plain:
+            assert choice.text == plain["text"], choice.text
+
+    @check("n=2 per prompt, numbered prompt-major")
+    def _():
+        resp = client.completions.create(
+            **{**params, "prompt": [PROMPT, "One, two, three,"], "n": 2}
+        )
+        assert [c.index for c in resp.choices] == [0, 1, 2, 3], resp
+        # Greedy: a prompt's two choices agree.
+        assert resp.choices[0].text == resp.choices[1].text, resp
+        assert resp.choices[2].text == resp.choices[3].text, resp
+        if "text" in plain:
+            assert resp.choices[0].text == plain["text"], resp.choices[0].text
+            single = client.completions.create(**{**params, "prompt": "One, two, three,"})
+            prompts = plain["usage"].prompt_tokens + single.usage.prompt_tokens
+            assert resp.usage.prompt_tokens == prompts, (resp.usage, prompts)
+
     for name, extra, param in [
         ("suffix", {"suffix": " and that is all."}, "suffix"),
-        ("logprobs", {"logprobs": 2}, "logprobs"),
+        ("best_of", {"best_of": 3}, "best_of"),
+        ("logprobs with echo", {"logprobs": 1, "echo": True}, "echo"),
     ]:
 
         @check(f"{name} raises BadRequestError")

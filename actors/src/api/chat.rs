@@ -1,5 +1,6 @@
-//! `POST /v1/chat/completions`: validates the request, submits its task, and answers with
-//! one JSON completion or, for `stream: true`, an SSE stream (see `stream`).
+//! `POST /v1/chat/completions`: validates the request, submits its tasks (one per choice,
+//! `n`; see `choices`), and answers with one JSON completion or, for `stream: true`, an SSE
+//! stream (see `stream`). Usage counts the prompt once and every choice's completion.
 //!
 //! Errors before the task is accepted (bad body, unknown model, no Ready instance, capacity)
 //! are answered with their HTTP status even for streams; the stream only begins once a
@@ -16,15 +17,16 @@ use std::time::Instant;
 use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use futures::future::{join_all, try_join_all};
 
+use super::choices::{self, Started};
 use super::error::ApiError;
 use super::extract::OpenAiJson;
 use super::output;
 use super::request::ChatCompletionRequest;
-use super::response::{ChatCompletion, CompletionMeta};
+use super::response::{ChatChoice, ChatCompletion, CompletionMeta, UsageBody};
 use super::state::AppState;
 use super::stream;
-use super::task::ChatTask;
 
 /// The handler.
 pub(crate) async fn chat_completions(
@@ -42,27 +44,64 @@ async fn answer(state: AppState, body: ChatCompletionRequest) -> Result<Response
     let received = Instant::now();
     let job = body.into_job(&state.config)?;
     let meta = CompletionMeta::new(&job.model);
-    tracing::debug!(id = %meta.id, model = %job.model, stream = job.stream, "chat completion");
-    let mut task = ChatTask::new(state.clone(), job.model, job.request, received);
-    let mut handle = task.start().await?;
+    tracing::debug!(id = %meta.id, model = %job.model, stream = job.stream,
+        choices = job.choices, "chat completion");
+    let logprobs = job.request.params.logprobs.is_some();
+    let started = choices::start(
+        &state,
+        &job.model,
+        job.requests(),
+        job.choices as usize,
+        received,
+    )
+    .await?;
     if job.stream {
-        let first = output::begin(&mut handle, state.config.keepalive).await?;
-        let outputs = output::outputs(task, handle, first, state.closing.clone());
+        let keepalive = state.config.keepalive;
+        let firsts = join_all(started.into_iter().map(|mut s| async move {
+            if s.first.is_none() {
+                s.first = output::begin(&mut s.handle, keepalive).await?;
+            }
+            Ok::<_, ApiError>(s)
+        }))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+        let outputs = firsts
+            .into_iter()
+            .map(|s| output::outputs(s.task, s.handle, s.first, state.closing.clone()))
+            .collect();
         Ok(stream::respond(
             meta,
             outputs,
-            job.include_usage,
-            state.config.keepalive,
+            stream::Shape {
+                include_usage: job.include_usage,
+                logprobs,
+            },
+            keepalive,
         ))
     } else {
-        let outputs = output::outputs(task, handle, None, state.closing.clone());
-        let done = output::collect(outputs).await?;
-        Ok(Json(ChatCompletion::new(
-            meta,
-            done.text,
-            done.reason,
-            done.usage,
-        ))
-        .into_response())
+        let done = try_join_all(started.into_iter().map(|s: Started| {
+            output::collect(output::outputs(
+                s.task,
+                s.handle,
+                s.first,
+                state.closing.clone(),
+            ))
+        }))
+        .await?;
+        let mut usage = UsageBody::default();
+        let choices = done
+            .into_iter()
+            .enumerate()
+            .map(|(i, done)| {
+                usage = usage.add_choice(done.usage, i == 0);
+                ChatChoice {
+                    text: done.text,
+                    reason: done.reason,
+                    logprobs: logprobs.then_some(done.logprobs),
+                }
+            })
+            .collect();
+        Ok(Json(ChatCompletion::new(meta, choices, usage)).into_response())
     }
 }

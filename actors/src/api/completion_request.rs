@@ -14,11 +14,17 @@
 //!   sends it as each choice's first chunk).
 //! - `stream_options.include_usage` ends a stream with a usage chunk (no choices); usage
 //!   adds up the prompts' tasks.
-//! - Refused with a 400 naming the field, because the engine cannot honour them: `suffix`
-//!   (insertion), `logprobs`, `best_of` other than 1, `n` other than 1, a non-empty
-//!   `logit_bias`, and `presence_penalty` / `frequency_penalty` other than 0. `null` is the
-//!   same as leaving a field out. `user` is accepted and not used (it only identifies the
-//!   caller to OpenAI).
+//! - `n` choices per prompt (1 to `MAX_CHOICES`, choice `i` seeded with `seed + i`); choice
+//!   `c` of prompt `p` has `index` `p * n + c`, as OpenAI numbers them. `best_of` is accepted
+//!   only equal to `n` (or absent): ranking candidates is not implemented.
+//! - `logprobs` (0 to 5, OpenAI's limit): each generated token's log-probability and as
+//!   many alternatives, in the legacy shape (`tokens`, `token_logprobs`, `top_logprobs`,
+//!   `text_offset`). With `echo`, OpenAI also scores the prompt's tokens, which the engine
+//!   does not: that combination is a 400 naming `echo`.
+//! - `presence_penalty`, `frequency_penalty` and `logit_bias` as for chat.
+//! - Refused with a 400 naming the field, because the engine cannot honour it: `suffix`
+//!   (insertion). `null` is the same as leaving a field out. `user` is accepted and not
+//!   used (it only identifies the caller to OpenAI).
 //! - Unknown fields are a 400 naming them, as OpenAI's own API answers
 //!   ("Unrecognized request argument").
 
@@ -30,7 +36,10 @@ use serde_json::Value;
 
 use super::config::ApiConfig;
 use super::error::ApiError;
-use super::request::{Sampling, json_type};
+use super::request::{Sampling, choice_params, choices, json_type, unsupported};
+
+/// Most alternatives per position in `logprobs` (OpenAI's limit for this endpoint).
+const MAX_LOGPROBS: i64 = 5;
 
 /// `max_tokens` when a completion request does not set it (OpenAI's default).
 pub(crate) const DEFAULT_COMPLETION_TOKENS: i64 = 16;
@@ -52,7 +61,7 @@ pub(crate) struct CompletionRequest {
     n: Option<i64>,
     best_of: Option<i64>,
     suffix: Option<Value>,
-    logprobs: Option<Value>,
+    logprobs: Option<i64>,
     logit_bias: Option<Value>,
     presence_penalty: Option<f64>,
     frequency_penalty: Option<f64>,
@@ -76,9 +85,11 @@ struct StreamOptions {
 pub(crate) struct CompletionJob {
     /// The model asked for.
     pub(crate) model: String,
-    /// The prompts, one task and one choice each, in order.
+    /// The prompts, in order; each has `choices` tasks and choices.
     pub(crate) prompts: Vec<String>,
-    /// Sampling and stopping, the same for every prompt.
+    /// Choices per prompt (`n`).
+    pub(crate) choices: u32,
+    /// Sampling and stopping, the same for every prompt (choice `i` has seed `seed + i`).
     pub(crate) params: GenerateParams,
     /// Whether to answer with an SSE stream.
     pub(crate) stream: bool,
@@ -89,22 +100,24 @@ pub(crate) struct CompletionJob {
 }
 
 impl CompletionJob {
-    /// The engine request of prompt `index`.
+    /// The engine request of choice `index` (`prompt * n + choice`).
     pub(crate) fn request(&self, index: usize) -> GenerateRequest {
+        let n = self.choices as usize;
         GenerateRequest {
-            prompt: Prompt::Text(self.prompts[index].clone()),
-            params: self.params.clone(),
+            prompt: Prompt::Text(self.prompts[index / n].clone()),
+            params: choice_params(&self.params, (index % n) as u32),
         }
     }
-}
 
-/// A 400 for a field the endpoint does not support.
-fn unsupported(field: &str, why: &str) -> ApiError {
-    ApiError::invalid_param(
-        field,
-        format!("'{field}' is not supported by this server: {why}."),
-        "unsupported_parameter",
-    )
+    /// How many choices the answer has (prompts times `n`).
+    pub(crate) fn total_choices(&self) -> usize {
+        self.prompts.len() * self.choices as usize
+    }
+
+    /// The prompt of choice `index`.
+    pub(crate) fn prompt_of(&self, index: usize) -> &str {
+        &self.prompts[index / self.choices as usize]
+    }
 }
 
 impl CompletionRequest {
@@ -131,48 +144,39 @@ impl CompletionRequest {
                  format, which Canopy's engines do not provide",
             ));
         }
-        if self.logprobs.as_ref().is_some_and(|l| !l.is_null()) {
+        let logprobs = match self.logprobs {
+            None => None,
+            Some(k) if (0..=MAX_LOGPROBS).contains(&k) => Some(k as u8),
+            Some(k) => {
+                return Err(ApiError::invalid_param(
+                    "logprobs",
+                    format!(
+                        "Invalid value for 'logprobs': {k}. It must be between 0 and \
+                         {MAX_LOGPROBS}."
+                    ),
+                    "invalid_value",
+                ));
+            }
+        };
+        let echo = self.echo.unwrap_or(false);
+        if echo && logprobs.is_some() {
             return Err(unsupported(
-                "logprobs",
-                "the engine does not report token log-probabilities",
+                "echo",
+                "with 'logprobs', 'echo' also scores the prompt's tokens, which the engine \
+                 does not compute",
             ));
         }
-        if let Some(n) = self.n
-            && n != 1
-        {
-            return Err(unsupported(
-                "n",
-                &format!("only n = 1 is supported (got {n}); send several prompts instead"),
-            ));
-        }
+        let n = choices(self.n)?;
         if let Some(best_of) = self.best_of
-            && best_of != 1
+            && best_of != i64::from(n)
         {
             return Err(unsupported(
                 "best_of",
-                &format!("only best_of = 1 is supported (got {best_of})"),
+                &format!(
+                    "ranking candidates is not implemented: 'best_of' must equal 'n' ({n}), \
+                     got {best_of}"
+                ),
             ));
-        }
-        match &self.logit_bias {
-            None | Some(Value::Null) => {}
-            Some(Value::Object(map)) if map.is_empty() => {}
-            Some(_) => {
-                return Err(unsupported(
-                    "logit_bias",
-                    "the sampler does not bias tokens",
-                ));
-            }
-        }
-        for (name, value) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if value.is_some_and(|v| v != 0.0) {
-                return Err(unsupported(
-                    name,
-                    "the sampler applies no penalties (only 0 is accepted)",
-                ));
-            }
         }
         let prompts = prompts(self.prompt)?;
         let params = Sampling {
@@ -185,6 +189,10 @@ impl CompletionRequest {
             top_k: self.top_k,
             seed: self.seed,
             stop: self.stop,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: self.logit_bias,
+            logprobs,
         }
         .into_params(config)?;
         let stream = self.stream.unwrap_or(false);
@@ -196,10 +204,11 @@ impl CompletionRequest {
         Ok(CompletionJob {
             model: self.model,
             prompts,
+            choices: n,
             params,
             stream,
             include_usage,
-            echo: self.echo.unwrap_or(false),
+            echo,
         })
     }
 }
@@ -289,22 +298,49 @@ mod tests {
     }
 
     #[test]
+    fn choices_are_numbered_prompt_major() {
+        let job = job(
+            r#"{"model":"m","prompt":["a","b"],"n":3,"best_of":3,"seed":10,"logprobs":2,
+               "logit_bias":{"50256":-100},"presence_penalty":0.5,"frequency_penalty":1}"#,
+        )
+        .expect("valid");
+        assert_eq!(job.total_choices(), 6);
+        assert_eq!(job.prompt_of(2), "a");
+        assert_eq!(job.prompt_of(3), "b");
+        let r = job.request(4);
+        assert_eq!(r.prompt, Prompt::Text("b".into()));
+        assert_eq!(r.params.seed, 11);
+        assert_eq!(r.params.logprobs, Some(2));
+        assert_eq!(r.params.logit_bias, vec![(50256, -100.0)]);
+        assert_eq!(
+            (r.params.presence_penalty, r.params.frequency_penalty),
+            (0.5, 1.0)
+        );
+    }
+
+    #[test]
     fn unsupported_and_bad_fields_are_refused_by_name() {
         let cases = [
             (r#"{"model":"m","prompt":"x","suffix":"end"}"#, "suffix"),
-            (r#"{"model":"m","prompt":"x","logprobs":2}"#, "logprobs"),
-            (r#"{"model":"m","prompt":"x","n":2}"#, "n"),
-            (r#"{"model":"m","prompt":"x","best_of":3}"#, "best_of"),
+            (r#"{"model":"m","prompt":"x","logprobs":6}"#, "logprobs"),
+            (r#"{"model":"m","prompt":"x","logprobs":"2"}"#, "logprobs"),
             (
-                r#"{"model":"m","prompt":"x","logit_bias":{"50256":-100}}"#,
+                r#"{"model":"m","prompt":"x","logprobs":1,"echo":true}"#,
+                "echo",
+            ),
+            (r#"{"model":"m","prompt":"x","n":0}"#, "n"),
+            (r#"{"model":"m","prompt":"x","best_of":3}"#, "best_of"),
+            (r#"{"model":"m","prompt":"x","n":2,"best_of":3}"#, "best_of"),
+            (
+                r#"{"model":"m","prompt":"x","logit_bias":{"x":-100}}"#,
                 "logit_bias",
             ),
             (
-                r#"{"model":"m","prompt":"x","presence_penalty":0.5}"#,
+                r#"{"model":"m","prompt":"x","presence_penalty":2.5}"#,
                 "presence_penalty",
             ),
             (
-                r#"{"model":"m","prompt":"x","frequency_penalty":1}"#,
+                r#"{"model":"m","prompt":"x","frequency_penalty":-2.1}"#,
                 "frequency_penalty",
             ),
             (r#"{"model":"m","prompt":"x","mystery":1}"#, "mystery"),

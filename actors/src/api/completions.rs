@@ -2,11 +2,12 @@
 //! text (no chat template) for the same machinery as chat: submission with its single retry
 //! (`task`), outputs and cancellation (`output`), capacity and error mapping (`error`).
 //!
-//! The tasks of a request's prompts are submitted together and run side by side (the
-//! runner's batch takes them as any concurrent requests); each counts against capacity, so a
-//! request with more prompts than the instances have room for is a 429 (the tasks already
-//! submitted are cancelled). The answer waits for every choice; the first failure ends the
-//! whole request and cancels the other tasks.
+//! Each prompt has `n` choices, each a task (see `choices`: the choices of a prompt share its
+//! prefill; different prompts start side by side, and the runner's batch takes them as any
+//! concurrent requests); each counts against capacity, so a request with more choices than
+//! the instances have room for is a 429 (the tasks already submitted are cancelled). The
+//! answer waits for every choice; the first failure ends the whole request and cancels the
+//! other tasks. Usage counts each prompt once and every choice's completion.
 //!
 //! A stream (`stream: true`) sends, per choice, the prompt first with `echo`, then a chunk
 //! per piece of text, then a chunk with empty text and the `finish_reason`; choices
@@ -27,15 +28,17 @@ use axum::response::{IntoResponse, Response};
 use futures::future::{join_all, try_join_all};
 use futures::{Stream, StreamExt};
 
+use super::choices;
 use super::completion_request::{CompletionJob, CompletionRequest};
 use super::error::ApiError;
 use super::extract::OpenAiJson;
 use super::output::{self, Output};
-use super::response::{CompletionMeta, TextChoice, TextCompletion, TextCompletionChunk, UsageBody};
+use super::response::{
+    CompletionMeta, TextChoice, TextCompletion, TextCompletionChunk, TextLogprobs, TextOffsets,
+    UsageBody,
+};
 use super::state::AppState;
 use super::stream::{done_event, error_event, json_event, sse};
-use super::task::ChatTask;
-use crate::runner::TaskHandle;
 
 /// The handler.
 pub(crate) async fn completions(
@@ -54,72 +57,60 @@ async fn answer(state: AppState, body: CompletionRequest) -> Result<Response, Ap
     let job = body.into_job(&state.config)?;
     let meta = CompletionMeta::text(&job.model);
     tracing::debug!(id = %meta.id, model = %job.model, prompts = job.prompts.len(),
-        stream = job.stream, "completion");
-    let mut started = start_all(&state, &job, received).await?;
+        choices = job.choices, stream = job.stream, "completion");
+    let requests = (0..job.total_choices()).map(|i| job.request(i)).collect();
+    let started =
+        choices::start(&state, &job.model, requests, job.choices as usize, received).await?;
     if job.stream {
         let wait = state.config.keepalive;
-        let firsts = join_all(
-            started
-                .iter_mut()
-                .map(|(_, handle)| output::begin(handle, wait)),
-        )
+        let firsts = join_all(started.into_iter().map(|mut s| async move {
+            if s.first.is_none() {
+                s.first = output::begin(&mut s.handle, wait).await?;
+            }
+            Ok::<_, ApiError>(s)
+        }))
         .await
         .into_iter()
         .collect::<Result<Vec<_>, _>>()?;
-        let outputs = started
+        let outputs = firsts
             .into_iter()
-            .zip(firsts)
-            .map(|((task, handle), first)| {
-                output::outputs(task, handle, first, state.closing.clone())
-            })
+            .map(|s| output::outputs(s.task, s.handle, s.first, state.closing.clone()))
             .collect();
         Ok(sse(events(meta, job, outputs), state.config.keepalive))
     } else {
-        let done = try_join_all(started.into_iter().map(|(task, handle)| {
-            output::collect(output::outputs(task, handle, None, state.closing.clone()))
+        let done = try_join_all(started.into_iter().map(|s| {
+            output::collect(output::outputs(
+                s.task,
+                s.handle,
+                s.first,
+                state.closing.clone(),
+            ))
         }))
         .await?;
+        let logprobs = job.params.logprobs.is_some();
+        let n = job.choices as usize;
         let mut usage = UsageBody::default();
         let choices = done
             .into_iter()
-            .zip(&job.prompts)
-            .map(|(done, prompt)| {
-                usage = usage.add(done.usage);
+            .enumerate()
+            .map(|(i, done)| {
+                usage = usage.add_choice(done.usage, i.is_multiple_of(n));
+                let logprobs = logprobs
+                    .then(|| TextLogprobs::new(&done.logprobs, &mut TextOffsets::default()));
                 let text = if job.echo {
-                    format!("{prompt}{}", done.text)
+                    format!("{}{}", job.prompt_of(i), done.text)
                 } else {
                     done.text
                 };
                 TextChoice {
                     text,
                     reason: done.reason,
+                    logprobs,
                 }
             })
             .collect();
         Ok(Json(TextCompletion::new(meta, choices, usage)).into_response())
     }
-}
-
-/// Submits every prompt's task at once; the first refusal is the answer (dropping the
-/// handles already had cancels their tasks).
-async fn start_all(
-    state: &AppState,
-    job: &CompletionJob,
-    received: Instant,
-) -> Result<Vec<(ChatTask, TaskHandle)>, ApiError> {
-    try_join_all((0..job.prompts.len()).map(|index| {
-        let mut task = ChatTask::new(
-            state.clone(),
-            job.model.clone(),
-            job.request(index),
-            received,
-        );
-        async move {
-            let handle = task.start().await?;
-            Ok::<_, ApiError>((task, handle))
-        }
-    }))
-    .await
 }
 
 fn events<S>(
@@ -131,7 +122,10 @@ where
     S: Stream<Item = Output> + Send + 'static,
 {
     let include_usage = job.include_usage;
+    let logprobs = job.params.logprobs.is_some();
+    let n = job.choices as usize;
     let choices = outputs.len();
+    let mut offsets = vec![TextOffsets::default(); choices];
     let merged = futures::stream::select_all(
         outputs
             .into_iter()
@@ -140,10 +134,11 @@ where
     );
     async_stream::stream! {
         if job.echo {
-            for (prompt, index) in job.prompts.iter().zip(0u32..) {
+            for index in 0..choices {
+                let prompt = job.prompt_of(index);
                 if !prompt.is_empty() {
                     yield Ok(json_event(&TextCompletionChunk::piece(
-                        &meta, include_usage, index, prompt, None,
+                        &meta, include_usage, index as u32, (prompt, None), None,
                     )));
                 }
             }
@@ -153,16 +148,19 @@ where
         let mut failed = false;
         for await (index, output) in merged {
             match output {
-                Output::Text(text) => {
+                Output::Text { text, logprobs: entries } => {
+                    let lp = logprobs.then(|| {
+                        TextLogprobs::new(&entries, &mut offsets[index as usize])
+                    });
                     yield Ok(json_event(&TextCompletionChunk::piece(
-                        &meta, include_usage, index, &text, None,
+                        &meta, include_usage, index, (&text, lp), None,
                     )));
                 }
                 Output::Done { reason, usage: used, .. } => {
-                    usage = usage.add(used);
+                    usage = usage.add_choice(used, (index as usize).is_multiple_of(n));
                     finished += 1;
                     yield Ok(json_event(&TextCompletionChunk::piece(
-                        &meta, include_usage, index, "", Some(reason),
+                        &meta, include_usage, index, ("", None), Some(reason),
                     )));
                     if finished == choices {
                         break;

@@ -49,6 +49,7 @@ mod actor;
 mod anthropic;
 mod backend;
 mod chat;
+mod choices;
 mod completion_request;
 mod completions;
 mod config;

@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use canopy_proto::{FinishReason, Usage};
+use canopy_proto::{FinishReason, TokenLogprob, Usage};
 use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
@@ -25,8 +25,14 @@ use crate::runner::{TaskEvent, TaskHandle};
 /// One thing a task produced.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Output {
-    /// A non-empty piece of generated text.
-    Text(String),
+    /// A piece of generated text: non-empty, or carrying the log-probabilities of tokens
+    /// that hold part of a character (its text comes with a later piece).
+    Text {
+        /// The text.
+        text: String,
+        /// One entry per token, when the request asked for log-probabilities.
+        logprobs: Vec<TokenLogprob>,
+    },
     /// The task finished; nothing follows.
     Done {
         /// Why it ended.
@@ -100,8 +106,8 @@ pub(crate) fn outputs(
                 Some(Next::Task(TaskEvent::Chunk(chunk))) => {
                     task.on_chunk(&chunk);
                     // An empty chunk holds part of a character; its text comes later.
-                    if !chunk.text.is_empty() {
-                        yield Output::Text(chunk.text);
+                    if !chunk.text.is_empty() || !chunk.logprobs.is_empty() {
+                        yield Output::Text { text: chunk.text, logprobs: chunk.logprobs };
                     }
                 }
                 Some(Next::Task(TaskEvent::Done { finish_reason, usage })) => {
@@ -136,6 +142,8 @@ pub(crate) fn outputs(
 pub(crate) struct Collected {
     /// The generated text.
     pub(crate) text: String,
+    /// Its tokens' log-probabilities, when they were asked for.
+    pub(crate) logprobs: Vec<TokenLogprob>,
     /// Why it ended.
     pub(crate) reason: FinishReason,
     /// Its token counts.
@@ -148,9 +156,16 @@ pub(crate) struct Collected {
 pub(crate) async fn collect(outputs: impl Stream<Item = Output>) -> Result<Collected, ApiError> {
     let mut outputs = std::pin::pin!(outputs);
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     while let Some(output) = outputs.next().await {
         match output {
-            Output::Text(piece) => text.push_str(&piece),
+            Output::Text {
+                text: piece,
+                logprobs: more,
+            } => {
+                text.push_str(&piece);
+                logprobs.extend(more);
+            }
             Output::Done {
                 reason,
                 usage,
@@ -158,6 +173,7 @@ pub(crate) async fn collect(outputs: impl Stream<Item = Output>) -> Result<Colle
             } => {
                 return Ok(Collected {
                     text,
+                    logprobs,
                     reason,
                     usage,
                     timings,

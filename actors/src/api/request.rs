@@ -15,7 +15,26 @@
 //! - roles: `system`, `developer` (treated as `system`), `user`, `assistant`; any other is a
 //!   400. Content is a string or an array of `{"type": "text", "text": ...}` parts (joined by
 //!   newlines); `null` content is allowed (as empty) for `assistant` turns only.
-//! - `n` other than 1 is a 400. Unknown fields are ignored, as OpenAI's clients send many.
+//! - `n` (1 to [`MAX_CHOICES`]) choices are that many tasks of the same prompt, choice `i`
+//!   seeded with `seed + i`, so that sampled choices differ and a seeded request repeats.
+//! - `presence_penalty` and `frequency_penalty` lie in `[-2, 2]` and count the generated
+//!   tokens only (not the prompt's); `logit_bias` maps token ids (as strings, OpenAI's shape)
+//!   to biases in `[-100, 100]`, at most [`MAX_LOGIT_BIAS`] of them; -100 bans the token, and
+//!   an id outside the model's vocabulary is a 400 from the engine.
+//! - `logprobs: true` reports each generated token's log-probability, `top_logprobs` (0 to
+//!   20, only with `logprobs`) as many alternatives per position: from the distribution the
+//!   sampler drew from (after bias and penalties, over the temperature; see the engine's
+//!   `sampling`).
+//! - Accepted with no effect: `user`, `metadata`, `safety_identifier` and `prompt_cache_key`
+//!   (identifiers; the prefix cache needs no key), `store: false`, `service_tier` `auto` or
+//!   `default`, `parallel_tool_calls`, `tool_choice: "none"` and `response_format: {"type":
+//!   "text"}`. Refused with a 400 naming the field, until the engine can honour them:
+//!   `tools`, any other `tool_choice`, `functions`/`function_call`, any other
+//!   `response_format`, `audio`, `modalities` other than text, `prediction`,
+//!   `reasoning_effort`, `verbosity`, `web_search_options`, `store: true`. Any other field is
+//!   a 400 naming it, as OpenAI's own API answers ("Unrecognized request argument").
+
+use std::collections::BTreeMap;
 
 use canopy_proto::{ChatMessage, GenerateParams, GenerateRequest, Prompt};
 use serde::Deserialize;
@@ -26,6 +45,15 @@ use super::error::ApiError;
 
 /// Most stop sequences a request may carry (OpenAI's limit).
 pub(crate) const MAX_STOP_SEQUENCES: usize = 4;
+
+/// Most choices (`n`) one request may ask for: each is a task that takes a sequence slot.
+pub(crate) const MAX_CHOICES: u32 = 16;
+
+/// Most entries of `logit_bias` (OpenAI's limit).
+pub(crate) const MAX_LOGIT_BIAS: usize = 300;
+
+/// Most alternatives per position in chat's `top_logprobs` (OpenAI's limit).
+pub(crate) const MAX_TOP_LOGPROBS: i64 = 20;
 
 /// The JSON body of a chat completion request.
 #[derive(Debug, Clone, Deserialize)]
@@ -42,6 +70,14 @@ pub(crate) struct ChatCompletionRequest {
     seed: Option<i64>,
     stop: Option<Value>,
     n: Option<i64>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    logit_bias: Option<Value>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<i64>,
+    /// Every other field: accepted, refused or unknown by name (see the module's notes).
+    #[serde(flatten)]
+    other: BTreeMap<String, Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -61,17 +97,128 @@ struct StreamOptions {
 pub(crate) struct ChatJob {
     /// The model asked for.
     pub(crate) model: String,
-    /// What to ask the runner.
+    /// What to ask the runner (for choice 0; see [`ChatJob::requests`]).
     pub(crate) request: GenerateRequest,
+    /// How many choices (`n`).
+    pub(crate) choices: u32,
     /// Whether to answer with an SSE stream.
     pub(crate) stream: bool,
     /// Whether a stream ends with a usage chunk (`stream_options.include_usage`).
     pub(crate) include_usage: bool,
 }
 
+impl ChatJob {
+    /// The engine requests of the choices, in order (choice `i` seeded with `seed + i`).
+    pub(crate) fn requests(&self) -> Vec<GenerateRequest> {
+        (0..self.choices)
+            .map(|i| GenerateRequest {
+                prompt: self.request.prompt.clone(),
+                params: choice_params(&self.request.params, i),
+            })
+            .collect()
+    }
+}
+
+/// The parameters of choice `i` of a request of several (`n`): its own seed.
+pub(crate) fn choice_params(params: &GenerateParams, i: u32) -> GenerateParams {
+    GenerateParams {
+        seed: params.seed.wrapping_add(u64::from(i)),
+        ..params.clone()
+    }
+}
+
+/// A 400 for a field this server cannot honour.
+pub(crate) fn unsupported(field: &str, why: &str) -> ApiError {
+    ApiError::invalid_param(
+        field,
+        format!("'{field}' is not supported by this server: {why}."),
+        "unsupported_parameter",
+    )
+}
+
+/// Checks one of chat's other fields (see the module's notes).
+fn check_other(field: &str, value: &Value) -> Result<(), ApiError> {
+    let empty = match value {
+        Value::Null => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    };
+    let tools = "tool calls need constrained decoding, which Canopy's engines do not have yet";
+    match field {
+        "user" | "metadata" | "safety_identifier" | "prompt_cache_key" => Ok(()),
+        "parallel_tool_calls" => Ok(()),
+        "store" if matches!(value, Value::Null | Value::Bool(false)) => Ok(()),
+        "store" => Err(unsupported(field, "Canopy does not store completions")),
+        "service_tier" if value.is_null() || matches!(value.as_str(), Some("auto" | "default")) => {
+            Ok(())
+        }
+        "service_tier" => Err(unsupported(field, "Canopy has one tier, 'default'")),
+        "tools" | "functions" if empty => Ok(()),
+        "tool_choice" | "function_call" if value.is_null() || value.as_str() == Some("none") => {
+            Ok(())
+        }
+        "tools" | "functions" | "tool_choice" | "function_call" => Err(unsupported(field, tools)),
+        "response_format"
+            if value.is_null() || value.get("type").and_then(Value::as_str) == Some("text") =>
+        {
+            Ok(())
+        }
+        "response_format" => Err(unsupported(
+            field,
+            "structured output needs constrained decoding, which Canopy's engines do not \
+             have yet (only {\"type\": \"text\"})",
+        )),
+        "modalities"
+            if value.is_null()
+                || value
+                    .as_array()
+                    .is_some_and(|m| m.iter().all(|v| v.as_str() == Some("text"))) =>
+        {
+            Ok(())
+        }
+        "audio" | "prediction" | "reasoning_effort" | "verbosity" | "web_search_options"
+            if value.is_null() =>
+        {
+            Ok(())
+        }
+        "modalities" | "audio" => Err(unsupported(
+            field,
+            "the models Canopy serves take and give text only",
+        )),
+        "prediction" => Err(unsupported(field, "predicted outputs are not implemented")),
+        "reasoning_effort" | "verbosity" => Err(unsupported(
+            field,
+            "the models Canopy serves do not reason at adjustable lengths",
+        )),
+        "web_search_options" => Err(unsupported(field, "Canopy does not search the web")),
+        _ => Err(ApiError::invalid_param(
+            field,
+            format!("Unrecognized request argument supplied: '{field}'."),
+            "unknown_parameter",
+        )),
+    }
+}
+
+/// `n` checked: 1 to [`MAX_CHOICES`], 1 when absent.
+pub(crate) fn choices(value: Option<i64>) -> Result<u32, ApiError> {
+    match value {
+        None => Ok(1),
+        Some(n) if (1..=i64::from(MAX_CHOICES)).contains(&n) => Ok(n as u32),
+        Some(n) => Err(ApiError::invalid_param(
+            "n",
+            format!("Invalid value for 'n': {n}. It must be between 1 and {MAX_CHOICES}."),
+            "invalid_value",
+        )),
+    }
+}
+
 impl ChatCompletionRequest {
     /// Checks the values and builds the engine request.
     pub(crate) fn into_job(self, config: &ApiConfig) -> Result<ChatJob, ApiError> {
+        for (field, value) in &self.other {
+            check_other(field, value)?;
+        }
         if self.model.trim().is_empty() {
             return Err(ApiError::invalid_param(
                 "model",
@@ -92,15 +239,29 @@ impl ChatCompletionRequest {
             .enumerate()
             .map(|(i, m)| m.into_chat(i))
             .collect::<Result<Vec<_>, _>>()?;
-        if let Some(n) = self.n
-            && n != 1
-        {
-            return Err(ApiError::invalid_param(
-                "n",
-                format!("Invalid value for 'n': {n}. Only n = 1 is supported."),
-                "invalid_value",
-            ));
-        }
+        let choices = choices(self.n)?;
+        let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
+            (false, None) => None,
+            (false, Some(_)) => {
+                return Err(ApiError::invalid_param(
+                    "top_logprobs",
+                    "'top_logprobs' needs 'logprobs' set to true.",
+                    "invalid_value",
+                ));
+            }
+            (true, None) => Some(0),
+            (true, Some(k)) if (0..=MAX_TOP_LOGPROBS).contains(&k) => Some(k as u8),
+            (true, Some(k)) => {
+                return Err(ApiError::invalid_param(
+                    "top_logprobs",
+                    format!(
+                        "Invalid value for 'top_logprobs': {k}. It must be between 0 and \
+                         {MAX_TOP_LOGPROBS}."
+                    ),
+                    "invalid_value",
+                ));
+            }
+        };
         let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
             (Some(v), _) => Some(("max_completion_tokens", v)),
             (None, Some(v)) => Some(("max_tokens", v)),
@@ -113,6 +274,10 @@ impl ChatCompletionRequest {
             top_k: self.top_k,
             seed: self.seed,
             stop: self.stop,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: self.logit_bias,
+            logprobs,
         }
         .into_params(config)?;
         let stream = self.stream.unwrap_or(false);
@@ -127,6 +292,7 @@ impl ChatCompletionRequest {
                 prompt: Prompt::Chat(messages),
                 params,
             },
+            choices,
             stream,
             include_usage,
         })
@@ -148,6 +314,15 @@ pub(crate) struct Sampling {
     pub(crate) seed: Option<i64>,
     /// `stop`: a string or an array of strings.
     pub(crate) stop: Option<Value>,
+    /// `presence_penalty`.
+    pub(crate) presence_penalty: Option<f64>,
+    /// `frequency_penalty`.
+    pub(crate) frequency_penalty: Option<f64>,
+    /// `logit_bias`: an object of token ids (as strings) to biases.
+    pub(crate) logit_bias: Option<Value>,
+    /// How many alternatives per position to report log-probabilities for (already
+    /// checked by the endpoint, whose field names differ); `None`: no log-probabilities.
+    pub(crate) logprobs: Option<u8>,
 }
 
 impl Sampling {
@@ -173,8 +348,73 @@ impl Sampling {
             top_k,
             seed,
             stop,
+            presence_penalty: penalty("presence_penalty", self.presence_penalty)?,
+            frequency_penalty: penalty("frequency_penalty", self.frequency_penalty)?,
+            logit_bias: logit_bias(self.logit_bias)?,
+            logprobs: self.logprobs,
+            constraint: None,
         })
     }
+}
+
+/// A penalty (`presence_penalty`, `frequency_penalty`) checked to lie in `[-2, 2]`; 0 when
+/// absent.
+pub(crate) fn penalty(name: &str, value: Option<f64>) -> Result<f32, ApiError> {
+    match value {
+        None => Ok(0.0),
+        Some(v) if v.is_finite() && (-2.0..=2.0).contains(&v) => Ok(v as f32),
+        Some(v) => Err(ApiError::invalid_param(
+            name,
+            format!("Invalid value for '{name}': {v}. It must be between -2 and 2."),
+            "invalid_value",
+        )),
+    }
+}
+
+/// `logit_bias` checked: null, or an object of token ids (decimal strings) to numbers in
+/// `[-100, 100]`, at most [`MAX_LOGIT_BIAS`] entries; in ascending id order.
+pub(crate) fn logit_bias(value: Option<Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let invalid = |message: String| ApiError::invalid_param("logit_bias", message, "invalid_value");
+    let map = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(map)) => map,
+        Some(other) => {
+            return Err(ApiError::invalid_param(
+                "logit_bias",
+                format!(
+                    "Invalid type for 'logit_bias': expected an object of token ids to \
+                     numbers, got {}.",
+                    json_type(&other)
+                ),
+                "invalid_type",
+            ));
+        }
+    };
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(invalid(format!(
+            "'logit_bias' holds {} tokens; at most {MAX_LOGIT_BIAS} are allowed.",
+            map.len()
+        )));
+    }
+    let mut bias = map
+        .into_iter()
+        .map(|(key, value)| {
+            let id = key.parse::<u32>().map_err(|_| {
+                invalid(format!(
+                    "Invalid key in 'logit_bias': '{key}' is not a token id (a decimal integer)."
+                ))
+            })?;
+            match value.as_f64() {
+                Some(b) if (-100.0..=100.0).contains(&b) => Ok((id, b as f32)),
+                _ => Err(invalid(format!(
+                    "Invalid value in 'logit_bias' for token {id}: {value}. It must be a number \
+                     between -100 and 100."
+                ))),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    bias.sort_by_key(|&(id, _)| id);
+    Ok(bias)
 }
 
 /// `stop` (named `name` in messages) checked: a string or an array of at most `max`
@@ -390,6 +630,45 @@ mod tests {
     }
 
     #[test]
+    fn choices_penalties_bias_and_logprobs_are_carried() {
+        let job = job(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":3,"seed":5,
+               "presence_penalty":0.5,"frequency_penalty":-1,"logit_bias":{"20":-100,"7":2.5},
+               "logprobs":true,"top_logprobs":4}"#,
+        )
+        .expect("valid request");
+        assert_eq!(job.choices, 3);
+        let p = &job.request.params;
+        assert_eq!((p.presence_penalty, p.frequency_penalty), (0.5, -1.0));
+        assert_eq!(p.logit_bias, vec![(7, 2.5), (20, -100.0)]);
+        assert_eq!(p.logprobs, Some(4));
+        let seeds: Vec<u64> = job.requests().iter().map(|r| r.params.seed).collect();
+        assert_eq!(seeds, vec![5, 6, 7]);
+        let plain = |extra: &str| {
+            job_of(&format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}]{extra}}}"#
+            ))
+        };
+        assert_eq!(
+            plain(r#","logprobs":true"#).request.params.logprobs,
+            Some(0)
+        );
+        assert_eq!(plain(r#","logprobs":false"#).request.params.logprobs, None);
+        // What OpenAI's clients send with no effect here is accepted.
+        let quiet = plain(
+            r#","user":"u","metadata":{"a":"b"},"store":false,"service_tier":"auto",
+               "parallel_tool_calls":true,"tools":[],"tool_choice":"none",
+               "response_format":{"type":"text"},"modalities":["text"],"logit_bias":null"#,
+        );
+        assert_eq!(quiet.choices, 1);
+        assert!(quiet.request.params.logit_bias.is_empty());
+    }
+
+    fn job_of(body: &str) -> ChatJob {
+        job(body).expect(body)
+    }
+
+    #[test]
     fn bad_values_name_their_parameter() {
         let cases = [
             (r#"{"model":"m","messages":[]}"#, "messages"),
@@ -417,6 +696,66 @@ mod tests {
             (
                 r#"{"model":"m","messages":[{"content":"x"}]}"#,
                 "messages[0].role",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":0}"#,
+                "n",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":17}"#,
+                "n",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"presence_penalty":2.5}"#,
+                "presence_penalty",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"frequency_penalty":-3}"#,
+                "frequency_penalty",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logit_bias":{"a":1}}"#,
+                "logit_bias",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logit_bias":{"5":-101}}"#,
+                "logit_bias",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logit_bias":[1]}"#,
+                "logit_bias",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_logprobs":2}"#,
+                "top_logprobs",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":21}"#,
+                "top_logprobs",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}]}"#,
+                "tools",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tool_choice":"required"}"#,
+                "tool_choice",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#,
+                "response_format",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"modalities":["text","audio"]}"#,
+                "modalities",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"store":true}"#,
+                "store",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"min_p":0.1}"#,
+                "min_p",
             ),
         ];
         for (body, param) in cases {

@@ -2,14 +2,16 @@
 //! a chat completion chunk (one SSE event of a stream), a legacy text completion and its
 //! chunk, and the model list.
 //!
-//! `finish_reason` maps `Stop -> "stop"`, `Length -> "length"` and `Cancelled -> "stop"`:
+//! `finish_reason` maps `Stop` and `StopSequence -> "stop"`, `Length -> "length"` and
+//! `Cancelled -> "stop"`:
 //! OpenAI has no value for a cancelled generation, and a task is only cancelled under a
 //! client that is still listening when the node cancels it (e.g. while shutting down), in
 //! which case what was generated so far is a complete, if short, answer.
 
+use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use canopy_proto::{FinishReason, Usage};
+use canopy_proto::{FinishReason, TokenLogprob, Usage};
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde::Serialize;
@@ -19,7 +21,7 @@ use super::backend::ModelInfo;
 /// OpenAI's `finish_reason` for the engine's.
 pub(crate) fn finish_reason(reason: FinishReason) -> &'static str {
     match reason {
-        FinishReason::Stop | FinishReason::Cancelled => "stop",
+        FinishReason::Stop | FinishReason::StopSequence(_) | FinishReason::Cancelled => "stop",
         FinishReason::Length => "length",
     }
 }
@@ -85,6 +87,150 @@ impl From<Usage> for UsageBody {
     }
 }
 
+/// The text OpenAI shows for a token: its bytes as UTF-8, or, for a token that holds part of
+/// a character, `bytes:` and each byte as `\xNN`.
+pub(crate) fn token_text(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.to_string(),
+        Err(_) => {
+            let mut out = String::from("bytes:");
+            for b in bytes {
+                out.push_str(&format!("\\x{b:02x}"));
+            }
+            out
+        }
+    }
+}
+
+/// A log-probability as JSON can carry it (OpenAI writes -9999 for an impossible token).
+fn finite(logprob: f32) -> f32 {
+    if logprob.is_finite() {
+        logprob
+    } else {
+        -9999.0
+    }
+}
+
+/// Chat's `logprobs` object: one entry per generated token.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ChatLogprobs {
+    content: Vec<ChatTokenLogprob>,
+    refusal: Option<()>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct ChatTokenLogprob {
+    token: String,
+    logprob: f32,
+    bytes: Vec<u8>,
+    top_logprobs: Vec<ChatTopLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct ChatTopLogprob {
+    token: String,
+    logprob: f32,
+    bytes: Vec<u8>,
+}
+
+impl ChatLogprobs {
+    /// The object of `entries`.
+    pub(crate) fn new(entries: &[TokenLogprob]) -> Self {
+        Self {
+            content: entries
+                .iter()
+                .map(|e| ChatTokenLogprob {
+                    token: token_text(&e.bytes),
+                    logprob: finite(e.logprob),
+                    bytes: e.bytes.clone(),
+                    top_logprobs: e
+                        .top
+                        .iter()
+                        .map(|t| ChatTopLogprob {
+                            token: token_text(&t.bytes),
+                            logprob: finite(t.logprob),
+                            bytes: t.bytes.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            refusal: None,
+        }
+    }
+}
+
+/// Character offsets of tokens in a text, for the legacy `text_offset`: the offset of a
+/// token is the number of characters its text starts after. A character split over tokens
+/// counts where it is completed; bytes that are not UTF-8 count one character each (the
+/// replacement character they decode to).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TextOffsets {
+    chars: usize,
+    pending: Vec<u8>,
+}
+
+impl TextOffsets {
+    /// The offset of a token of `bytes`, and moves past it.
+    pub(crate) fn push(&mut self, bytes: &[u8]) -> usize {
+        let offset = self.chars;
+        self.pending.extend_from_slice(bytes);
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(text) => {
+                    self.chars += text.chars().count();
+                    self.pending.clear();
+                    break;
+                }
+                Err(err) => {
+                    let valid = err.valid_up_to();
+                    self.chars += std::str::from_utf8(&self.pending[..valid])
+                        .map_or(0, |t| t.chars().count());
+                    match err.error_len() {
+                        // An unfinished character: wait for its next bytes.
+                        None => {
+                            self.pending.drain(..valid);
+                            break;
+                        }
+                        Some(bad) => {
+                            self.chars += 1;
+                            self.pending.drain(..valid + bad);
+                        }
+                    }
+                }
+            }
+        }
+        offset
+    }
+}
+
+/// The legacy completions' `logprobs` object.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct TextLogprobs {
+    tokens: Vec<String>,
+    token_logprobs: Vec<f32>,
+    top_logprobs: Vec<BTreeMap<String, f32>>,
+    text_offset: Vec<usize>,
+}
+
+impl TextLogprobs {
+    /// The object of `entries`, their offsets taken from `offsets`.
+    pub(crate) fn new(entries: &[TokenLogprob], offsets: &mut TextOffsets) -> Self {
+        let mut out = Self::default();
+        for e in entries {
+            out.tokens.push(token_text(&e.bytes));
+            out.token_logprobs.push(finite(e.logprob));
+            out.top_logprobs.push(
+                e.top
+                    .iter()
+                    .map(|t| (token_text(&t.bytes), finite(t.logprob)))
+                    .collect(),
+            );
+            out.text_offset.push(offsets.push(&e.bytes));
+        }
+        out
+    }
+}
+
 /// A non-streamed answer (`object: "chat.completion"`).
 #[derive(Debug, Serialize)]
 pub(crate) struct ChatCompletion {
@@ -92,7 +238,7 @@ pub(crate) struct ChatCompletion {
     object: &'static str,
     created: u64,
     model: String,
-    choices: [Choice; 1],
+    choices: Vec<Choice>,
     usage: UsageBody,
 }
 
@@ -100,8 +246,19 @@ pub(crate) struct ChatCompletion {
 struct Choice {
     index: u32,
     message: AssistantMessage,
-    logprobs: Option<()>,
+    logprobs: Option<ChatLogprobs>,
     finish_reason: &'static str,
+}
+
+/// One finished choice of a chat completion.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ChatChoice {
+    /// The answer's text.
+    pub(crate) text: String,
+    /// Why it ended.
+    pub(crate) reason: FinishReason,
+    /// Its tokens' log-probabilities, when they were asked for.
+    pub(crate) logprobs: Option<Vec<TokenLogprob>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -111,28 +268,27 @@ struct AssistantMessage {
 }
 
 impl ChatCompletion {
-    /// The answer to a finished task.
-    pub(crate) fn new(
-        meta: CompletionMeta,
-        content: String,
-        reason: FinishReason,
-        usage: Usage,
-    ) -> Self {
+    /// The answer of finished choices, in order, with their usage added up.
+    pub(crate) fn new(meta: CompletionMeta, choices: Vec<ChatChoice>, usage: UsageBody) -> Self {
         Self {
             id: meta.id,
             object: "chat.completion",
             created: meta.created,
             model: meta.model,
-            choices: [Choice {
-                index: 0,
-                message: AssistantMessage {
-                    role: "assistant",
-                    content,
-                },
-                logprobs: None,
-                finish_reason: finish_reason(reason),
-            }],
-            usage: usage.into(),
+            choices: choices
+                .into_iter()
+                .zip(0u32..)
+                .map(|(c, index)| Choice {
+                    index,
+                    message: AssistantMessage {
+                        role: "assistant",
+                        content: c.text,
+                    },
+                    logprobs: c.logprobs.as_deref().map(ChatLogprobs::new),
+                    finish_reason: finish_reason(c.reason),
+                })
+                .collect(),
+            usage,
         }
     }
 }
@@ -154,7 +310,7 @@ pub(crate) struct ChatCompletionChunk<'a> {
 struct ChunkChoice<'a> {
     index: u32,
     delta: Delta<'a>,
-    logprobs: Option<()>,
+    logprobs: Option<ChatLogprobs>,
     finish_reason: Option<&'static str>,
 }
 
@@ -170,7 +326,8 @@ impl<'a> ChatCompletionChunk<'a> {
     fn with_choice(
         meta: &'a CompletionMeta,
         include_usage: bool,
-        delta: Delta<'a>,
+        index: u32,
+        (delta, logprobs): (Delta<'a>, Option<ChatLogprobs>),
         finish: Option<&'static str>,
     ) -> Self {
         Self {
@@ -179,61 +336,86 @@ impl<'a> ChatCompletionChunk<'a> {
             created: meta.created,
             model: &meta.model,
             choices: vec![ChunkChoice {
-                index: 0,
+                index,
                 delta,
-                logprobs: None,
+                logprobs,
                 finish_reason: finish,
             }],
             usage: include_usage.then_some(None),
         }
     }
 
-    /// The first chunk: `delta.role = "assistant"` and empty content.
-    pub(crate) fn role(meta: &'a CompletionMeta, include_usage: bool) -> Self {
+    /// The first chunk of choice `index`: `delta.role = "assistant"` and empty content.
+    pub(crate) fn role(meta: &'a CompletionMeta, include_usage: bool, index: u32) -> Self {
         let delta = Delta {
             role: Some("assistant"),
             content: Some(""),
         };
-        Self::with_choice(meta, include_usage, delta, None)
+        Self::with_choice(meta, include_usage, index, (delta, None), None)
     }
 
-    /// A piece of the answer.
-    pub(crate) fn content(meta: &'a CompletionMeta, include_usage: bool, text: &'a str) -> Self {
+    /// A piece of choice `index`'s answer, with its tokens' log-probabilities when they were
+    /// asked for.
+    pub(crate) fn content(
+        meta: &'a CompletionMeta,
+        include_usage: bool,
+        index: u32,
+        text: &'a str,
+        logprobs: Option<&[TokenLogprob]>,
+    ) -> Self {
         let delta = Delta {
             role: None,
             content: Some(text),
         };
-        Self::with_choice(meta, include_usage, delta, None)
+        let logprobs = logprobs.map(ChatLogprobs::new);
+        Self::with_choice(meta, include_usage, index, (delta, logprobs), None)
     }
 
-    /// The chunk that ends the choice, with its `finish_reason` and an empty delta.
+    /// The chunk that ends choice `index`, with its `finish_reason` and an empty delta.
     pub(crate) fn finish(
         meta: &'a CompletionMeta,
         include_usage: bool,
+        index: u32,
         reason: FinishReason,
     ) -> Self {
         Self::with_choice(
             meta,
             include_usage,
-            Delta::default(),
+            index,
+            (Delta::default(), None),
             Some(finish_reason(reason)),
         )
     }
 
     /// The usage chunk sent last when asked for: no choices, usage filled in.
-    pub(crate) fn usage(meta: &'a CompletionMeta, usage: Usage) -> Self {
+    pub(crate) fn usage(meta: &'a CompletionMeta, usage: UsageBody) -> Self {
         Self {
             id: &meta.id,
             object: "chat.completion.chunk",
             created: meta.created,
             model: &meta.model,
             choices: Vec::new(),
-            usage: Some(Some(usage.into())),
+            usage: Some(Some(usage)),
         }
     }
 }
 
 impl UsageBody {
+    /// The counts of a request's choices added up: the completion tokens of each, the
+    /// prompt's tokens once per prompt (`first_of_prompt` on the first choice of each), as
+    /// OpenAI counts `n > 1`.
+    pub(crate) fn add_choice(self, usage: Usage, first_of_prompt: bool) -> Self {
+        let prompt = if first_of_prompt {
+            usage.prompt_tokens
+        } else {
+            0
+        };
+        self.add(Usage {
+            prompt_tokens: prompt,
+            completion_tokens: usage.completion_tokens,
+        })
+    }
+
     /// The counts of several tasks added up (a completion of several prompts).
     pub(crate) fn add(self, usage: Usage) -> Self {
         let more = UsageBody::from(usage);
@@ -248,12 +430,14 @@ impl UsageBody {
 }
 
 /// One choice of a legacy text completion.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct TextChoice {
     /// The text (the prompt first, with `echo`).
     pub(crate) text: String,
     /// Why it ended.
     pub(crate) reason: FinishReason,
+    /// Its tokens' log-probabilities, when they were asked for.
+    pub(crate) logprobs: Option<TextLogprobs>,
 }
 
 /// A non-streamed legacy completion (`object: "text_completion"`).
@@ -271,12 +455,12 @@ pub(crate) struct TextCompletion {
 struct TextChoiceBody {
     text: String,
     index: u32,
-    logprobs: Option<()>,
+    logprobs: Option<TextLogprobs>,
     finish_reason: Option<&'static str>,
 }
 
 impl TextCompletion {
-    /// The answer: `choices` in prompt order, `usage` added up over them.
+    /// The answer: `choices` in order (prompt-major), `usage` added up over them.
     pub(crate) fn new(meta: CompletionMeta, choices: Vec<TextChoice>, usage: UsageBody) -> Self {
         Self {
             id: meta.id,
@@ -289,7 +473,7 @@ impl TextCompletion {
                 .map(|(c, index)| TextChoiceBody {
                     text: c.text,
                     index,
-                    logprobs: None,
+                    logprobs: c.logprobs,
                     finish_reason: Some(finish_reason(c.reason)),
                 })
                 .collect(),
@@ -312,12 +496,13 @@ pub(crate) struct TextCompletionChunk<'a> {
 }
 
 impl<'a> TextCompletionChunk<'a> {
-    /// A piece of choice `index`'s text; `finish` on its last chunk.
+    /// A piece of choice `index`'s text (with its tokens' log-probabilities when they were
+    /// asked for); `finish` on its last chunk.
     pub(crate) fn piece(
         meta: &'a CompletionMeta,
         include_usage: bool,
         index: u32,
-        text: &str,
+        (text, logprobs): (&str, Option<TextLogprobs>),
         finish: Option<FinishReason>,
     ) -> Self {
         Self {
@@ -328,7 +513,7 @@ impl<'a> TextCompletionChunk<'a> {
             choices: vec![TextChoiceBody {
                 text: text.to_string(),
                 index,
-                logprobs: None,
+                logprobs,
                 finish_reason: finish.map(finish_reason),
             }],
             usage: include_usage.then_some(None),
@@ -384,5 +569,96 @@ impl ModelList {
             object: "list",
             data: models.into_iter().map(ModelObject::from).collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use canopy_proto::TopLogprob;
+    use serde_json::json;
+
+    use super::*;
+
+    fn entry(bytes: &[u8], logprob: f32, top: &[(&[u8], f32)]) -> TokenLogprob {
+        TokenLogprob {
+            token: 0,
+            bytes: bytes.to_vec(),
+            logprob,
+            top: top
+                .iter()
+                .map(|&(b, l)| TopLogprob {
+                    token: 1,
+                    bytes: b.to_vec(),
+                    logprob: l,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn tokens_show_as_text_or_as_their_bytes() {
+        assert_eq!(token_text(b" Hello"), " Hello");
+        assert_eq!(token_text(&[0xe2, 0x80]), "bytes:\\xe2\\x80");
+    }
+
+    #[test]
+    fn chat_logprobs_are_openai_shaped() {
+        let value = serde_json::to_value(ChatLogprobs::new(&[entry(
+            b"Hi",
+            -0.5,
+            &[(b"Hi", -0.5), (b"Yo", f32::NEG_INFINITY)],
+        )]))
+        .expect("json");
+        assert_eq!(
+            value,
+            json!({"content": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105],
+                "top_logprobs": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105]},
+                                 {"token": "Yo", "logprob": -9999.0, "bytes": [89, 111]}]}],
+                   "refusal": null})
+        );
+    }
+
+    #[test]
+    fn legacy_logprobs_carry_character_offsets() {
+        // "é" (2 bytes) split over two tokens: the second token starts inside it, so both
+        // start at 1; the character counts once it is complete.
+        let entries = [
+            entry(b"a", -1.0, &[(b"a", -1.0)]),
+            entry(&[0xc3], -2.0, &[]),
+            entry(&[0xa9], -0.5, &[]),
+            entry("日本".as_bytes(), -0.25, &[]),
+            entry(b"!", -0.125, &[]),
+        ];
+        let mut offsets = TextOffsets::default();
+        let lp = serde_json::to_value(TextLogprobs::new(&entries, &mut offsets)).expect("json");
+        assert_eq!(lp["text_offset"], json!([0, 1, 1, 2, 4]));
+        assert_eq!(lp["tokens"][0], "a");
+        assert_eq!(lp["tokens"][1], "bytes:\\xc3");
+        assert_eq!(
+            lp["token_logprobs"],
+            json!([-1.0, -2.0, -0.5, -0.25, -0.125])
+        );
+        assert_eq!(lp["top_logprobs"][0], json!({"a": -1.0}));
+        // Offsets go on across the chunks of a stream.
+        let more = TextLogprobs::new(&[entry(b"b", -1.0, &[])], &mut offsets);
+        assert_eq!(
+            serde_json::to_value(more).expect("json")["text_offset"],
+            json!([5])
+        );
+    }
+
+    #[test]
+    fn usage_counts_a_prompt_once_for_its_choices() {
+        let u = |p, c| Usage {
+            prompt_tokens: p,
+            completion_tokens: c,
+        };
+        let total = UsageBody::default()
+            .add_choice(u(10, 3), true)
+            .add_choice(u(10, 4), false);
+        assert_eq!(
+            serde_json::to_value(total).expect("json"),
+            json!({"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17})
+        );
     }
 }

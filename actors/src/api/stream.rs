@@ -1,8 +1,10 @@
 //! The SSE answer of a streamed chat completion.
 //!
-//! Events, in order: a chunk with `delta.role = "assistant"`; one chunk per non-empty piece
-//! of output; a chunk with the `finish_reason`; a usage chunk (no choices) if
-//! `stream_options.include_usage` asked for one; then `data: [DONE]`. Keep-alive comments
+//! Events, in order: a chunk with `delta.role = "assistant"` per choice; one chunk per piece
+//! of output (with its tokens' `logprobs` when asked for); a chunk with the `finish_reason`
+//! per choice; a usage chunk (no choices) if `stream_options.include_usage` asked for one;
+//! then `data: [DONE]`. With several choices (`n`) their chunks interleave as their tokens
+//! come, told apart by `index`. Keep-alive comments
 //! (`: keep-alive`) flow every `keepalive` in between. If the task fails, the stream sends
 //! `data: {"error": {...}}` (OpenAI's error shape) and then `data: [DONE]` as soon as the
 //! failure arrives; a runner death before the first token is retried once first (see
@@ -23,21 +25,34 @@ use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use serde::Serialize;
 
 use super::error::ApiError;
 use super::output::Output;
-use super::response::{ChatCompletionChunk, CompletionMeta};
+use super::response::{ChatCompletionChunk, CompletionMeta, UsageBody};
 
-/// The streamed answer of an accepted chat task, from its `outputs` (see `output`).
-pub(crate) fn respond(
+/// What a chat stream's chunks carry besides the text.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shape {
+    /// A usage chunk at the end (and `usage: null` on the others).
+    pub(crate) include_usage: bool,
+    /// Each piece's tokens' log-probabilities.
+    pub(crate) logprobs: bool,
+}
+
+/// The streamed answer of accepted chat tasks, from their `outputs` (see `output`), one per
+/// choice in order.
+pub(crate) fn respond<S>(
     meta: CompletionMeta,
-    outputs: impl Stream<Item = Output> + Send + 'static,
-    include_usage: bool,
+    outputs: Vec<S>,
+    shape: Shape,
     keepalive: Duration,
-) -> Response {
-    sse(events(meta, outputs, include_usage), keepalive)
+) -> Response
+where
+    S: Stream<Item = Output> + Send + 'static,
+{
+    sse(events(meta, outputs, shape), keepalive)
 }
 
 /// An SSE response of `events`, with keep-alive comments every `keepalive`.
@@ -70,39 +85,63 @@ pub(crate) fn done_event() -> Event {
     Event::default().data("[DONE]")
 }
 
-fn events(
+fn events<S>(
     meta: CompletionMeta,
-    outputs: impl Stream<Item = Output> + Send + 'static,
-    include_usage: bool,
-) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
+    outputs: Vec<S>,
+    shape: Shape,
+) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static
+where
+    S: Stream<Item = Output> + Send + 'static,
+{
+    let include_usage = shape.include_usage;
+    let choices = outputs.len();
+    let merged = futures::stream::select_all(
+        outputs
+            .into_iter()
+            .zip(0u32..)
+            .map(|(outputs, index)| Box::pin(outputs.map(move |o| (index, o)))),
+    );
     async_stream::stream! {
-        yield Ok(json_event(&ChatCompletionChunk::role(&meta, include_usage)));
-        for await output in outputs {
+        for index in (0u32..).take(choices) {
+            yield Ok(json_event(&ChatCompletionChunk::role(&meta, include_usage, index)));
+        }
+        let mut usage = UsageBody::default();
+        let mut finished = 0;
+        let mut failed = false;
+        for await (index, output) in merged {
             match output {
-                Output::Text(text) => {
+                Output::Text { text, logprobs } => {
                     yield Ok(json_event(&ChatCompletionChunk::content(
                         &meta,
                         include_usage,
+                        index,
                         &text,
+                        shape.logprobs.then_some(&logprobs[..]),
                     )));
                 }
-                Output::Done { reason, usage, .. } => {
+                Output::Done { reason, usage: used, .. } => {
+                    usage = usage.add_choice(used, index == 0);
+                    finished += 1;
                     yield Ok(json_event(&ChatCompletionChunk::finish(
                         &meta,
                         include_usage,
+                        index,
                         reason,
                     )));
-                    if include_usage {
-                        yield Ok(json_event(&ChatCompletionChunk::usage(&meta, usage)));
+                    if finished == choices {
+                        break;
                     }
-                    break;
                 }
                 Output::Failed(api_err) => {
-                    tracing::warn!(id = %meta.id, error = %api_err, "stream failed");
+                    tracing::warn!(id = %meta.id, index, error = %api_err, "stream failed");
                     yield Ok(error_event(&api_err));
+                    failed = true;
                     break;
                 }
             }
+        }
+        if include_usage && !failed {
+            yield Ok(json_event(&ChatCompletionChunk::usage(&meta, usage)));
         }
         yield Ok(done_event());
     }

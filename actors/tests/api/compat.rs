@@ -177,11 +177,12 @@ async fn refused_completion_fields_are_openai_400s_naming_them() {
     let api = start().await;
     for (extra, param) in [
         (json!({"suffix": "!"}), "suffix"),
-        (json!({"logprobs": 1}), "logprobs"),
-        (json!({"n": 3}), "n"),
+        (json!({"logprobs": 6}), "logprobs"),
+        (json!({"logprobs": 1, "echo": true}), "echo"),
+        (json!({"n": 17}), "n"),
         (json!({"best_of": 2}), "best_of"),
-        (json!({"logit_bias": {"1": 5}}), "logit_bias"),
-        (json!({"presence_penalty": 1.0}), "presence_penalty"),
+        (json!({"logit_bias": {"one": 5}}), "logit_bias"),
+        (json!({"presence_penalty": 3.0}), "presence_penalty"),
         (json!({"frobnicate": true}), "frobnicate"),
         (json!({"prompt": [1, 2, 3]}), "prompt"),
     ] {

@@ -29,8 +29,9 @@ pub enum Job {
 pub struct Task {
     /// The supervisor's id for the task.
     pub id: TaskId,
-    /// What to generate.
-    pub request: GenerateRequest,
+    /// What to generate (boxed: a request with its sampling options is large, and jobs move
+    /// through the queue by value).
+    pub request: Box<GenerateRequest>,
     /// Set when the task is cancelled; the worker's sink reports it to the engine.
     pub cancel: Arc<AtomicBool>,
 }
@@ -40,7 +41,7 @@ impl Task {
     pub fn new(id: TaskId, request: GenerateRequest) -> Self {
         Self {
             id,
-            request,
+            request: Box::new(request),
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }

@@ -107,7 +107,10 @@ pub fn run(args: ServeArgs, default_model: Option<&str>, json: bool) -> anyhow::
                 passthrough.extend(["--max-queue".to_string(), max_queue.to_string()]);
             }
             if let Some(stall) = settings.stall_timeout {
-                passthrough.extend(["--stall-timeout".to_string(), stall.as_secs_f64().to_string()]);
+                passthrough.extend([
+                    "--stall-timeout".to_string(),
+                    stall.as_secs_f64().to_string(),
+                ]);
             }
             for host in &settings.allowed_hosts {
                 passthrough.extend(["--allowed-host".to_string(), host.clone()]);

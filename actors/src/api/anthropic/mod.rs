@@ -129,6 +129,7 @@ async fn answer(
     let id = message_id();
     let model = job.model;
     tracing::debug!(%id, model = %model, stream = job.stream, "anthropic message");
+    let stops = job.request.params.stop.clone();
     let mut task = ChatTask::new(state.clone(), model.clone(), job.request, received);
     let mut handle = task.start().await.map_err(|err| match err.code() {
         Some("model_not_found") => unknown_model(&model),
@@ -138,11 +139,11 @@ async fn answer(
     if job.stream {
         let first = output::begin(&mut handle, keepalive).await?;
         let outputs = output::outputs(task, handle, first, state.closing.clone());
-        Ok(sse(events(id, model, outputs), keepalive))
+        Ok(sse(events(id, model, stops, outputs), keepalive))
     } else {
         let outputs = output::outputs(task, handle, None, state.closing.clone());
         let done = output::collect(outputs).await?;
-        let message = Message::finished(&id, &model, &done.text, done.reason, done.usage);
+        let message = Message::finished(&id, &model, &done.text, (done.reason, &stops), done.usage);
         Ok(axum::Json(message).into_response())
     }
 }
@@ -190,6 +191,7 @@ fn error_event(err: &ApiError) -> Event {
 fn events(
     id: String,
     model: String,
+    stops: Vec<String>,
     outputs: impl Stream<Item = Output> + Send + 'static,
 ) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
     async_stream::stream! {
@@ -198,10 +200,11 @@ fn events(
         yield Ok(named(&StreamEvent::Ping));
         for await output in outputs {
             match output {
-                Output::Text(text) => yield Ok(named(&StreamEvent::text(&text))),
+                Output::Text { text, .. } if text.is_empty() => {}
+                Output::Text { text, .. } => yield Ok(named(&StreamEvent::text(&text))),
                 Output::Done { reason, usage, .. } => {
                     yield Ok(named(&StreamEvent::ContentBlockStop { index: 0 }));
-                    yield Ok(named(&StreamEvent::finished(reason, usage)));
+                    yield Ok(named(&StreamEvent::finished(reason, &stops, usage)));
                     yield Ok(named(&StreamEvent::MessageStop));
                     break;
                 }

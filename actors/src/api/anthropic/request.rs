@@ -446,6 +446,7 @@ impl MessagesBody {
                     top_k,
                     seed: default_seed(),
                     stop,
+                    ..GenerateParams::default()
                 },
             },
             stream: self.stream.unwrap_or(false),

@@ -2,13 +2,11 @@
 //! answer, or the start of a stream with empty content), the events of a stream, and the
 //! error body `{"type": "error", "error": {"type", "message"}}`.
 //!
-//! `stop_reason` maps `Length -> "max_tokens"`, `Stop -> "end_turn"` and `Cancelled ->
-//! "end_turn"` (as on OpenAI's routes, a task is only cancelled under a listening client by
-//! the node itself, and what came so far is a complete, if short, answer). `"stop_sequence"`
-//! is never reported and `stop_sequence` is always `null`: the engine ends on its
-//! end-of-sequence token and on a stop sequence with the same finish reason and cuts the
-//! stop sequence out of the text, so the API cannot tell which of the two ended a
-//! generation, and does not guess.
+//! `stop_reason` maps `Length -> "max_tokens"`, `Stop -> "end_turn"`, `StopSequence ->
+//! "stop_sequence"` (with `stop_sequence` the matched string, which is cut out of the text)
+//! and `Cancelled -> "end_turn"` (as on OpenAI's routes, a task is only cancelled under a
+//! listening client by the node itself, and what came so far is a complete, if short,
+//! answer).
 
 use axum::http::StatusCode;
 use canopy_proto::{FinishReason, Usage};
@@ -20,7 +18,16 @@ use serde::Serialize;
 pub(crate) fn stop_reason(reason: FinishReason) -> &'static str {
     match reason {
         FinishReason::Stop | FinishReason::Cancelled => "end_turn",
+        FinishReason::StopSequence(_) => "stop_sequence",
         FinishReason::Length => "max_tokens",
+    }
+}
+
+/// The stop sequence of `stops` that ended a generation, if one did.
+pub(crate) fn matched_stop(reason: FinishReason, stops: &[String]) -> Option<&str> {
+    match reason {
+        FinishReason::StopSequence(i) => stops.get(i as usize).map(String::as_str),
+        _ => None,
     }
 }
 
@@ -123,12 +130,13 @@ pub(crate) struct Message<'a> {
 }
 
 impl<'a> Message<'a> {
-    /// A finished answer: one text block holding `text`.
+    /// A finished answer: one text block holding `text`; `stops` are the request's stop
+    /// sequences.
     pub(crate) fn finished(
         id: &'a str,
         model: &'a str,
         text: &'a str,
-        reason: FinishReason,
+        (reason, stops): (FinishReason, &'a [String]),
         usage: Usage,
     ) -> Self {
         Self {
@@ -138,7 +146,7 @@ impl<'a> Message<'a> {
             model,
             content: vec![TextBlock::new(text)],
             stop_reason: Some(stop_reason(reason)),
-            stop_sequence: None,
+            stop_sequence: matched_stop(reason, stops),
             usage: usage.into(),
         }
     }
@@ -260,12 +268,12 @@ impl<'a> StreamEvent<'a> {
         }
     }
 
-    /// The `message_delta` of a finished task.
-    pub(crate) fn finished(reason: FinishReason, usage: Usage) -> Self {
+    /// The `message_delta` of a finished task whose stop sequences were `stops`.
+    pub(crate) fn finished(reason: FinishReason, stops: &[String], usage: Usage) -> Self {
         StreamEvent::MessageDelta {
             delta: StopDelta {
                 stop_reason: stop_reason(reason),
-                stop_sequence: None,
+                stop_sequence: matched_stop(reason, stops).map(str::to_string),
             },
             usage: usage.into(),
         }
@@ -284,7 +292,7 @@ mod tests {
             prompt_tokens: 5,
             completion_tokens: 2,
         };
-        let message = Message::finished("msg_x", "m", "Hi", FinishReason::Length, usage);
+        let message = Message::finished("msg_x", "m", "Hi", (FinishReason::Length, &[]), usage);
         assert_eq!(
             serde_json::to_value(&message).expect("json"),
             json!({
@@ -301,6 +309,17 @@ mod tests {
         assert_eq!(start["type"], "message_start");
         assert_eq!(start["message"]["content"], json!([]));
         assert_eq!(start["message"]["stop_reason"], json!(null));
+        let stops = ["\n\nHuman:".to_string(), "END".to_string()];
+        let stopped = Message::finished(
+            "msg_x",
+            "m",
+            "Hi",
+            (FinishReason::StopSequence(1), &stops),
+            usage,
+        );
+        let stopped = serde_json::to_value(&stopped).expect("json");
+        assert_eq!(stopped["stop_reason"], "stop_sequence");
+        assert_eq!(stopped["stop_sequence"], "END");
         assert!(message_id().starts_with("msg_"));
         assert_eq!(message_id().len(), 28);
     }
@@ -312,8 +331,13 @@ mod tests {
             StreamEvent::Ping,
             StreamEvent::text("a\nb"),
             StreamEvent::ContentBlockStop { index: 0 },
-            StreamEvent::finished(FinishReason::Stop, Usage::default()),
+            StreamEvent::finished(FinishReason::Stop, &[], Usage::default()),
             StreamEvent::MessageStop,
+            StreamEvent::finished(
+                FinishReason::StopSequence(0),
+                &["x".into()],
+                Usage::default(),
+            ),
         ];
         for event in &events {
             let value = serde_json::to_value(event).expect("json");
@@ -334,6 +358,10 @@ mod tests {
             json!({"type": "message_delta",
                    "delta": {"stop_reason": "end_turn", "stop_sequence": null},
                    "usage": {"input_tokens": 0, "output_tokens": 0}})
+        );
+        assert_eq!(
+            serde_json::to_value(&events[6]).expect("json")["delta"],
+            json!({"stop_reason": "stop_sequence", "stop_sequence": "x"})
         );
     }
 

@@ -252,7 +252,8 @@ fn lines(
     async_stream::stream! {
         for await output in outputs {
             match output {
-                Output::Text(text) => yield Ok(shape.line(&model, &text, None)),
+                Output::Text { text, .. } if text.is_empty() => {}
+                Output::Text { text, .. } => yield Ok(shape.line(&model, &text, None)),
                 Output::Done { reason, usage, timings } => {
                     let end = Final::finished(reason, usage, timings);
                     yield Ok(shape.line(&model, "", Some(end)));

@@ -6,7 +6,8 @@
 //! - `stream` defaults to `true`, as in Ollama.
 //! - `options`: `num_predict` (at least 1; `-1` and `-2` mean "until the context is full"),
 //!   `temperature` (0 or more; default 0.8), `top_p` (0 to 1; default 0.9), `top_k` (0
-//!   disables; default 40), `seed` (default random), `stop` (a string or strings). These
+//!   disables; default 40), `seed` (default random), `stop` (a string or strings),
+//!   `presence_penalty` and `frequency_penalty` (-2 to 2, over the generated tokens). These
 //!   defaults are Ollama's; without `num_predict` the node's `default_max_tokens` applies
 //!   (Ollama's default is unlimited). Any other option is a 400 naming it
 //!   (`options.num_ctx`, ...): the engine cannot honour it, and Ollama itself only warns.
@@ -35,7 +36,7 @@ use serde_json::Value;
 
 use crate::api::config::ApiConfig;
 use crate::api::error::ApiError;
-use crate::api::request::{checked_stop, json_type, positive_u32};
+use crate::api::request::{checked_stop, json_type, penalty, positive_u32};
 
 /// Ollama's default `temperature`.
 pub(crate) const DEFAULT_TEMPERATURE: f64 = 0.8;
@@ -205,6 +206,7 @@ fn options(options: Option<Value>, config: &ApiConfig) -> Result<GenerateParams,
         top_k: Some(DEFAULT_TOP_K),
         seed: rand::random::<u64>(),
         stop: Vec::new(),
+        ..GenerateParams::default()
     };
     for (key, value) in map {
         let name = format!("options.{key}");
@@ -231,16 +233,33 @@ fn options(options: Option<Value>, config: &ApiConfig) -> Result<GenerateParams,
             // Bit-for-bit: distinct seeds stay distinct.
             "seed" => params.seed = integer(&name, &value)? as u64,
             "stop" => params.stop = checked_stop(&name, Some(value), MAX_STOP)?,
+            "presence_penalty" => params.presence_penalty = penalty(&name, number(&name, &value)?)?,
+            "frequency_penalty" => {
+                params.frequency_penalty = penalty(&name, number(&name, &value)?)?
+            }
             _ => {
                 return Err(unsupported(
                     &name,
-                    "Canopy honours only num_predict, temperature, top_p, top_k, seed and \
-                     stop",
+                    "Canopy honours only num_predict, temperature, top_p, top_k, seed, stop, \
+                     presence_penalty and frequency_penalty",
                 ));
             }
         }
     }
     Ok(params)
+}
+
+fn number(name: &str, value: &Value) -> Result<Option<f64>, ApiError> {
+    value.as_f64().map(Some).ok_or_else(|| {
+        ApiError::invalid_param(
+            name,
+            format!(
+                "Invalid type for '{name}': expected a number, got {}.",
+                json_type(value)
+            ),
+            "invalid_type",
+        )
+    })
 }
 
 fn integer(name: &str, value: &Value) -> Result<i64, ApiError> {

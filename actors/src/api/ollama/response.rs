@@ -44,7 +44,7 @@ fn nanos(d: Duration) -> u64 {
 /// Ollama's `done_reason` for the engine's finish reason.
 fn done_reason(reason: FinishReason) -> &'static str {
     match reason {
-        FinishReason::Stop | FinishReason::Cancelled => "stop",
+        FinishReason::Stop | FinishReason::StopSequence(_) | FinishReason::Cancelled => "stop",
         FinishReason::Length => "length",
     }
 }

@@ -365,6 +365,7 @@ mod tests {
             index: 0,
             text: text.into(),
             token_ids: vec![1],
+            logprobs: Vec::new(),
         })
     }
 
