@@ -690,9 +690,9 @@ async fn every_bad_request_gets_an_openai_error_and_the_server_keeps_serving() {
             Some("n"),
         ),
         (
-            json!({"model": "scripted", "messages": user, "response_format": {"type": "json_object"}})
+            json!({"model": "scripted", "messages": user, "response_format": {"type": "xml"}})
                 .to_string(),
-            Some("response_format"),
+            Some("response_format.type"),
         ),
         (
             json!({"model": "scripted", "messages": user, "frobnicate": 1}).to_string(),

@@ -1,5 +1,6 @@
 //! The generation loop every GGUF engine shares: sampling, EOS, max tokens, stop sequences
-//! (through [`StopFilter`]), whole-UTF-8 streaming, phases and cancellation between tokens.
+//! (through [`StopFilter`]), grammar constraints (through [`Grammar`]), whole-UTF-8 streaming,
+//! phases and cancellation between tokens.
 //! An engine supplies only its forward pass.
 
 use std::ops::ControlFlow;
@@ -11,6 +12,7 @@ use canopy_proto::{
 };
 
 use crate::chat::ChatTemplate;
+use crate::grammar::Grammar;
 use crate::sampling::{Logprobs, Sampler};
 use crate::stop::StopFilter;
 use crate::tokenizer::{GgufTokenizer, StreamState};
@@ -95,6 +97,7 @@ pub(crate) struct Decoder {
     sampler: Sampler,
     stream: StreamState,
     stops: StopFilter,
+    grammar: Option<Grammar>,
     generated: usize,
 }
 
@@ -124,12 +127,18 @@ impl Decoder {
                 vocab.saturating_sub(1)
             )));
         }
+        let grammar = params
+            .constraint
+            .as_ref()
+            .map(|c| Grammar::new(tokenizer, c))
+            .transpose()?;
         Ok(Self {
             prompt_len,
             max_tokens: (params.max_tokens as usize).min(room - prompt_len),
             sampler,
             stream: StreamState::new(tokenizer),
             stops: StopFilter::new(&params.stop),
+            grammar,
             generated: 0,
         })
     }
@@ -178,10 +187,19 @@ impl Decoder {
         if sink.cancelled() {
             return Ok(Next::Finished(self.cancel()));
         }
-        let sampled = self.sampler.sample_masked(logits, None)?;
+        let mask = self.grammar.as_mut().map(Grammar::mask).transpose()?;
+        let allowed = mask
+            .as_ref()
+            .map(|m| move |id: u32| m.allows(id, tokenizer.is_eos(id)));
+        let sampled = self
+            .sampler
+            .sample_masked(logits, allowed.as_ref().map(|f| f as &dyn Fn(u32) -> bool))?;
         let next = sampled.token;
         if tokenizer.is_eos(next) {
             return Ok(Next::Finished(self.finish(FinishReason::Stop, sink)));
+        }
+        if let Some(grammar) = &mut self.grammar {
+            grammar.consume(next)?;
         }
         self.generated += 1;
         let piece = self.stream.push(tokenizer, next).unwrap_or_default();
@@ -201,6 +219,9 @@ impl Decoder {
         if let Some(index) = stopped {
             let reason = FinishReason::StopSequence(index);
             return Ok(Next::Finished(self.finish(reason, sink)));
+        }
+        if self.grammar.as_mut().is_some_and(Grammar::is_complete) {
+            return Ok(Next::Finished(self.finish(FinishReason::Stop, sink)));
         }
         if self.generated == 1 {
             sink.phase(Phase::Decode);

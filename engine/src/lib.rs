@@ -31,6 +31,7 @@ pub mod engine;
 pub mod error;
 mod generation;
 pub mod gguf;
+mod grammar;
 pub mod hooks;
 pub mod kind;
 pub mod llama;

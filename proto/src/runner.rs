@@ -117,8 +117,6 @@ pub enum Constraint {
     JsonObject,
     /// JSON valid against this JSON Schema (given as JSON text).
     JsonSchema(String),
-    /// A Lark grammar, as llguidance reads it.
-    Lark(String),
 }
 
 impl Default for GenerateParams {

@@ -35,7 +35,6 @@ fn arb_params() -> impl Strategy<Value = GenerateParams> {
             proptest::option::of(prop_oneof![
                 Just(Constraint::JsonObject),
                 any::<String>().prop_map(Constraint::JsonSchema),
-                any::<String>().prop_map(Constraint::Lark),
             ]),
         ),
     )

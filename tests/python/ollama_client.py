@@ -4,13 +4,15 @@ Usage: python ollama_client.py --host http://127.0.0.1:PORT --model MODEL
 
 Checks that what the client library sees is what Ollama's API would give it: the model list
 (`list`), a model's details (`show`), the running models (`ps`), chat and generate, plain and
-streamed (pieces joined, the final object's counts), a system prompt, a raw prompt, and the
+streamed (pieces joined, the final object's counts), a system prompt, a raw prompt, `format`
+with a JSON schema (the reply validates), and the
 `ResponseError`s the client raises for an unknown model (404) and for refused fields (400).
 Prints one line per check and exits non-zero if any check failed. Started by
 tests/api_compat.rs, which starts the node and installs the client in a venv.
 """
 
 import argparse
+import json
 import sys
 from checks import Checks
 
@@ -121,6 +123,24 @@ def main() -> int:
         assert resp.prompt_eval_count < 12, resp
         print(f"     raw: {resp.response!r}", flush=True)
 
+    @check("chat with a format schema: the reply validates")
+    def _():
+        schema = {
+            "type": "object",
+            "properties": {"answer": {"type": "integer"}},
+            "required": ["answer"],
+            "additionalProperties": False,
+        }
+        resp = client.chat(
+            model=model,
+            messages=messages,
+            format=schema,
+            options={"temperature": 0, "num_predict": 48},
+        )
+        assert resp.done_reason == "stop", resp
+        value = json.loads(resp.message.content)
+        assert list(value) == ["answer"] and isinstance(value["answer"], int), value
+
     @check("unknown model raises ResponseError 404")
     def _():
         try:
@@ -151,7 +171,6 @@ def main() -> int:
             raise AssertionError("no error")
 
     refused = [
-        ("format='json'", {"format": "json"}, "format"),
         ("options num_ctx", {"options": {"num_ctx": 4096}}, "options.num_ctx"),
         ("think=True", {"think": True}, "think"),
     ]

@@ -25,18 +25,23 @@
 //!   20, only with `logprobs`) as many alternatives per position: from the distribution the
 //!   sampler drew from (after bias and penalties, over the temperature; see the engine's
 //!   `sampling`).
+//! - `response_format`: `{"type": "text"}` (the default), `{"type": "json_object"}` (any
+//!   JSON object) or `{"type": "json_schema", "json_schema": {"name", "schema", "strict",
+//!   "description"}}`: grammar-constrained decoding (the engine's `grammar`), so the output
+//!   parses and validates whatever the model would have said; a schema the grammar compiler
+//!   cannot use is a 400 from the engine. `strict` is accepted either way: the output is
+//!   always held to the schema.
 //! - Accepted with no effect: `user`, `metadata`, `safety_identifier` and `prompt_cache_key`
 //!   (identifiers; the prefix cache needs no key), `store: false`, `service_tier` `auto` or
-//!   `default`, `parallel_tool_calls`, `tool_choice: "none"` and `response_format: {"type":
-//!   "text"}`. Refused with a 400 naming the field, until the engine can honour them:
-//!   `tools`, any other `tool_choice`, `functions`/`function_call`, any other
-//!   `response_format`, `audio`, `modalities` other than text, `prediction`,
+//!   `default`, `parallel_tool_calls` and `tool_choice: "none"`. Refused with a 400 naming
+//!   the field, until the engine can honour them: `tools`, any other `tool_choice`,
+//!   `functions`/`function_call`, `audio`, `modalities` other than text, `prediction`,
 //!   `reasoning_effort`, `verbosity`, `web_search_options`, `store: true`. Any other field is
 //!   a 400 naming it, as OpenAI's own API answers ("Unrecognized request argument").
 
 use std::collections::BTreeMap;
 
-use canopy_proto::{ChatMessage, GenerateParams, GenerateRequest, Prompt};
+use canopy_proto::{ChatMessage, Constraint, GenerateParams, GenerateRequest, Prompt};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -75,6 +80,7 @@ pub(crate) struct ChatCompletionRequest {
     logit_bias: Option<Value>,
     logprobs: Option<bool>,
     top_logprobs: Option<i64>,
+    response_format: Option<Value>,
     /// Every other field: accepted, refused or unknown by name (see the module's notes).
     #[serde(flatten)]
     other: BTreeMap<String, Value>,
@@ -159,16 +165,6 @@ fn check_other(field: &str, value: &Value) -> Result<(), ApiError> {
             Ok(())
         }
         "tools" | "functions" | "tool_choice" | "function_call" => Err(unsupported(field, tools)),
-        "response_format"
-            if value.is_null() || value.get("type").and_then(Value::as_str) == Some("text") =>
-        {
-            Ok(())
-        }
-        "response_format" => Err(unsupported(
-            field,
-            "structured output needs constrained decoding, which Canopy's engines do not \
-             have yet (only {\"type\": \"text\"})",
-        )),
         "modalities"
             if value.is_null()
                 || value
@@ -262,6 +258,7 @@ impl ChatCompletionRequest {
                 ));
             }
         };
+        let constraint = response_format(self.response_format)?;
         let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
             (Some(v), _) => Some(("max_completion_tokens", v)),
             (None, Some(v)) => Some(("max_tokens", v)),
@@ -280,6 +277,10 @@ impl ChatCompletionRequest {
             logprobs,
         }
         .into_params(config)?;
+        let params = GenerateParams {
+            constraint,
+            ..params
+        };
         let stream = self.stream.unwrap_or(false);
         let include_usage = stream
             && self
@@ -354,6 +355,64 @@ impl Sampling {
             logprobs: self.logprobs,
             constraint: None,
         })
+    }
+}
+
+/// OpenAI's `response_format` checked into a constraint (see the module's notes).
+pub(crate) fn response_format(value: Option<Value>) -> Result<Option<Constraint>, ApiError> {
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let Value::Object(format) = value else {
+        return Err(ApiError::invalid_param(
+            "response_format",
+            format!(
+                "Invalid type for 'response_format': expected an object, got {}.",
+                json_type(&value)
+            ),
+            "invalid_type",
+        ));
+    };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Constraint::JsonObject)),
+        Some("json_schema") => {
+            let spec = format
+                .get("json_schema")
+                .and_then(Value::as_object)
+                .ok_or_else(|| {
+                    ApiError::invalid_param(
+                        "response_format.json_schema",
+                        "Missing required parameter: 'response_format.json_schema' (an object with \
+                     'name' and 'schema').",
+                        "missing_required_parameter",
+                    )
+                })?;
+            match spec.get("schema") {
+                None | Some(Value::Null) => Ok(Some(Constraint::JsonSchema("{}".into()))),
+                Some(schema @ (Value::Object(_) | Value::Bool(true))) => {
+                    Ok(Some(Constraint::JsonSchema(schema.to_string())))
+                }
+                Some(other) => Err(ApiError::invalid_param(
+                    "response_format.json_schema.schema",
+                    format!(
+                        "Invalid type for 'response_format.json_schema.schema': expected an \
+                         object, got {}.",
+                        json_type(other)
+                    ),
+                    "invalid_type",
+                )),
+            }
+        }
+        other => Err(ApiError::invalid_param(
+            "response_format.type",
+            format!(
+                "Invalid value for 'response_format.type': {}. Supported values are 'text', \
+                 'json_object' and 'json_schema'.",
+                other.map_or_else(|| "none".to_string(), |t| format!("'{t}'"))
+            ),
+            "invalid_value",
+        )),
     }
 }
 
@@ -662,6 +721,18 @@ mod tests {
         );
         assert_eq!(quiet.choices, 1);
         assert!(quiet.request.params.logit_bias.is_empty());
+        assert_eq!(quiet.request.params.constraint, None);
+        let json = plain(r#","response_format":{"type":"json_object"}"#);
+        assert_eq!(json.request.params.constraint, Some(Constraint::JsonObject));
+        let schema = plain(
+            r#","response_format":{"type":"json_schema","json_schema":{"name":"p","strict":true,
+               "schema":{"type":"object","properties":{"a":{"type":"integer"}}}}}"#,
+        );
+        let Some(Constraint::JsonSchema(text)) = schema.request.params.constraint else {
+            panic!("a schema constraint");
+        };
+        let parsed: Value = serde_json::from_str(&text).expect("the schema as JSON");
+        assert_eq!(parsed["properties"]["a"]["type"], "integer");
     }
 
     fn job_of(body: &str) -> ChatJob {
@@ -742,7 +813,19 @@ mod tests {
                 "tool_choice",
             ),
             (
-                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#,
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"xml"}}"#,
+                "response_format.type",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema"}}"#,
+                "response_format.json_schema",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"name":"a","schema":[1]}}}"#,
+                "response_format.json_schema.schema",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":"json"}"#,
                 "response_format",
             ),
             (

@@ -424,7 +424,7 @@ async fn ollama_errors_are_ollama_shaped_with_the_usual_statuses() {
 
     for (body, field) in [
         (
-            json!({"model": "scripted", "prompt": "x", "format": "json"}),
+            json!({"model": "scripted", "prompt": "x", "format": "yaml"}),
             "format",
         ),
         (

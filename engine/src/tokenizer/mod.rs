@@ -55,6 +55,7 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokeni
 
 use crate::error::EngineError;
 use crate::gguf::{GgufError, GgufFile};
+use crate::grammar::GrammarCache;
 
 pub use stream::{StreamState, TokenStream};
 
@@ -194,6 +195,7 @@ pub struct GgufTokenizer {
     add_bos: bool,
     add_eos: bool,
     add_space_prefix: bool,
+    grammar: GrammarCache,
 }
 
 impl fmt::Debug for GgufTokenizer {
@@ -373,6 +375,7 @@ impl GgufTokenizer {
             add_bos,
             add_eos,
             add_space_prefix,
+            grammar: GrammarCache::default(),
         };
         tracing::debug!(path = %file.path().display(), tokenizer = ?tokenizer, "built tokenizer");
         Ok(tokenizer)
@@ -496,6 +499,11 @@ impl GgufTokenizer {
             self.token_type(id),
             Some(TokenType::Control | TokenType::Unknown)
         )
+    }
+
+    /// The grammar compiler over this vocabulary (structured output), built on first use.
+    pub(crate) fn grammar_cache(&self) -> &GrammarCache {
+        &self.grammar
     }
 
     /// The bytes token `id` decodes to, if it exists.

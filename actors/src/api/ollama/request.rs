@@ -11,9 +11,10 @@
 //!   defaults are Ollama's; without `num_predict` the node's `default_max_tokens` applies
 //!   (Ollama's default is unlimited). Any other option is a 400 naming it
 //!   (`options.num_ctx`, ...): the engine cannot honour it, and Ollama itself only warns.
-//! - `format` (JSON mode or a schema) needs constrained decoding, which the engine does not
-//!   have: anything but absent, `null` or `""` is a 400 naming `format`. The same for
-//!   non-empty `tools`, `images` (vision), `think: true`, `logprobs: true`,
+//! - `format`: `"json"` (any JSON object) or a JSON schema object, through the engine's
+//!   grammar-constrained decoding, so the output always parses (and validates); absent,
+//!   `null` or `""` is free text; anything else is a 400 naming `format`.
+//! - Refused with a 400 naming the field: non-empty `tools`, `images` (vision), `think: true`, `logprobs: true`,
 //!   `top_logprobs` above 0, and on `/api/generate` `suffix`, `template`, `context`, and the
 //!   image-generation fields `width`, `height`, `steps`.
 //! - `keep_alive` is accepted and has no effect: a placed instance stays loaded until it is
@@ -30,7 +31,9 @@
 
 use std::collections::BTreeMap;
 
-use canopy_proto::{ChatMessage, GenerateParams, GenerateRequest as EngineRequest, Prompt};
+use canopy_proto::{
+    ChatMessage, Constraint, GenerateParams, GenerateRequest as EngineRequest, Prompt,
+};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -154,13 +157,22 @@ impl Common {
                 "invalid_value",
             ));
         }
-        if !is_empty(self.format.as_ref()) {
-            return Err(unsupported(
-                "format",
-                "structured output (JSON mode or a schema) needs constrained decoding, which \
-                 Canopy's engines do not have yet",
-            ));
-        }
+        let constraint = match &self.format {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.is_empty() => None,
+            Some(Value::String(s)) if s == "json" => Some(Constraint::JsonObject),
+            Some(schema @ Value::Object(_)) => Some(Constraint::JsonSchema(schema.to_string())),
+            Some(other) => {
+                return Err(ApiError::invalid_param(
+                    "format",
+                    format!(
+                        "Invalid 'format': expected \"json\" or a JSON schema object, got {}.",
+                        json_type(other)
+                    ),
+                    "invalid_value",
+                ));
+            }
+        };
         if !is_empty(self.think.as_ref()) {
             return Err(unsupported(
                 "think",
@@ -170,16 +182,20 @@ impl Common {
         if self.logprobs == Some(true) {
             return Err(unsupported(
                 "logprobs",
-                "the engine does not report token log-probabilities",
+                "log-probabilities are reported on the OpenAI routes, not yet in Ollama's shape",
             ));
         }
         if self.top_logprobs.is_some_and(|n| n != 0) {
             return Err(unsupported(
                 "top_logprobs",
-                "the engine does not report token log-probabilities",
+                "log-probabilities are reported on the OpenAI routes, not yet in Ollama's shape",
             ));
         }
-        options(self.options.clone(), config)
+        let params = options(self.options.clone(), config)?;
+        Ok(GenerateParams {
+            constraint,
+            ..params
+        })
     }
 }
 
@@ -551,6 +567,36 @@ mod tests {
     }
 
     #[test]
+    fn format_is_a_constraint() {
+        let constraint = |body: &str| {
+            chat(body)
+                .expect(body)
+                .request
+                .expect("a generation")
+                .params
+                .constraint
+        };
+        let user = r#""messages":[{"role":"user","content":"u"}]"#;
+        assert_eq!(constraint(&format!(r#"{{"model":"m",{user}}}"#)), None);
+        assert_eq!(
+            constraint(&format!(r#"{{"model":"m",{user},"format":"json"}}"#)),
+            Some(Constraint::JsonObject)
+        );
+        let Some(Constraint::JsonSchema(schema)) = constraint(&format!(
+            r#"{{"model":"m",{user},"format":{{"type":"object","required":["a"]}}}}"#
+        )) else {
+            panic!("a schema");
+        };
+        let schema: Value = serde_json::from_str(&schema).expect("JSON");
+        assert_eq!(schema["required"][0], "a");
+        let raw = generate(r#"{"model":"m","prompt":"x","format":"json"}"#).expect("valid");
+        assert_eq!(
+            raw.request.expect("a generation").params.constraint,
+            Some(Constraint::JsonObject)
+        );
+    }
+
+    #[test]
     fn generate_renders_system_and_prompt_as_chat_or_sends_raw_text() {
         let job = generate(r#"{"model":"m","prompt":"Why?","system":"Be brief."}"#).expect("valid");
         let Some(EngineRequest {
@@ -576,11 +622,8 @@ mod tests {
     #[test]
     fn unsupported_fields_are_refused_by_name() {
         let chats = [
-            (r#"{"model":"m","messages":[],"format":"json"}"#, "format"),
-            (
-                r#"{"model":"m","messages":[],"format":{"type":"object"}}"#,
-                "format",
-            ),
+            (r#"{"model":"m","messages":[],"format":"yaml"}"#, "format"),
+            (r#"{"model":"m","messages":[],"format":[1]}"#, "format"),
             (
                 r#"{"model":"m","messages":[],"options":{"num_ctx":4096}}"#,
                 "options.num_ctx",
@@ -642,7 +685,7 @@ mod tests {
                 "system",
             ),
             (r#"{"model":"m","prompt":"x","width":64}"#, "width"),
-            (r#"{"model":"m","prompt":"x","format":"json"}"#, "format"),
+            (r#"{"model":"m","prompt":"x","format":5}"#, "format"),
         ];
         for (body, param) in generates {
             let err = generate(body).expect_err(body);
