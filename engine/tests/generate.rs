@@ -8,28 +8,17 @@
 
 mod common;
 
-use common::{Collect, chat, spec};
+use common::{Collect, chat};
 
 use std::sync::Mutex;
-use std::sync::OnceLock;
 
-use canopy_engine::{CandleEngine, Engine, candle_engine::Backend};
+use canopy_engine::{CandleEngine, Engine};
 use canopy_proto::{FinishReason, GenerateParams, GenerateRequest, Phase};
 use serde_json::{Value, json};
 
 /// One engine for the whole file (loading takes a moment); tests take turns.
 fn engine() -> &'static Mutex<CandleEngine> {
-    static ENGINE: OnceLock<Mutex<CandleEngine>> = OnceLock::new();
-    ENGINE.get_or_init(|| {
-        let mut engine = CandleEngine::new(Backend::Cpu);
-        engine
-            .load(
-                &spec(&common::model_path().display().to_string()),
-                &mut |_, _| {},
-            )
-            .expect("the default model loads");
-        Mutex::new(engine)
-    })
+    common::shared_engine()
 }
 
 fn run(request: &GenerateRequest, sink: &mut Collect) -> FinishReason {

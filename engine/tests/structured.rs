@@ -4,26 +4,16 @@
 
 mod common;
 
-use common::{Collect, chat, spec};
+use common::{Collect, chat};
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
-use canopy_engine::{CandleEngine, Engine, EngineError, candle_engine::Backend};
+use canopy_engine::{CandleEngine, Engine, EngineError};
 use canopy_proto::{Constraint, FinishReason, GenerateParams, GenerateRequest};
 use serde_json::Value;
 
 fn engine() -> &'static Mutex<CandleEngine> {
-    static ENGINE: OnceLock<Mutex<CandleEngine>> = OnceLock::new();
-    ENGINE.get_or_init(|| {
-        let mut engine = CandleEngine::new(Backend::Cpu);
-        engine
-            .load(
-                &spec(&common::model_path().display().to_string()),
-                &mut |_, _| {},
-            )
-            .expect("the default model loads");
-        Mutex::new(engine)
-    })
+    common::shared_engine()
 }
 
 fn generate(request: &GenerateRequest) -> Result<(FinishReason, Collect), EngineError> {

@@ -5,9 +5,9 @@
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
-use canopy_engine::GenerateSink;
+use canopy_engine::{CandleEngine, Engine, GenerateSink, candle_engine::Backend};
 use canopy_proto::{
     ChatMessage, GenerateParams, GenerateRequest, LoadSpec, Phase, Prompt, TokenChunk,
 };
@@ -107,4 +107,17 @@ impl Collect {
             .flat_map(|c| c.token_ids.clone())
             .collect()
     }
+}
+
+/// One CPU engine with the default model, loaded once per test binary (loading takes a
+/// moment); tests take turns through the lock.
+pub fn shared_engine() -> &'static Mutex<CandleEngine> {
+    static ENGINE: OnceLock<Mutex<CandleEngine>> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let mut engine = CandleEngine::new(Backend::Cpu);
+        engine
+            .load(&spec(&model_path().display().to_string()), &mut |_, _| {})
+            .expect("the default model loads");
+        Mutex::new(engine)
+    })
 }
