@@ -15,8 +15,8 @@
 //!   grammar-constrained decoding, so the output always parses (and validates); absent,
 //!   `null` or `""` is free text; anything else is a 400 naming `format`.
 //! - Refused with a 400 naming the field: non-empty `tools`, `images` (vision), `think:
-//!   true`, `logprobs: true`, `top_logprobs` above 0, and on `/api/generate` `suffix`, `template`, `context`, and the
-//!   image-generation fields `width`, `height`, `steps`.
+//!   true`, `logprobs: true`, `top_logprobs` above 0, and on `/api/generate` `suffix`,
+//!   `template`, `context`, and the image-generation fields `width`, `height`, `steps`.
 //! - `keep_alive` is accepted and has no effect: a placed instance stays loaded until it is
 //!   deleted, whatever the client asks.
 //! - `/api/generate`: the prompt (with `system` before it) is rendered with the model's chat
