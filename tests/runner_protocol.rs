@@ -105,6 +105,7 @@ impl Runner {
         self.send(&ToRunner::Generate {
             task_id,
             request: GenerateRequest {
+                tools: Vec::new(),
                 prompt: Prompt::Text(prompt.to_string()),
                 params: GenerateParams {
                     max_tokens,

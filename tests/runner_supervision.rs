@@ -204,6 +204,7 @@ impl Harness {
 
     async fn submit(&self, script: &str, max_tokens: u32) -> Result<TaskHandle, RunnerError> {
         let request = GenerateRequest {
+            tools: Vec::new(),
             prompt: Prompt::Text(script.to_string()),
             params: GenerateParams {
                 max_tokens,

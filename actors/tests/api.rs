@@ -6,6 +6,7 @@
 //! | model | behaviour |
 //! |---|---|
 //! | `scripted` | "Hello", ",", " world", then `Done(Stop)` with usage 7 + 3 |
+//! | `caller` | "Let me check. " and a `<tool_call>` of `get_weather` (city Paris), then `Done(Stop)` |
 //! | `slow` | the `scripted` output after 300 ms (keep-alives flow meanwhile) |
 //! | `fail-mid` | two chunks, then the runner dies (`started: true`) |
 //! | `flaky` | first attempt: the runner dies before any output; retry (`wait_ready`): `scripted` |
@@ -23,7 +24,7 @@
 //! | anything else | refused: `UnknownModel` |
 //!
 //! The legacy completions and Ollama endpoints are tested against the same fake in `compat`,
-//! Anthropic's Messages API in `anthropic`.
+//! Anthropic's Messages API in `anthropic`, tool calls on all three in `tools`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,6 +59,8 @@ use tokio::task::JoinHandle;
 mod anthropic;
 #[path = "api/compat.rs"]
 mod compat;
+#[path = "api/tools.rs"]
+mod tools;
 
 /// Bound on every network step of a test, so a bug fails a test instead of hanging it.
 const STEP: Duration = Duration::from_secs(10);
@@ -118,6 +121,29 @@ fn scripted() -> Vec<TaskEvent> {
             },
         },
     ]
+}
+
+/// The answer of the `caller` model: a sentence, then a call of `get_weather` cut into
+/// pieces that split the `<tool_call>` tag.
+fn calling() -> Vec<TaskEvent> {
+    let pieces = [
+        "Let me check. <tool",
+        "_call>\n{\"name\": \"get_weather\", ",
+        "\"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
+    ];
+    let mut events: Vec<TaskEvent> = pieces
+        .iter()
+        .zip(0u32..)
+        .map(|(text, i)| chunk(i, text))
+        .collect();
+    events.push(TaskEvent::Done {
+        finish_reason: FinishReason::Stop,
+        usage: Usage {
+            prompt_tokens: 9,
+            completion_tokens: 20,
+        },
+    });
+    events
 }
 
 fn died(started: bool) -> RunnerError {
@@ -181,6 +207,7 @@ impl Backend for Fake {
         async move {
             match model.as_str() {
                 "scripted" => Ok(handle_of(scripted())),
+                "caller" => Ok(handle_of(calling())),
                 "slow" => {
                     let (tx, rx) = mpsc::unbounded_channel();
                     tokio::spawn(async move {

@@ -140,6 +140,7 @@ impl Harness {
         let sup = self.sup.clone();
         tokio::spawn(async move {
             let request = GenerateRequest {
+                tools: Vec::new(),
                 prompt: Prompt::Text("hello".to_string()),
                 params: GenerateParams::default(),
             };

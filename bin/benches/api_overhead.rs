@@ -137,10 +137,8 @@ impl GenerateSink for Pieces {
 
 fn direct_run(engine: &mut CandleEngine, max_tokens: u32) -> Result<Run, BoxError> {
     let request = GenerateRequest {
-        prompt: Prompt::Chat(vec![ChatMessage {
-            role: "user".into(),
-            content: PROMPT.into(),
-        }]),
+        tools: Vec::new(),
+        prompt: Prompt::Chat(vec![ChatMessage::new("user", PROMPT)]),
         params: GenerateParams {
             max_tokens,
             temperature: 0.0,

@@ -158,6 +158,7 @@ async fn saturated_false_positives(secs: u64) {
     let mut tokens = 0u64;
     while Instant::now() < deadline {
         let request = GenerateRequest {
+            tools: Vec::new(),
             prompt: Prompt::Text("tokens=200 delay_ms=5".into()),
             params: GenerateParams {
                 max_tokens: 200,

@@ -214,6 +214,7 @@ fn generate(
     max_tokens: u32,
 ) -> Result<(Timing, u32), BoxError> {
     let request = GenerateRequest {
+        tools: Vec::new(),
         prompt: Prompt::Text(text.to_string()),
         params: GenerateParams {
             max_tokens,

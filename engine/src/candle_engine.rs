@@ -27,7 +27,7 @@ use std::ops::Range;
 use std::ops::ControlFlow;
 
 use candle_core::{Device, Tensor};
-use canopy_proto::{GenerateRequest, LoadSpec, Phase, Prompt, TokenChunk};
+use canopy_proto::{GenerateRequest, LoadSpec, Phase, Prompt, TokenChunk, ToolSpec};
 
 use crate::batch::{
     Admission, BatchEngine, BatchModel, BatchReport, BatchSink, Batcher, DEFAULT_STEP_ROWS,
@@ -120,10 +120,11 @@ impl CandleEngine {
         self.loaded.as_ref().map(|l| &l.tokenizer)
     }
 
-    /// The text a prompt is fed to the model as (chat turns rendered with the template).
-    pub fn prompt_text(&self, prompt: &Prompt) -> Result<String, EngineError> {
+    /// The text a prompt is fed to the model as (chat turns rendered with the template,
+    /// which shows the model `tools`).
+    pub fn prompt_text(&self, prompt: &Prompt, tools: &[ToolSpec]) -> Result<String, EngineError> {
         let loaded = self.loaded.as_ref().ok_or(EngineError::NotLoaded)?;
-        prompt_text(&loaded.template, prompt)
+        prompt_text(&loaded.template, prompt, tools)
     }
 }
 
@@ -208,7 +209,7 @@ impl Engine for CandleEngine {
         request: &GenerateRequest,
         sink: &mut dyn GenerateSink,
     ) -> Result<GenerateOutcome, EngineError> {
-        let text = self.prompt_text(&request.prompt)?;
+        let text = self.prompt_text(&request.prompt, &request.tools)?;
         let loaded = self.loaded.as_mut().ok_or(EngineError::NotLoaded)?;
         if !(loaded.shard.is_first() && loaded.shard.is_last()) {
             return Err(EngineError::InvalidRequest(format!(
@@ -276,7 +277,7 @@ impl BatchEngine for CandleEngine {
     }
 
     fn join(&mut self, id: SeqId, request: &GenerateRequest) -> Result<Admission, EngineError> {
-        let text = self.prompt_text(&request.prompt)?;
+        let text = self.prompt_text(&request.prompt, &request.tools)?;
         let loaded = self.loaded.as_mut().ok_or(EngineError::NotLoaded)?;
         let batch = loaded.batch.as_mut().ok_or(EngineError::NotLoaded)?;
         let prompt = loaded.tokenizer.encode(&text, true)?;

@@ -4,9 +4,15 @@
 //! [minijinja] set up the way Hugging Face's `apply_chat_template` sets up `jinja2`:
 //!
 //! - `trim_blocks` and `lstrip_blocks` on, a single trailing newline of the template dropped;
-//! - the context holds `messages` (a list of `{role, content}` maps), `add_generation_prompt`,
-//!   `bos_token` and `eos_token` (the texts of the file's BOS and EOS tokens), and `tools` and
-//!   `documents` set to `none` as Hugging Face passes them when there are none;
+//! - the context holds `messages` (a list of `{role, content}` maps; an assistant turn's
+//!   calls as `tool_calls: [{id, type: "function", function: {name, arguments}}]` with the
+//!   arguments an object, a tool turn's `tool_call_id` and `name`), `add_generation_prompt`,
+//!   `bos_token` and `eos_token` (the texts of the file's BOS and EOS tokens), `tools` (a list
+//!   of `{type: "function", function: {name, description, parameters}}`, or `none`) and
+//!   `documents` (`none`), as Hugging Face passes them;
+//! - a template that does not render `tools` (it does not show a probe tool's name; see
+//!   [`ChatTemplate::knows_tools`]) is given plain turns instead, with the tools described in
+//!   the system message (see [`crate::tools`]);
 //! - `raise_exception(message)` fails the render with that message (templates use it to
 //!   reject conversations they cannot express, e.g. roles that do not alternate);
 //! - `tojson` behaves like Python's `json.dumps(..., ensure_ascii=False)` (`", "` and `": "`
@@ -26,7 +32,7 @@
 
 use std::path::{Path, PathBuf};
 
-use canopy_proto::ChatMessage;
+use canopy_proto::{ChatMessage, ToolSpec};
 use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, ErrorKind, context};
 
@@ -102,7 +108,11 @@ pub struct ChatTemplate {
     source: String,
     bos_token: String,
     eos_token: String,
+    knows_tools: bool,
 }
+
+/// The name of the tool [`ChatTemplate::knows_tools`] probes a template with.
+const PROBE_TOOL: &str = "canopy_probe_tool";
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -110,6 +120,7 @@ impl std::fmt::Debug for ChatTemplate {
             .field("source_len", &self.source.len())
             .field("bos_token", &self.bos_token)
             .field("eos_token", &self.eos_token)
+            .field("knows_tools", &self.knows_tools)
             .finish()
     }
 }
@@ -150,12 +161,40 @@ impl ChatTemplate {
                 path: path.map(Path::to_path_buf),
                 detail: describe(&e),
             })?;
-        Ok(Self {
+        let mut template = Self {
             env,
             source,
             bos_token,
             eos_token,
-        })
+            knows_tools: false,
+        };
+        template.knows_tools = template.probe_tools();
+        Ok(template)
+    }
+
+    /// Whether the template shows a tool it is given (a render with a probe tool holds the
+    /// tool's name).
+    fn probe_tools(&self) -> bool {
+        let probe = ToolSpec {
+            name: PROBE_TOOL.to_string(),
+            description: Some("Probes the template.".to_string()),
+            parameters: r#"{"type": "object", "properties": {}}"#.to_string(),
+        };
+        let tools = json_value([crate::tools::tool_value(&probe)]);
+        self.render_value(
+            messages_value(&[ChatMessage::new("user", "hi")]),
+            tools,
+            true,
+        )
+        .is_ok_and(|text| text.contains(PROBE_TOOL))
+    }
+
+    /// Whether the template renders `tools` itself; if not, [`render_with_tools`] describes
+    /// them in the system message.
+    ///
+    /// [`render_with_tools`]: Self::render_with_tools
+    pub fn knows_tools(&self) -> bool {
+        self.knows_tools
     }
 
     /// The file's template (`tokenizer.chat_template`), or `None` if it has none. BOS and
@@ -196,16 +235,59 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, ChatTemplateError> {
+        self.render_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// Renders the conversation with `tools` shown to the model: as the template renders
+    /// them if it [knows tools](Self::knows_tools), else described in the system message and
+    /// the turns' calls and tool answers written as text (see [`crate::tools`]).
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
+        let has_tool_turns = messages
+            .iter()
+            .any(|m| m.role == "tool" || !m.tool_calls.is_empty());
+        if self.knows_tools || (tools.is_empty() && !has_tool_turns) {
+            let tools = if tools.is_empty() {
+                Value::from(())
+            } else {
+                json_value(
+                    tools
+                        .iter()
+                        .map(crate::tools::tool_value)
+                        .collect::<Vec<_>>(),
+                )
+            };
+            self.render_value(messages_value(messages), tools, add_generation_prompt)
+        } else {
+            let turns = crate::tools::as_plain_turns(messages, tools);
+            self.render_value(
+                messages_value(&turns),
+                Value::from(()),
+                add_generation_prompt,
+            )
+        }
+    }
+
+    fn render_value(
+        &self,
+        messages: Value,
+        tools: Value,
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| ChatTemplateError::Render(describe(&e)))?;
         let ctx = context! {
-            messages => messages_value(messages),
+            messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
-            tools => Value::from(()),
+            tools => tools,
             documents => Value::from(()),
         };
         template.render(ctx).map_err(|e| {
@@ -233,15 +315,41 @@ impl ChatTemplate {
     }
 }
 
-/// The messages as the template sees them: a list of `{role, content}` maps.
+/// The messages as the template sees them: a list of `{role, content}` maps, with
+/// `tool_calls` on an assistant turn that made calls and `tool_call_id` / `name` on a tool
+/// turn that has them.
 fn messages_value(messages: &[ChatMessage]) -> Value {
     messages
         .iter()
         .map(|m| {
-            Value::from_pairs([
+            let mut pairs = vec![
                 ("role", Value::from(m.role.as_str())),
                 ("content", Value::from(m.content.as_str())),
-            ])
+            ];
+            if !m.tool_calls.is_empty() {
+                let calls: Vec<serde_json::Value> = m
+                    .tool_calls
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({
+                            "id": c.id,
+                            "type": "function",
+                            "function": {
+                                "name": c.name,
+                                "arguments": crate::tools::json_or_string(&c.arguments),
+                            },
+                        })
+                    })
+                    .collect();
+                pairs.push(("tool_calls", json_value(calls)));
+            }
+            if let Some(id) = &m.tool_call_id {
+                pairs.push(("tool_call_id", Value::from(id.as_str())));
+            }
+            if let Some(name) = &m.name {
+                pairs.push(("name", Value::from(name.as_str())));
+            }
+            Value::from_pairs(pairs)
         })
         .collect()
 }
@@ -421,4 +529,9 @@ fn python_number(value: &Value) -> String {
         Ok(f) => f.to_string(),
         Err(_) => value.to_string(),
     }
+}
+
+/// A serializable value (JSON) as the template sees it.
+fn json_value(value: impl serde::Serialize) -> Value {
+    Value::from(minijinja::value::Serde(value))
 }

@@ -8,7 +8,7 @@ use std::ops::ControlFlow;
 use candle_core::Tensor;
 use canopy_proto::{
     FinishReason, GenerateParams, GenerateRequest, Phase, Prompt, TokenChunk, TokenLogprob,
-    TopLogprob, Usage,
+    ToolSpec, TopLogprob, Usage,
 };
 
 use crate::chat::ChatTemplate;
@@ -19,11 +19,15 @@ use crate::tokenizer::{GgufTokenizer, StreamState};
 use crate::{Engine, EngineError, GenerateOutcome, GenerateSink};
 
 /// The text a prompt stands for: plain text as it is, a chat rendered with the model's
-/// template (the assistant's turn opened).
-pub(crate) fn prompt_text(template: &ChatTemplate, prompt: &Prompt) -> Result<String, EngineError> {
+/// template (the assistant's turn opened, `tools` shown to the model).
+pub(crate) fn prompt_text(
+    template: &ChatTemplate,
+    prompt: &Prompt,
+    tools: &[ToolSpec],
+) -> Result<String, EngineError> {
     match prompt {
         Prompt::Text(text) => Ok(text.clone()),
-        Prompt::Chat(messages) => Ok(template.render(messages, true)?),
+        Prompt::Chat(messages) => Ok(template.render_with_tools(messages, tools, true)?),
     }
 }
 
@@ -40,6 +44,7 @@ pub(crate) fn warm_up(engine: &mut dyn Engine) -> Result<(), EngineError> {
         }
     }
     let request = GenerateRequest {
+        tools: Vec::new(),
         prompt: Prompt::Text("Hello".into()),
         params: GenerateParams {
             max_tokens: 2,

@@ -94,22 +94,29 @@ fn build_factory(tokenizer: &GgufTokenizer) -> Result<ParserFactory, String> {
 /// other whitespace, as Python's `json.dumps`): with free whitespace a small model at a high
 /// temperature can spend its whole budget on blanks between valid tokens.
 fn grammar_of(constraint: &Constraint) -> Result<TopLevelGrammar, EngineError> {
-    let mut schema = match constraint {
+    let schema = match constraint {
         Constraint::JsonObject => serde_json::json!({"type": "object"}),
-        Constraint::JsonSchema(text) => {
-            match serde_json::from_str::<serde_json::Value>(text).map_err(|e| {
-                EngineError::InvalidRequest(format!("the JSON schema is not JSON: {e}"))
-            })? {
-                serde_json::Value::Bool(true) => serde_json::json!({}),
-                schema @ serde_json::Value::Object(_) => schema,
-                _ => {
-                    return Err(EngineError::InvalidRequest(
-                        "the JSON schema must be an object (or true)".into(),
-                    ));
-                }
-            }
-        }
+        Constraint::JsonSchema(text) => schema_of(text, "the JSON schema")?,
+        Constraint::ToolCall(tools) => return tool_call_grammar(tools),
     };
+    Ok(TopLevelGrammar::from_json_schema(laid_out(schema)))
+}
+
+/// A JSON schema given as text: an object, or `true` (anything).
+fn schema_of(text: &str, what: &str) -> Result<serde_json::Value, EngineError> {
+    match serde_json::from_str::<serde_json::Value>(text)
+        .map_err(|e| EngineError::InvalidRequest(format!("{what} is not JSON: {e}")))?
+    {
+        serde_json::Value::Bool(true) => Ok(serde_json::json!({})),
+        schema @ serde_json::Value::Object(_) => Ok(schema),
+        _ => Err(EngineError::InvalidRequest(format!(
+            "{what} must be an object (or true)"
+        ))),
+    }
+}
+
+/// `schema` with the one JSON layout every constrained output uses.
+fn laid_out(mut schema: serde_json::Value) -> serde_json::Value {
     JsonCompileOptions {
         item_separator: ", ".into(),
         key_separator: ": ".into(),
@@ -117,7 +124,45 @@ fn grammar_of(constraint: &Constraint) -> Result<TopLevelGrammar, EngineError> {
         ..JsonCompileOptions::default()
     }
     .apply_to(&mut schema);
-    Ok(TopLevelGrammar::from_json_schema(schema))
+    schema
+}
+
+/// The grammar of exactly one call of one of `tools`, as the model writes calls (see
+/// [`crate::tools`]): `<tool_call>\n{"name": "NAME", "arguments": ARGS}\n</tool_call>`, the
+/// name one of the tools' and the arguments valid against that tool's parameter schema (an
+/// object when the tool has no schema).
+fn tool_call_grammar(tools: &[canopy_proto::ToolSpec]) -> Result<TopLevelGrammar, EngineError> {
+    use crate::tools::{CALL_CLOSE, CALL_OPEN};
+    if tools.is_empty() {
+        return Err(EngineError::InvalidRequest(
+            "a forced tool call needs at least one tool".into(),
+        ));
+    }
+    // Lark's string literals are JSON strings.
+    let literal = |text: &str| serde_json::Value::String(text.to_string()).to_string();
+    let mut lark = format!(
+        "start: {} call {}\ncall: {}\n",
+        literal(&format!("{CALL_OPEN}\n")),
+        literal(&format!("\n{CALL_CLOSE}")),
+        (0..tools.len())
+            .map(|i| format!("call_{i}"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    for (i, tool) in tools.iter().enumerate() {
+        let what = format!("the parameters of tool '{}'", tool.name);
+        let mut schema = schema_of(&tool.parameters, &what)?;
+        if schema.as_object().is_some_and(|o| o.is_empty()) {
+            schema = serde_json::json!({"type": "object"});
+        }
+        let name = serde_json::Value::String(tool.name.clone()).to_string();
+        lark.push_str(&format!(
+            "call_{i}: {} args_{i} \"}}\"\nargs_{i}: %json {}\n",
+            literal(&format!("{{\"name\": {name}, \"arguments\": ")),
+            laid_out(schema)
+        ));
+    }
+    Ok(TopLevelGrammar::from_lark(lark))
 }
 
 /// One sequence's grammar state.

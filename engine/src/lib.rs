@@ -41,6 +41,7 @@ pub mod sampling;
 pub mod scripted;
 mod stop;
 pub mod tokenizer;
+pub mod tools;
 
 pub use batch::{Admission, BatchEngine, BatchReport, BatchSink, Finished, SeqId};
 pub use candle_engine::CandleEngine;

@@ -300,6 +300,7 @@ mod tests {
 
     fn request(prompt: &str, max_tokens: u32) -> GenerateRequest {
         GenerateRequest {
+            tools: Vec::new(),
             prompt: Prompt::Text(prompt.to_string()),
             params: GenerateParams {
                 max_tokens,
@@ -455,15 +456,10 @@ mod tests {
         let mut engine = loaded_engine();
         let mut sink = RecordingSink::default();
         let request = GenerateRequest {
+            tools: Vec::new(),
             prompt: Prompt::Chat(vec![
-                canopy_proto::ChatMessage {
-                    role: "system".to_string(),
-                    content: "be brief".to_string(),
-                },
-                canopy_proto::ChatMessage {
-                    role: "user".to_string(),
-                    content: "tokens=2".to_string(),
-                },
+                canopy_proto::ChatMessage::new("system", "be brief".to_string()),
+                canopy_proto::ChatMessage::new("user", "tokens=2".to_string()),
             ]),
             params: GenerateParams::default(),
         };

@@ -102,16 +102,11 @@ fn pooled(prompt: usize, params: GenerateParams) -> GenerateRequest {
     let (system, user) = POOL[prompt];
     let mut messages = Vec::new();
     if let Some(system) = system {
-        messages.push(ChatMessage {
-            role: "system".into(),
-            content: system.into(),
-        });
+        messages.push(ChatMessage::new("system", system));
     }
-    messages.push(ChatMessage {
-        role: "user".into(),
-        content: user.into(),
-    });
+    messages.push(ChatMessage::new("user", user));
     GenerateRequest {
+        tools: Vec::new(),
         prompt: Prompt::Chat(messages),
         params,
     }
@@ -627,15 +622,10 @@ fn a_request_copies_the_prefix_a_running_sequence_shares_with_it() {
                   rocky coast, where fishing boats leave before dawn and return at noon; keep \
                   every answer short and never invent times that the tables do not give.";
     let ask = |question: &str, max_tokens| GenerateRequest {
+        tools: Vec::new(),
         prompt: Prompt::Chat(vec![
-            ChatMessage {
-                role: "system".into(),
-                content: system.into(),
-            },
-            ChatMessage {
-                role: "user".into(),
-                content: question.into(),
-            },
+            ChatMessage::new("system", system),
+            ChatMessage::new("user", question),
         ]),
         params: greedy(max_tokens),
     };

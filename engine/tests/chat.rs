@@ -21,18 +21,17 @@ fn messages(case: &Value) -> Vec<ChatMessage> {
         .as_array()
         .expect("messages")
         .iter()
-        .map(|m| ChatMessage {
-            role: m["role"].as_str().expect("role").to_string(),
-            content: m["content"].as_str().expect("content").to_string(),
+        .map(|m| {
+            ChatMessage::new(
+                m["role"].as_str().expect("role").to_string(),
+                m["content"].as_str().expect("content").to_string(),
+            )
         })
         .collect()
 }
 
 fn msg(role: &str, content: &str) -> ChatMessage {
-    ChatMessage {
-        role: role.to_string(),
-        content: content.to_string(),
-    }
+    ChatMessage::new(role.to_string(), content.to_string())
 }
 
 #[test]
@@ -225,5 +224,86 @@ fn a_file_without_a_template_falls_back_to_chatml() {
     assert_eq!(
         text,
         "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n"
+    );
+}
+
+/// A small template in the style of Qwen's, which renders tools, calls and tool turns (its
+/// `{%-` tags eat the newline before them, as Jinja's do).
+const TOOL_TEMPLATE: &str = "{%- if tools %}<|im_start|>system\n# Tools\n\
+{%- for tool in tools %}\n{{ tool | tojson }}{% endfor %}<|im_end|>\n{% endif %}\
+{%- for message in messages %}\
+{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n\
+{%- for call in message.tool_calls %}<tool_call>{{ {'name': call.function.name, \
+'arguments': call.function.arguments} | tojson }}</tool_call>{% endfor %}<|im_end|>\n\
+{%- elif message.role == 'tool' %}<|im_start|>tool\n{{ message.tool_call_id }}: \
+{{ message.content }}<|im_end|>\n\
+{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}\
+{%- endfor %}";
+
+fn tool_turns() -> (Vec<ChatMessage>, Vec<canopy_proto::ToolSpec>) {
+    let mut call = msg("assistant", "");
+    call.tool_calls.push(canopy_proto::ToolCall {
+        id: "call_1".into(),
+        name: "add".into(),
+        arguments: r#"{"a": 1, "b": 2}"#.into(),
+    });
+    let mut answer = msg("tool", "3");
+    answer.tool_call_id = Some("call_1".into());
+    let tool = canopy_proto::ToolSpec {
+        name: "add".into(),
+        description: Some("Adds.".into()),
+        parameters: r#"{"type": "object"}"#.into(),
+    };
+    (vec![msg("user", "1+2?"), call, answer], vec![tool])
+}
+
+#[test]
+fn a_template_that_knows_tools_renders_them_its_own_way() {
+    let template = ChatTemplate::new(TOOL_TEMPLATE, "", "").expect("compiles");
+    assert!(template.knows_tools());
+    let (turns, tools) = tool_turns();
+    let text = template
+        .render_with_tools(&turns, &tools, false)
+        .expect("renders");
+    assert_eq!(
+        text,
+        "<|im_start|>system\n# Tools{\"type\": \"function\", \"function\": {\"name\": \"add\", \
+         \"description\": \"Adds.\", \"parameters\": {\"type\": \"object\"}}}<|im_end|>\n\
+         <|im_start|>user\n1+2?<|im_end|>\n\
+         <|im_start|>assistant<tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}\
+         </tool_call><|im_end|><|im_start|>tool\ncall_1: 3<|im_end|>"
+    );
+}
+
+#[test]
+fn a_template_that_knows_no_tools_gets_them_as_plain_turns() {
+    let template = ChatTemplate::new(CHATML_TEMPLATE, "", "").expect("compiles");
+    assert!(!template.knows_tools());
+    let (turns, tools) = tool_turns();
+    let text = template
+        .render_with_tools(&turns, &tools, true)
+        .expect("renders");
+    assert!(
+        text.starts_with("<|im_start|>system\nYou can call functions"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\"name\": \"add\", \"description\": \"Adds.\""),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "<|im_start|>assistant\n<tool_call>\n{\"name\": \"add\", \"arguments\": \
+             {\"a\": 1, \"b\": 2}}\n</tool_call><|im_end|>\n\
+             <|im_start|>user\n<tool_response>\n3\n</tool_response><|im_end|>\n\
+             <|im_start|>assistant\n"
+        ),
+        "{text}"
+    );
+    // Without tools, and without tool turns, the render is the plain one.
+    let plain = template.render(&turns[..1], true).expect("renders");
+    assert_eq!(
+        plain,
+        "<|im_start|>user\n1+2?<|im_end|>\n<|im_start|>assistant\n"
     );
 }

@@ -186,10 +186,7 @@ fn thirty_two_greedy_steps_agree_with_candle() {
     let path = common::model_path();
     let mut engine = engine();
     let prompt_text = engine
-        .prompt_text(&Prompt::Chat(vec![ChatMessage {
-            role: "user".into(),
-            content: QUESTION.into(),
-        }]))
+        .prompt_text(&Prompt::Chat(vec![ChatMessage::new("user", QUESTION)]), &[])
         .expect("renders");
     let prompt = engine
         .tokenizer()

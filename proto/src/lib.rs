@@ -16,7 +16,7 @@ pub use runner::*;
 
 /// The version of the supervisor <-> runner protocol. Bumped on any incompatible change;
 /// both sides refuse to talk to a peer whose handshake names another version.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The magic string that opens every handshake, so that a runner started by mistake
 /// against some other program's pipe fails fast with a clear error.

@@ -117,6 +117,39 @@ pub enum Constraint {
     JsonObject,
     /// JSON valid against this JSON Schema (given as JSON text).
     JsonSchema(String),
+    /// Exactly one call of one of these tools, in the format [`ToolSpec`] describes:
+    /// `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`, the arguments valid
+    /// against the tool's parameter schema (a `tool_choice` of `required` or a named
+    /// function). The list is not empty.
+    ToolCall(Vec<ToolSpec>),
+}
+
+/// A function the model may call (OpenAI's `tools[].function`, Anthropic's `tools[]`).
+///
+/// The chat template shows the tools to the model: a template that takes `tools` renders
+/// them its own way, and for one that does not, the engine adds a system message that
+/// describes them and asks for calls as `<tool_call>\n{"name": ..., "arguments": {...}}\n
+/// </tool_call>` (the Hermes format, which Qwen's and Hermes' templates also use).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolSpec {
+    /// The function's name (letters, digits, `_` and `-`, at most 64; checked by the API).
+    pub name: String,
+    /// What the function does, for the model.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The JSON Schema of its arguments object, as JSON text.
+    pub parameters: String,
+}
+
+/// A call the assistant made in an earlier turn (OpenAI's `tool_calls[]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The call's id, which the tool's answer names (`tool_call_id`).
+    pub id: String,
+    /// The function called.
+    pub name: String,
+    /// Its arguments, as JSON text.
+    pub arguments: String,
 }
 
 impl Default for GenerateParams {
@@ -138,12 +171,32 @@ impl Default for GenerateParams {
 }
 
 /// One chat message of a generate request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
+    /// `system`, `user`, `assistant` or `tool` (a tool's answer).
     pub role: String,
     /// The message text.
     pub content: String,
+    /// The calls an `assistant` turn made.
+    #[serde(default)]
+    pub tool_calls: Vec<ToolCall>,
+    /// On a `tool` turn: the id of the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    /// On a `tool` turn: the name of the function that answered.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    /// A plain message: a role and its text, no tool calls.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            ..Self::default()
+        }
+    }
 }
 
 /// The input of a generate task.
@@ -176,6 +229,10 @@ pub struct GenerateRequest {
     pub prompt: Prompt,
     /// How to sample and when to stop.
     pub params: GenerateParams,
+    /// The tools a chat prompt's template shows the model (see [`ToolSpec`]); ignored for
+    /// raw text.
+    #[serde(default)]
+    pub tools: Vec<ToolSpec>,
 }
 
 /// A message from the supervisor to the runner (stdin).

@@ -12,7 +12,7 @@ fn arb_prompt() -> impl Strategy<Value = Prompt> {
         any::<String>().prop_map(Prompt::Text),
         prop::collection::vec(
             (any::<String>(), any::<String>())
-                .prop_map(|(role, content)| ChatMessage { role, content }),
+                .prop_map(|(role, content)| ChatMessage::new(role, content)),
             0..4
         )
         .prop_map(Prompt::Chat),
@@ -121,7 +121,11 @@ fn arb_to_runner() -> impl Strategy<Value = ToRunner> {
         (any::<u64>(), arb_prompt(), arb_params()).prop_map(|(task_id, prompt, params)| {
             ToRunner::Generate {
                 task_id,
-                request: GenerateRequest { prompt, params },
+                request: GenerateRequest {
+                    prompt,
+                    params,
+                    tools: Vec::new(),
+                },
             }
         }),
         any::<u64>().prop_map(|task_id| ToRunner::Cancel { task_id }),

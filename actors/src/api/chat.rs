@@ -27,6 +27,7 @@ use super::request::ChatCompletionRequest;
 use super::response::{ChatChoice, ChatCompletion, CompletionMeta, UsageBody};
 use super::state::AppState;
 use super::stream;
+use super::tools;
 
 /// The handler.
 pub(crate) async fn chat_completions(
@@ -47,6 +48,7 @@ async fn answer(state: AppState, body: ChatCompletionRequest) -> Result<Response
     tracing::debug!(id = %meta.id, model = %job.model, stream = job.stream,
         choices = job.choices, "chat completion");
     let logprobs = job.request.params.logprobs.is_some();
+    let names = job.tools.names();
     let started = choices::start(
         &state,
         &job.model,
@@ -68,7 +70,13 @@ async fn answer(state: AppState, body: ChatCompletionRequest) -> Result<Response
         .collect::<Result<Vec<_>, _>>()?;
         let outputs = firsts
             .into_iter()
-            .map(|s| output::outputs(s.task, s.handle, s.first, state.closing.clone()))
+            .map(|s| {
+                tools::split_calls(
+                    output::outputs(s.task, s.handle, s.first, state.closing.clone()),
+                    names.clone(),
+                    job.max_calls,
+                )
+            })
             .collect();
         Ok(stream::respond(
             meta,
@@ -81,11 +89,10 @@ async fn answer(state: AppState, body: ChatCompletionRequest) -> Result<Response
         ))
     } else {
         let done = try_join_all(started.into_iter().map(|s: Started| {
-            output::collect(output::outputs(
-                s.task,
-                s.handle,
-                s.first,
-                state.closing.clone(),
+            output::collect(tools::split_calls(
+                output::outputs(s.task, s.handle, s.first, state.closing.clone()),
+                names.clone(),
+                job.max_calls,
             ))
         }))
         .await?;
@@ -97,6 +104,7 @@ async fn answer(state: AppState, body: ChatCompletionRequest) -> Result<Response
                 usage = usage.add_choice(done.usage, i == 0);
                 ChatChoice {
                     text: done.text,
+                    calls: done.calls,
                     reason: done.reason,
                     logprobs: logprobs.then_some(done.logprobs),
                 }

@@ -104,6 +104,7 @@ impl CompletionJob {
     pub(crate) fn request(&self, index: usize) -> GenerateRequest {
         let n = self.choices as usize;
         GenerateRequest {
+            tools: Vec::new(),
             prompt: Prompt::Text(self.prompts[index / n].clone()),
             params: choice_params(&self.params, (index % n) as u32),
         }

@@ -156,6 +156,8 @@ where
                         &meta, include_usage, index, (&text, lp), None,
                     )));
                 }
+                // Legacy completions take no tools, so their outputs hold no calls.
+                Output::Calls(_) => {}
                 Output::Done { reason, usage: used, .. } => {
                     usage = usage.add_choice(used, (index as usize).is_multiple_of(n));
                     finished += 1;

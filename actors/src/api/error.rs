@@ -341,7 +341,6 @@ impl ApiError {
     }
 
     /// The parameter blamed, if any.
-    #[cfg(test)]
     pub(crate) fn param(&self) -> Option<&str> {
         self.param.as_deref()
     }

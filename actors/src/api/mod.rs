@@ -71,6 +71,7 @@ mod server;
 mod state;
 mod stream;
 mod task;
+mod tools;
 mod views;
 
 pub use actor::{ApiActor, ApiActorError, ApiArgs, ApiMsg, ApiState, CLOSE_GRACE};

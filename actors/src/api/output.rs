@@ -14,6 +14,7 @@
 
 use std::time::Duration;
 
+use canopy_engine::tools::ParsedCall;
 use canopy_proto::{FinishReason, TokenLogprob, Usage};
 use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
@@ -33,6 +34,8 @@ pub(crate) enum Output {
         /// One entry per token, when the request asked for log-probabilities.
         logprobs: Vec<TokenLogprob>,
     },
+    /// The calls of tools the answer holds (see `tools`); only [`Output::Done`] follows.
+    Calls(Vec<ParsedCall>),
     /// The task finished; nothing follows.
     Done {
         /// Why it ended.
@@ -144,6 +147,8 @@ pub(crate) struct Collected {
     pub(crate) text: String,
     /// Its tokens' log-probabilities, when they were asked for.
     pub(crate) logprobs: Vec<TokenLogprob>,
+    /// The calls of tools it holds (see `tools`).
+    pub(crate) calls: Vec<ParsedCall>,
     /// Why it ended.
     pub(crate) reason: FinishReason,
     /// Its token counts.
@@ -157,8 +162,10 @@ pub(crate) async fn collect(outputs: impl Stream<Item = Output>) -> Result<Colle
     let mut outputs = std::pin::pin!(outputs);
     let mut text = String::new();
     let mut logprobs = Vec::new();
+    let mut calls = Vec::new();
     while let Some(output) = outputs.next().await {
         match output {
+            Output::Calls(more) => calls.extend(more),
             Output::Text {
                 text: piece,
                 logprobs: more,
@@ -174,6 +181,7 @@ pub(crate) async fn collect(outputs: impl Stream<Item = Output>) -> Result<Colle
                 return Ok(Collected {
                     text,
                     logprobs,
+                    calls,
                     reason,
                     usage,
                     timings,

@@ -12,9 +12,18 @@
 //! - `seed` defaults to a random one, so that repeated requests differ as with OpenAI; a
 //!   negative seed is used by its two's-complement bits.
 //! - `stop`: a string or an array of at most 4 strings; empty strings are ignored.
-//! - roles: `system`, `developer` (treated as `system`), `user`, `assistant`; any other is a
-//!   400. Content is a string or an array of `{"type": "text", "text": ...}` parts (joined by
-//!   newlines); `null` content is allowed (as empty) for `assistant` turns only.
+//! - roles: `system`, `developer` (treated as `system`), `user`, `assistant`, `tool`; any
+//!   other is a 400. Content is a string or an array of `{"type": "text", "text": ...}` parts
+//!   (joined by newlines); `null` content is allowed (as empty) for `assistant` turns only.
+//!   An assistant turn may carry `tool_calls` (`[{id, type: "function", function: {name,
+//!   arguments}}]`, the arguments JSON text); a `tool` turn needs `tool_call_id`.
+//! - `tools`: at most 128 functions (`{"type": "function", "function": {name, description,
+//!   parameters, strict}}`; names of letters, digits, `_` and `-`, unique); `tool_choice`
+//!   `none`, `auto` (the default with tools), `required` or `{"type": "function",
+//!   "function": {"name"}}`; a forced call (required or named) is one call under a grammar, so
+//!   its arguments validate against the tool's schema (see `tools`); `required` or a named
+//!   function cannot be combined with `response_format`. `parallel_tool_calls: false` keeps
+//!   the first of the calls an `auto` answer makes.
 //! - `n` (1 to [`MAX_CHOICES`]) choices are that many tasks of the same prompt, choice `i`
 //!   seeded with `seed + i`, so that sampled choices differ and a seeded request repeats.
 //! - `presence_penalty` and `frequency_penalty` lie in `[-2, 2]` and count the generated
@@ -41,12 +50,15 @@
 
 use std::collections::BTreeMap;
 
-use canopy_proto::{ChatMessage, Constraint, GenerateParams, GenerateRequest, Prompt};
+use canopy_proto::{
+    ChatMessage, Constraint, GenerateParams, GenerateRequest, Prompt, ToolCall, ToolSpec,
+};
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::config::ApiConfig;
 use super::error::ApiError;
+use super::tools::{ToolChoice, Tools, check_tool_list, tool_spec};
 
 /// Most stop sequences a request may carry (OpenAI's limit).
 pub(crate) const MAX_STOP_SEQUENCES: usize = 4;
@@ -81,6 +93,9 @@ pub(crate) struct ChatCompletionRequest {
     logprobs: Option<bool>,
     top_logprobs: Option<i64>,
     response_format: Option<Value>,
+    tools: Option<Vec<RequestTool>>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
     /// Every other field: accepted, refused or unknown by name (see the module's notes).
     #[serde(flatten)]
     other: BTreeMap<String, Value>,
@@ -91,6 +106,46 @@ struct RequestMessage {
     role: String,
     /// A string, an array of content parts, or null: checked in `into_chat`.
     content: Option<Value>,
+    /// An assistant turn's calls.
+    tool_calls: Option<Vec<RequestToolCall>>,
+    /// A tool turn's answer to this call.
+    tool_call_id: Option<String>,
+    /// A participant's name (accepted; the templates take none).
+    #[allow(dead_code)]
+    name: Option<String>,
+}
+
+/// One of `tools`.
+#[derive(Debug, Clone, Deserialize)]
+struct RequestTool {
+    #[serde(rename = "type")]
+    kind: String,
+    function: Option<RequestFunction>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct RequestFunction {
+    name: String,
+    description: Option<String>,
+    parameters: Option<Value>,
+    /// Accepted either way: a forced call always follows the schema.
+    #[allow(dead_code)]
+    strict: Option<bool>,
+}
+
+/// One of an assistant turn's `tool_calls`.
+#[derive(Debug, Clone, Deserialize)]
+struct RequestToolCall {
+    id: String,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    function: RequestCalled,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct RequestCalled {
+    name: String,
+    arguments: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -111,6 +166,11 @@ pub(crate) struct ChatJob {
     pub(crate) stream: bool,
     /// Whether a stream ends with a usage chunk (`stream_options.include_usage`).
     pub(crate) include_usage: bool,
+    /// The tools and the choice (already applied to `request`); the answer is read for
+    /// calls when they are active.
+    pub(crate) tools: Tools,
+    /// Most calls an answer may make (`parallel_tool_calls: false` is 1).
+    pub(crate) max_calls: usize,
 }
 
 impl ChatJob {
@@ -118,6 +178,7 @@ impl ChatJob {
     pub(crate) fn requests(&self) -> Vec<GenerateRequest> {
         (0..self.choices)
             .map(|i| GenerateRequest {
+                tools: self.request.tools.clone(),
                 prompt: self.request.prompt.clone(),
                 params: choice_params(&self.request.params, i),
             })
@@ -150,21 +211,20 @@ fn check_other(field: &str, value: &Value) -> Result<(), ApiError> {
         Value::Object(o) => o.is_empty(),
         _ => false,
     };
-    let tools = "tool calls need constrained decoding, which Canopy's engines do not have yet";
     match field {
         "user" | "metadata" | "safety_identifier" | "prompt_cache_key" => Ok(()),
-        "parallel_tool_calls" => Ok(()),
         "store" if matches!(value, Value::Null | Value::Bool(false)) => Ok(()),
         "store" => Err(unsupported(field, "Canopy does not store completions")),
         "service_tier" if value.is_null() || matches!(value.as_str(), Some("auto" | "default")) => {
             Ok(())
         }
         "service_tier" => Err(unsupported(field, "Canopy has one tier, 'default'")),
-        "tools" | "functions" if empty => Ok(()),
-        "tool_choice" | "function_call" if value.is_null() || value.as_str() == Some("none") => {
-            Ok(())
-        }
-        "tools" | "functions" | "tool_choice" | "function_call" => Err(unsupported(field, tools)),
+        "functions" if empty => Ok(()),
+        "function_call" if value.is_null() || value.as_str() == Some("none") => Ok(()),
+        "functions" | "function_call" => Err(unsupported(
+            field,
+            "it is deprecated; send 'tools' and 'tool_choice' instead",
+        )),
         "modalities"
             if value.is_null()
                 || value
@@ -259,6 +319,9 @@ impl ChatCompletionRequest {
             }
         };
         let constraint = response_format(self.response_format)?;
+        let tools = self.tools.map(chat_tools).transpose()?.unwrap_or_default();
+        let choice = self.tool_choice.map(tool_choice).transpose()?.flatten();
+        let tools = Tools::new(tools, choice, "tool_choice")?;
         let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
             (Some(v), _) => Some(("max_completion_tokens", v)),
             (None, Some(v)) => Some(("max_tokens", v)),
@@ -281,6 +344,12 @@ impl ChatCompletionRequest {
             constraint,
             ..params
         };
+        let mut request = GenerateRequest {
+            prompt: Prompt::Chat(messages),
+            params,
+            tools: Vec::new(),
+        };
+        tools.apply(&mut request, "response_format")?;
         let stream = self.stream.unwrap_or(false);
         let include_usage = stream
             && self
@@ -289,13 +358,16 @@ impl ChatCompletionRequest {
                 .unwrap_or(false);
         Ok(ChatJob {
             model: self.model,
-            request: GenerateRequest {
-                prompt: Prompt::Chat(messages),
-                params,
-            },
+            request,
             choices,
             stream,
             include_usage,
+            tools,
+            max_calls: if self.parallel_tool_calls == Some(false) {
+                1
+            } else {
+                usize::MAX
+            },
         })
     }
 }
@@ -506,16 +578,46 @@ impl RequestMessage {
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
+            "tool" => "tool",
             other => {
                 return Err(ApiError::invalid_param(
                     format!("messages[{index}].role"),
                     format!(
                         "Invalid value for 'messages[{index}].role': '{other}'. Supported \
-                         roles are 'system', 'developer', 'user' and 'assistant'."
+                         roles are 'system', 'developer', 'user', 'assistant' and 'tool'."
                     ),
                     "invalid_value",
                 ));
             }
+        };
+        let tool_calls = match (role, self.tool_calls) {
+            (_, None) => Vec::new(),
+            ("assistant", Some(calls)) => calls
+                .into_iter()
+                .enumerate()
+                .map(|(c, call)| call.into_call(&format!("messages[{index}].tool_calls[{c}]")))
+                .collect::<Result<_, _>>()?,
+            (_, Some(_)) => {
+                return Err(ApiError::invalid_param(
+                    format!("messages[{index}].tool_calls"),
+                    format!("'messages[{index}].tool_calls' is only allowed on assistant turns."),
+                    "invalid_value",
+                ));
+            }
+        };
+        let tool_call_id = match (role, self.tool_call_id) {
+            ("tool", Some(id)) => Some(id),
+            ("tool", None) => {
+                return Err(ApiError::invalid_param(
+                    format!("messages[{index}].tool_call_id"),
+                    format!(
+                        "Missing required parameter: 'messages[{index}].tool_call_id' (a tool \
+                         turn answers a call)."
+                    ),
+                    "missing_required_parameter",
+                ));
+            }
+            (_, _) => None,
         };
         let param = format!("messages[{index}].content");
         let content = match self.content {
@@ -549,7 +651,90 @@ impl RequestMessage {
         Ok(ChatMessage {
             role: role.to_string(),
             content,
+            tool_calls,
+            tool_call_id,
+            name: None,
         })
+    }
+}
+
+impl RequestToolCall {
+    fn into_call(self, param: &str) -> Result<ToolCall, ApiError> {
+        if self.kind.as_deref().is_some_and(|k| k != "function") {
+            return Err(ApiError::invalid_param(
+                format!("{param}.type"),
+                format!("Invalid value for '{param}.type': only 'function' calls are supported."),
+                "invalid_value",
+            ));
+        }
+        Ok(ToolCall {
+            id: self.id,
+            name: self.function.name,
+            arguments: self.function.arguments,
+        })
+    }
+}
+
+/// `tools` checked into the engine's tools.
+fn chat_tools(tools: Vec<RequestTool>) -> Result<Vec<ToolSpec>, ApiError> {
+    let specs = tools
+        .into_iter()
+        .enumerate()
+        .map(|(i, tool)| {
+            let param = format!("tools[{i}]");
+            match (tool.kind.as_str(), tool.function) {
+                ("function", Some(f)) => tool_spec(
+                    &format!("{param}.function"),
+                    &f.name,
+                    f.description,
+                    f.parameters,
+                ),
+                ("function", None) => Err(ApiError::invalid_param(
+                    format!("{param}.function"),
+                    format!("Missing required parameter: '{param}.function'."),
+                    "missing_required_parameter",
+                )),
+                (other, _) => Err(ApiError::invalid_param(
+                    format!("{param}.type"),
+                    format!(
+                        "Invalid value for '{param}.type': '{other}'. Only 'function' tools \
+                         are supported."
+                    ),
+                    "invalid_value",
+                )),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    check_tool_list("tools", &specs)?;
+    Ok(specs)
+}
+
+/// `tool_choice` checked: `none`, `auto`, `required` or `{"type": "function", "function":
+/// {"name": ...}}`; null is absent.
+fn tool_choice(value: Value) -> Result<Option<ToolChoice>, ApiError> {
+    let invalid = || {
+        ApiError::invalid_param(
+            "tool_choice",
+            "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or \
+             {\"type\": \"function\", \"function\": {\"name\": ...}}.",
+            "invalid_value",
+        )
+    };
+    match &value {
+        Value::Null => Ok(None),
+        Value::String(s) => match s.as_str() {
+            "none" => Ok(Some(ToolChoice::None)),
+            "auto" => Ok(Some(ToolChoice::Auto)),
+            "required" => Ok(Some(ToolChoice::Required)),
+            _ => Err(invalid()),
+        },
+        Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => o
+            .get("function")
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str)
+            .map(|name| Some(ToolChoice::Named(name.to_string())))
+            .ok_or_else(invalid),
+        _ => Err(invalid()),
     }
 }
 
@@ -660,10 +845,7 @@ mod tests {
         assert_eq!(job.request.params.top_p, 1.0);
         assert_eq!(
             job.request.prompt,
-            Prompt::Chat(vec![ChatMessage {
-                role: "user".into(),
-                content: "hi".into()
-            }])
+            Prompt::Chat(vec![ChatMessage::new("user", "hi")])
         );
     }
 
@@ -740,6 +922,49 @@ mod tests {
     }
 
     #[test]
+    fn tools_and_tool_turns_reach_the_engine_request() {
+        let job = job_of(
+            r#"{"model":"m","tools":[{"type":"function","function":{"name":"add",
+                "description":"Adds.","parameters":{"type":"object"}}}],
+               "messages":[{"role":"user","content":"1+2?"},
+                 {"role":"assistant","content":null,"tool_calls":[{"id":"call_1",
+                   "type":"function","function":{"name":"add","arguments":"{\"a\": 1}"}}]},
+                 {"role":"tool","tool_call_id":"call_1","content":"3"}]}"#,
+        );
+        assert_eq!(job.tools.choice, ToolChoice::Auto);
+        assert_eq!(job.tools.names(), ["add"]);
+        assert_eq!(job.request.tools[0].description.as_deref(), Some("Adds."));
+        assert_eq!(job.request.params.constraint, None);
+        let Prompt::Chat(turns) = &job.request.prompt else {
+            panic!("a chat prompt")
+        };
+        assert_eq!(
+            turns[1].tool_calls,
+            [ToolCall {
+                id: "call_1".into(),
+                name: "add".into(),
+                arguments: r#"{"a": 1}"#.into()
+            }]
+        );
+        assert_eq!(turns[2].role, "tool");
+        assert_eq!(turns[2].tool_call_id.as_deref(), Some("call_1"));
+        assert_eq!(job.max_calls, usize::MAX);
+
+        let forced = job_of(
+            r#"{"model":"m","tools":[{"type":"function","function":{"name":"add"}}],
+               "tool_choice":{"type":"function","function":{"name":"add"}},
+               "parallel_tool_calls":false,"messages":[{"role":"user","content":"x"}]}"#,
+        );
+        assert!(matches!(
+            forced.request.params.constraint,
+            Some(Constraint::ToolCall(ref t)) if t.len() == 1
+        ));
+        assert_eq!(forced.max_calls, 1);
+        // Every choice of `n` carries the tools.
+        assert!(forced.requests().iter().all(|r| r.tools.len() == 1));
+    }
+
+    #[test]
     fn bad_values_name_their_parameter() {
         let cases = [
             (r#"{"model":"m","messages":[]}"#, "messages"),
@@ -805,8 +1030,40 @@ mod tests {
                 "top_logprobs",
             ),
             (
-                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}]}"#,
-                "tools",
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"bad name"}}]}"#,
+                "tools[0].function.name",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"custom","custom":{"name":"f"}}]}"#,
+                "tools[0].type",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f","parameters":[]}}]}"#,
+                "tools[0].function.parameters",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":{"type":"function","function":{"name":"g"}}}"#,
+                "tool_choice",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"always"}"#,
+                "tool_choice",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"required","response_format":{"type":"json_object"}}"#,
+                "response_format",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x","tool_calls":[]}]}"#,
+                "messages[0].tool_calls",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"},{"role":"tool","content":"3"}]}"#,
+                "messages[1].tool_call_id",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"functions":[{"name":"f"}]}"#,
+                "functions",
             ),
             (
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tool_choice":"required"}"#,

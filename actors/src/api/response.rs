@@ -17,6 +17,8 @@ use rand::distr::Alphanumeric;
 use serde::Serialize;
 
 use super::backend::ModelInfo;
+use super::tools;
+use canopy_engine::tools::ParsedCall;
 
 /// OpenAI's `finish_reason` for the engine's.
 pub(crate) fn finish_reason(reason: FinishReason) -> &'static str {
@@ -56,17 +58,23 @@ impl CompletionMeta {
     }
 
     fn with_prefix(prefix: &str, model: &str) -> Self {
-        let suffix: String = rand::rng()
-            .sample_iter(&Alphanumeric)
-            .take(24)
-            .map(char::from)
-            .collect();
         Self {
-            id: format!("{prefix}-{suffix}"),
+            id: random_id(&format!("{prefix}-")),
             created: unix_now(),
             model: model.to_string(),
         }
     }
+}
+
+/// A fresh id: `prefix` and 24 random letters and digits (`chatcmpl-...`, `call_...`,
+/// `msg_...`).
+pub(crate) fn random_id(prefix: &str) -> String {
+    let suffix: String = rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(24)
+        .map(char::from)
+        .collect();
+    format!("{prefix}{suffix}")
 }
 
 /// Token counts as OpenAI reports them.
@@ -255,6 +263,8 @@ struct Choice {
 pub(crate) struct ChatChoice {
     /// The answer's text.
     pub(crate) text: String,
+    /// The calls of tools it made.
+    pub(crate) calls: Vec<ParsedCall>,
     /// Why it ended.
     pub(crate) reason: FinishReason,
     /// Its tokens' log-probabilities, when they were asked for.
@@ -264,7 +274,55 @@ pub(crate) struct ChatChoice {
 #[derive(Debug, Serialize)]
 struct AssistantMessage {
     role: &'static str,
-    content: String,
+    /// `null` when the answer is calls only, as OpenAI sends it.
+    content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<ToolCallBody>,
+}
+
+/// One call of a tool, in OpenAI's shape (`index` only in stream deltas).
+#[derive(Debug, Serialize)]
+pub(crate) struct ToolCallBody {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<u32>,
+    id: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: FunctionBody,
+}
+
+#[derive(Debug, Serialize)]
+struct FunctionBody {
+    name: String,
+    arguments: String,
+}
+
+impl ToolCallBody {
+    /// `calls` with fresh ids, numbered when `indexed` (stream deltas).
+    pub(crate) fn list(calls: &[ParsedCall], indexed: bool) -> Vec<Self> {
+        calls
+            .iter()
+            .zip(0u32..)
+            .map(|(call, i)| Self {
+                index: indexed.then_some(i),
+                id: random_id("call_"),
+                kind: "function",
+                function: FunctionBody {
+                    name: call.name.clone(),
+                    arguments: tools::arguments_text(call),
+                },
+            })
+            .collect()
+    }
+}
+
+/// OpenAI's `finish_reason` of an answer that made calls (`tool_calls`) or not.
+pub(crate) fn chat_finish_reason(reason: FinishReason, called: bool) -> &'static str {
+    if called {
+        "tool_calls"
+    } else {
+        finish_reason(reason)
+    }
 }
 
 impl ChatCompletion {
@@ -280,12 +338,13 @@ impl ChatCompletion {
                 .zip(0u32..)
                 .map(|(c, index)| Choice {
                     index,
+                    finish_reason: chat_finish_reason(c.reason, !c.calls.is_empty()),
                     message: AssistantMessage {
                         role: "assistant",
-                        content: c.text,
+                        content: (c.calls.is_empty() || !c.text.is_empty()).then_some(c.text),
+                        tool_calls: ToolCallBody::list(&c.calls, false),
                     },
                     logprobs: c.logprobs.as_deref().map(ChatLogprobs::new),
-                    finish_reason: finish_reason(c.reason),
                 })
                 .collect(),
             usage,
@@ -320,6 +379,8 @@ struct Delta<'a> {
     role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Vec<ToolCallBody>>,
 }
 
 impl<'a> ChatCompletionChunk<'a> {
@@ -350,6 +411,7 @@ impl<'a> ChatCompletionChunk<'a> {
         let delta = Delta {
             role: Some("assistant"),
             content: Some(""),
+            tool_calls: None,
         };
         Self::with_choice(meta, include_usage, index, (delta, None), None)
     }
@@ -366,24 +428,42 @@ impl<'a> ChatCompletionChunk<'a> {
         let delta = Delta {
             role: None,
             content: Some(text),
+            tool_calls: None,
         };
         let logprobs = logprobs.map(ChatLogprobs::new);
         Self::with_choice(meta, include_usage, index, (delta, logprobs), None)
     }
 
-    /// The chunk that ends choice `index`, with its `finish_reason` and an empty delta.
+    /// The calls of choice `index`, whole, in one delta (each with its `index`, id, name
+    /// and all its arguments).
+    pub(crate) fn calls(
+        meta: &'a CompletionMeta,
+        include_usage: bool,
+        index: u32,
+        calls: &[ParsedCall],
+    ) -> Self {
+        let delta = Delta {
+            tool_calls: Some(ToolCallBody::list(calls, true)),
+            ..Delta::default()
+        };
+        Self::with_choice(meta, include_usage, index, (delta, None), None)
+    }
+
+    /// The chunk that ends choice `index`, with its `finish_reason` (`tool_calls` when it
+    /// `called`) and an empty delta.
     pub(crate) fn finish(
         meta: &'a CompletionMeta,
         include_usage: bool,
         index: u32,
         reason: FinishReason,
+        called: bool,
     ) -> Self {
         Self::with_choice(
             meta,
             include_usage,
             index,
             (Delta::default(), None),
-            Some(finish_reason(reason)),
+            Some(chat_finish_reason(reason, called)),
         )
     }
 

@@ -1,7 +1,9 @@
 //! The SSE answer of a streamed chat completion.
 //!
 //! Events, in order: a chunk with `delta.role = "assistant"` per choice; one chunk per piece
-//! of output (with its tokens' `logprobs` when asked for); a chunk with the `finish_reason`
+//! of output (with its tokens' `logprobs` when asked for); with tools, one chunk whose
+//! `delta.tool_calls` holds the answer's calls whole (see `tools`); a chunk with the
+//! `finish_reason` (`tool_calls` after calls)
 //! per choice; a usage chunk (no choices) if `stream_options.include_usage` asked for one;
 //! then `data: [DONE]`. With several choices (`n`) their chunks interleave as their tokens
 //! come, told apart by `index`. Keep-alive comments
@@ -108,8 +110,18 @@ where
         let mut usage = UsageBody::default();
         let mut finished = 0;
         let mut failed = false;
+        let mut called = vec![false; choices];
         for await (index, output) in merged {
             match output {
+                Output::Calls(calls) => {
+                    called[index as usize] = true;
+                    yield Ok(json_event(&ChatCompletionChunk::calls(
+                        &meta,
+                        include_usage,
+                        index,
+                        &calls,
+                    )));
+                }
                 Output::Text { text, logprobs } => {
                     yield Ok(json_event(&ChatCompletionChunk::content(
                         &meta,
@@ -127,6 +139,7 @@ where
                         include_usage,
                         index,
                         reason,
+                        called[index as usize],
                     )));
                     if finished == choices {
                         break;

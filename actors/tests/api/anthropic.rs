@@ -56,7 +56,7 @@ async fn send_with(
     }
 }
 
-async fn messages(addr: SocketAddr, body: Value) -> Reply {
+pub(crate) async fn messages(addr: SocketAddr, body: Value) -> Reply {
     send_with(
         addr,
         "POST",
@@ -79,7 +79,7 @@ fn body(model: &str, stream: bool) -> Value {
 
 /// The events of an SSE body as (name, data as JSON), checking that each is exactly one
 /// `event:` line and one `data:` line.
-fn events(body: &str) -> Vec<(String, Value)> {
+pub(crate) fn events(body: &str) -> Vec<(String, Value)> {
     assert!(
         body.ends_with("\n\n"),
         "events end with a blank line: {body:?}"
@@ -257,8 +257,8 @@ async fn refused_fields_are_400s_naming_them() {
     let user = json!([{"role": "user", "content": "x"}]);
     for (extra, field) in [
         (
-            json!({"tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]}),
-            "tools",
+            json!({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}),
+            "tools[0].type",
         ),
         (json!({"tool_choice": {"type": "any"}}), "tool_choice"),
         (
@@ -275,7 +275,7 @@ async fn refused_fields_are_400s_naming_them() {
         ),
         (
             json!({"messages": [{"role": "user", "content": [
-                {"type": "tool_result", "tool_use_id": "t1", "content": "sunny"}
+                {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {}}
             ]}]}),
             "messages[0].content[0]",
         ),

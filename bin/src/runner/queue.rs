@@ -215,6 +215,7 @@ mod tests {
         Job::Generate(Task::new(
             id,
             GenerateRequest {
+                tools: Vec::new(),
                 prompt: Prompt::Text(String::new()),
                 params: GenerateParams::default(),
             },

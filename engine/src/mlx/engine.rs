@@ -7,7 +7,7 @@
 //! stop sequence (never emitted); cancellation is checked between tokens.
 
 use candle_core::Tensor;
-use canopy_proto::{GenerateRequest, LoadSpec, Prompt};
+use canopy_proto::{GenerateRequest, LoadSpec, Prompt, ToolSpec};
 
 use super::model::MlxLlama;
 use crate::generation::{self, prompt_text, run_generation};
@@ -54,10 +54,11 @@ impl MlxEngine {
         self.loaded.as_mut().map(|l| &mut l.model)
     }
 
-    /// The text a prompt is fed to the model as (chat turns rendered with the template).
-    pub fn prompt_text(&self, prompt: &Prompt) -> Result<String, EngineError> {
+    /// The text a prompt is fed to the model as (chat turns rendered with the template,
+    /// which shows the model `tools`).
+    pub fn prompt_text(&self, prompt: &Prompt, tools: &[ToolSpec]) -> Result<String, EngineError> {
         let loaded = self.loaded.as_ref().ok_or(EngineError::NotLoaded)?;
-        prompt_text(&loaded.template, prompt)
+        prompt_text(&loaded.template, prompt, tools)
     }
 }
 
@@ -124,7 +125,7 @@ impl Engine for MlxEngine {
         request: &GenerateRequest,
         sink: &mut dyn GenerateSink,
     ) -> Result<GenerateOutcome, EngineError> {
-        let text = self.prompt_text(&request.prompt)?;
+        let text = self.prompt_text(&request.prompt, &request.tools)?;
         let loaded = self.loaded.as_mut().ok_or(EngineError::NotLoaded)?;
         let prompt = loaded.tokenizer.encode(&text, true)?;
         loaded.model.clear_kv_cache();

@@ -54,17 +54,15 @@ pub fn spec(model: &str) -> LoadSpec {
 /// A one-message chat request.
 pub fn chat(user: &str, params: GenerateParams) -> GenerateRequest {
     GenerateRequest {
-        prompt: Prompt::Chat(vec![ChatMessage {
-            role: "user".into(),
-            content: user.into(),
-        }]),
+        tools: Vec::new(),
+        prompt: Prompt::Chat(vec![ChatMessage::new("user", user)]),
         params,
     }
 }
 
 /// A sink that keeps what an engine streams; it stops the generation after `cancel_after`
 /// chunks, and reports the task cancelled from the start when `cancelled` is set.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Collect {
     /// The chunks, in order.
     pub chunks: Vec<TokenChunk>,

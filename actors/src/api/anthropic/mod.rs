@@ -9,14 +9,16 @@
 //! - with `stream: true`: an SSE stream of named events, as Anthropic sends them:
 //!   `message_start` (the message with empty content), `content_block_start` (index 0, an
 //!   empty text block), `ping`, one `content_block_delta` (`text_delta`) per piece of
-//!   text, `content_block_stop`, `message_delta` (stop reason and token counts) and
-//!   `message_stop`. While the task is silent, `ping` events (Anthropic's keep-alive) flow
+//!   text, `content_block_stop`; with tools, per call a `content_block_start` of a
+//!   `tool_use` block (index 1, 2, ...; `input: {}`), one `content_block_delta`
+//!   (`input_json_delta`) holding all its arguments and a `content_block_stop`; then
+//!   `message_delta` (stop reason and token counts) and `message_stop`. While the task is silent, `ping` events (Anthropic's keep-alive) flow
 //!   every keep-alive interval. The prompt's token count is known only at the end, so
 //!   `message_start` reports 0 input tokens and `message_delta`'s usage carries both counts
 //!   (Anthropic's clients take `input_tokens` from there).
 //!
-//! `stop_reason` is `end_turn` or `max_tokens`, and `stop_sequence` always `null`: see
-//! `response` for why `stop_sequence` is never reported.
+//! `stop_reason` is `end_turn`, `max_tokens`, `stop_sequence` (with the `stop_sequence`
+//! that ended the answer) or `tool_use` (the answer made calls).
 //!
 //! A generation runs through the same machinery as the OpenAI and Ollama routes (`task`,
 //! `output`): the single retry when a runner dies before any output (a stream has then sent
@@ -59,6 +61,7 @@ use super::extract::OpenAiJson;
 use super::output::{self, Output};
 use super::state::AppState;
 use super::task::ChatTask;
+use super::tools;
 use request::{MessagesBody, MessagesJob};
 use response::{ErrorBody, Message, StreamEvent, message_id};
 
@@ -136,14 +139,22 @@ async fn answer(
         _ => AnthropicError(err),
     })?;
     let keepalive = state.config.keepalive;
+    let names = job.tools.names();
     if job.stream {
         let first = output::begin(&mut handle, keepalive).await?;
         let outputs = output::outputs(task, handle, first, state.closing.clone());
+        let outputs = tools::split_calls(outputs, names, job.max_calls);
         Ok(sse(events(id, model, stops, outputs), keepalive))
     } else {
         let outputs = output::outputs(task, handle, None, state.closing.clone());
-        let done = output::collect(outputs).await?;
-        let message = Message::finished(&id, &model, &done.text, (done.reason, &stops), done.usage);
+        let done = output::collect(tools::split_calls(outputs, names, job.max_calls)).await?;
+        let message = Message::finished(
+            &id,
+            &model,
+            (&done.text, &done.calls),
+            (done.reason, &stops),
+            done.usage,
+        );
         Ok(axum::Json(message).into_response())
     }
 }
@@ -198,13 +209,28 @@ fn events(
         yield Ok(named(&StreamEvent::MessageStart { message: Message::started(&id, &model) }));
         yield Ok(named(&StreamEvent::block_start()));
         yield Ok(named(&StreamEvent::Ping));
+        let (mut text_closed, mut called) = (false, false);
         for await output in outputs {
             match output {
                 Output::Text { text, .. } if text.is_empty() => {}
+                Output::Calls(calls) => {
+                    if !text_closed {
+                        yield Ok(named(&StreamEvent::ContentBlockStop { index: 0 }));
+                        text_closed = true;
+                    }
+                    called = true;
+                    for (call, index) in calls.iter().zip(1u32..) {
+                        for event in StreamEvent::call(index, call) {
+                            yield Ok(named(&event));
+                        }
+                    }
+                }
                 Output::Text { text, .. } => yield Ok(named(&StreamEvent::text(&text))),
                 Output::Done { reason, usage, .. } => {
-                    yield Ok(named(&StreamEvent::ContentBlockStop { index: 0 }));
-                    yield Ok(named(&StreamEvent::finished(reason, &stops, usage)));
+                    if !text_closed {
+                        yield Ok(named(&StreamEvent::ContentBlockStop { index: 0 }));
+                    }
+                    yield Ok(named(&StreamEvent::finished(reason, called, &stops, usage)));
                     yield Ok(named(&StreamEvent::MessageStop));
                     break;
                 }

@@ -13,32 +13,39 @@
 //!   conversation's system turn, rendered by the model's chat template.
 //! - `messages`: at least one; roles `user` and `assistant` (a `system` role is a 400 that
 //!   points at the top-level `system`). Content is a string or an array of content blocks:
-//!   `text` blocks are joined by newlines; `image`, `document`, `tool_use`, `tool_result`,
-//!   `thinking`, `redacted_thinking`, `search_result` and the server tools' blocks are a 400
-//!   naming the block (the models take only text; tools need constrained decoding, which
-//!   the engines do not have yet). A block's `cache_control` is accepted with no effect
-//!   (there is no prompt cache to steer); non-empty `citations` are refused.
-//!   Consecutive turns of the same role are combined into one (joined by a newline), as
-//!   Anthropic combines them. A conversation that ends with an `assistant` turn (prefilling
+//!   `text` blocks are joined by newlines; an assistant's `tool_use` blocks (`id`, `name`,
+//!   `input` object) are its calls, and a user's `tool_result` blocks (`tool_use_id`,
+//!   `content` a string or text blocks, `is_error`) are tool turns before the user's text;
+//!   `image`, `document`, `thinking`, `redacted_thinking`, `search_result` and the server
+//!   tools' blocks are a 400 naming the block (the models take only text). A block's
+//!   `cache_control` is accepted with no effect (there is no prompt cache to steer);
+//!   non-empty `citations` are refused. Consecutive turns of the same role are combined into
+//!   one (joined by a newline), as Anthropic combines them. A conversation that ends with an `assistant` turn (prefilling
 //!   the answer) is a 400: the chat template would close that turn instead of continuing
 //!   it, so the answer would not continue the prefill as Anthropic's does.
 //! - accepted with no effect: `metadata` (an object, e.g. `user_id`), `service_tier` `auto`
 //!   or `standard_only` (there is one tier), `speed` `standard`, a top-level
 //!   `cache_control`, `user_profile_id` and `workspace_id` (the newer clients' fields).
-//! - refused, naming the field: non-empty `tools`, `tool_choice` other than `auto` or `none`,
-//!   `thinking` other than `disabled`, non-empty `mcp_servers`, `container`,
+//! - `tools`: custom tools (`name`, `description`, `input_schema`; `type` absent or
+//!   `custom`; `cache_control` accepted), at most 128; Anthropic's server tools (`bash_...`,
+//!   `web_search_...`, ...) are a 400 naming the tool's `type`. `tool_choice`: `auto` (the
+//!   default), `any` (exactly one call of some tool, under a grammar), `tool` with `name`
+//!   (exactly one call of it), `none`; `disable_parallel_tool_use: true` keeps the first of
+//!   an `auto` answer's calls. See the OpenAI API's `tools` for how calls are made and read.
+//! - refused, naming the field: `thinking` other than `disabled`, non-empty `mcp_servers`, `container`,
 //!   `context_management`, `output_format`, `output_config`, `inference_geo`, `diagnostics`,
 //!   `speed` `fast`; any other field is an unknown
 //!   field, also a 400 naming it.
 
 use std::collections::BTreeMap;
 
-use canopy_proto::{ChatMessage, GenerateParams, GenerateRequest, Prompt};
+use canopy_proto::{ChatMessage, GenerateParams, GenerateRequest, Prompt, ToolCall, ToolSpec};
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::api::error::ApiError;
 use crate::api::request::{checked_stop, in_range, json_type, positive_u32};
+use crate::api::tools::{ToolChoice, Tools, check_tool_list, tool_spec};
 
 /// Most stop sequences a request may carry.
 const MAX_STOP_SEQUENCES: usize = 16;
@@ -57,6 +64,8 @@ pub(crate) struct MessagesBody {
     stream: Option<bool>,
     metadata: Option<Value>,
     service_tier: Option<Value>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
     #[serde(flatten)]
     other: BTreeMap<String, Value>,
 }
@@ -70,6 +79,10 @@ pub(crate) struct MessagesJob {
     pub(crate) request: GenerateRequest,
     /// Whether to answer with an SSE stream.
     pub(crate) stream: bool,
+    /// The tools and the choice (already applied to `request`).
+    pub(crate) tools: Tools,
+    /// Most calls an answer may make (`disable_parallel_tool_use` is 1).
+    pub(crate) max_calls: usize,
 }
 
 /// A 400 for a field Canopy does not support, naming it.
@@ -110,16 +123,9 @@ fn type_of(value: &Value) -> Option<&str> {
 /// Checks a field that is not one of the supported ones: refused by name (or accepted when
 /// it asks for nothing), or unknown.
 fn check_other(field: &str, value: &Value) -> Result<(), ApiError> {
-    let tools = "tool use needs constrained decoding, which Canopy's engines do not have yet";
     match field {
-        "tools" | "mcp_servers" if is_empty(value) => Ok(()),
-        "tools" | "mcp_servers" => Err(unsupported(field, tools)),
-        "tool_choice"
-            if value.is_null() || matches!(type_of(value), Some("auto") | Some("none")) =>
-        {
-            Ok(())
-        }
-        "tool_choice" => Err(unsupported(field, tools)),
+        "mcp_servers" if is_empty(value) => Ok(()),
+        "mcp_servers" => Err(unsupported(field, "Canopy connects to no MCP servers")),
         "thinking" if value.is_null() || type_of(value) == Some("disabled") => Ok(()),
         "thinking" => Err(unsupported(
             field,
@@ -163,16 +169,48 @@ fn check_other(field: &str, value: &Value) -> Result<(), ApiError> {
     }
 }
 
+/// One content block of a message.
+#[derive(Debug)]
+enum Block {
+    /// A `text` block.
+    Text(String),
+    /// An assistant's `tool_use` block: a call it made.
+    ToolUse(ToolCall),
+    /// A user's `tool_result` block: a tool's answer to a call.
+    ToolResult {
+        /// The call answered.
+        id: String,
+        /// The answer's text.
+        content: String,
+    },
+}
+
 /// The text of a content block list (or a string): `text` blocks joined by newlines.
 fn text_of(param: &str, content: Value) -> Result<String, ApiError> {
+    blocks_of(param, content)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, block)| match block {
+            Block::Text(text) => Ok(text),
+            Block::ToolUse(_) | Block::ToolResult { .. } => Err(ApiError::invalid_param(
+                format!("{param}[{i}]"),
+                format!("{param}[{i}]: only 'text' blocks are allowed here."),
+                "invalid_value",
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(|texts| texts.join("\n"))
+}
+
+/// The blocks of a content block list (a string is one text block).
+fn blocks_of(param: &str, content: Value) -> Result<Vec<Block>, ApiError> {
     match content {
-        Value::String(text) => Ok(text),
-        Value::Array(blocks) => Ok(blocks
+        Value::String(text) => Ok(vec![Block::Text(text)]),
+        Value::Array(blocks) => blocks
             .into_iter()
             .enumerate()
-            .map(|(i, block)| text_block(&format!("{param}[{i}]"), block))
-            .collect::<Result<Vec<_>, _>>()?
-            .join("\n")),
+            .map(|(i, block)| content_block(&format!("{param}[{i}]"), block))
+            .collect(),
         other => Err(invalid_type(
             param,
             "a string or an array of content blocks",
@@ -181,8 +219,40 @@ fn text_of(param: &str, content: Value) -> Result<String, ApiError> {
     }
 }
 
-/// The text of one content block, which must be a `text` block.
-fn text_block(param: &str, block: Value) -> Result<String, ApiError> {
+/// A required field of a block.
+fn required(
+    map: &mut serde_json::Map<String, Value>,
+    param: &str,
+    field: &str,
+) -> Result<Value, ApiError> {
+    map.remove(field).ok_or_else(|| {
+        ApiError::invalid_param(
+            format!("{param}.{field}"),
+            format!("{param}.{field}: Field required."),
+            "missing_required_parameter",
+        )
+    })
+}
+
+/// A required string field of a block.
+fn required_string(
+    map: &mut serde_json::Map<String, Value>,
+    param: &str,
+    field: &str,
+) -> Result<String, ApiError> {
+    match required(map, param, field)? {
+        Value::String(s) => Ok(s),
+        other => Err(invalid_type(
+            &format!("{param}.{field}"),
+            "a string",
+            &other,
+        )),
+    }
+}
+
+/// One content block: `text`, `tool_use` or `tool_result` (which role may hold which is
+/// checked by the message).
+fn content_block(param: &str, block: Value) -> Result<Block, ApiError> {
     let Value::Object(mut map) = block else {
         return Err(invalid_type(param, "a content block object", &block));
     };
@@ -197,27 +267,23 @@ fn text_block(param: &str, block: Value) -> Result<String, ApiError> {
         }
     };
     let why = match kind.as_str() {
-        "text" => None,
+        "text" | "tool_use" | "tool_result" => None,
         "image" | "document" => Some("the models Canopy serves read only text"),
-        "tool_use"
-        | "tool_result"
-        | "server_tool_use"
+        "server_tool_use"
         | "web_search_tool_result"
         | "web_fetch_tool_result"
         | "code_execution_tool_result"
         | "mcp_tool_use"
         | "mcp_tool_result"
-        | "container_upload" => {
-            Some("tool use needs constrained decoding, which Canopy's engines do not have yet")
-        }
+        | "container_upload" => Some("Canopy runs no server tools"),
         "thinking" | "redacted_thinking" => Some("the models Canopy serves do not think"),
         "search_result" => Some("Canopy does not cite search results"),
         other => {
             return Err(ApiError::invalid_param(
                 format!("{param}.type"),
                 format!(
-                    "{param}.type: Invalid content block type '{other}'; only 'text' blocks \
-                     are supported."
+                    "{param}.type: Invalid content block type '{other}'; the supported types \
+                     are 'text', 'tool_use' and 'tool_result'."
                 ),
                 "invalid_value",
             ));
@@ -233,16 +299,40 @@ fn text_block(param: &str, block: Value) -> Result<String, ApiError> {
             "unsupported_parameter",
         ));
     }
-    let text = match map.remove("text") {
-        Some(Value::String(text)) => text,
-        None => {
-            return Err(ApiError::invalid_param(
-                format!("{param}.text"),
-                format!("{param}.text: Field required."),
-                "missing_required_parameter",
-            ));
+    let block = match kind.as_str() {
+        "tool_use" => {
+            let id = required_string(&mut map, param, "id")?;
+            let name = required_string(&mut map, param, "name")?;
+            let input = match required(&mut map, param, "input")? {
+                input @ Value::Object(_) => input,
+                other => return Err(invalid_type(&format!("{param}.input"), "an object", &other)),
+            };
+            Block::ToolUse(ToolCall {
+                id,
+                name,
+                arguments: input.to_string(),
+            })
         }
-        Some(other) => return Err(invalid_type(&format!("{param}.text"), "a string", &other)),
+        "tool_result" => {
+            let id = required_string(&mut map, param, "tool_use_id")?;
+            let content = match map.remove("content") {
+                None | Some(Value::Null) => String::new(),
+                Some(content) => text_of(&format!("{param}.content"), content)?,
+            };
+            let content = match map.remove("is_error") {
+                None | Some(Value::Null) | Some(Value::Bool(false)) => content,
+                Some(Value::Bool(true)) => format!("Error: {content}"),
+                Some(other) => {
+                    return Err(invalid_type(
+                        &format!("{param}.is_error"),
+                        "a boolean",
+                        &other,
+                    ));
+                }
+            };
+            Block::ToolResult { id, content }
+        }
+        _ => Block::Text(required_string(&mut map, param, "text")?),
     };
     for (field, value) in map {
         let at = format!("{param}.{field}");
@@ -262,11 +352,12 @@ fn text_block(param: &str, block: Value) -> Result<String, ApiError> {
             }
         }
     }
-    Ok(text)
+    Ok(block)
 }
 
-/// One message: its role and text.
-fn message(index: usize, value: Value) -> Result<ChatMessage, ApiError> {
+/// One message as turns: a user's tool results (one tool turn each) and then its text, or an
+/// assistant's text with its calls.
+fn message(index: usize, value: Value) -> Result<Vec<ChatMessage>, ApiError> {
     let param = format!("messages[{index}]");
     let Value::Object(mut map) = value else {
         return Err(invalid_type(&param, "an object", &value));
@@ -305,16 +396,8 @@ fn message(index: usize, value: Value) -> Result<ChatMessage, ApiError> {
             ));
         }
     }
-    let content = match map.remove("content") {
-        Some(content) => text_of(&format!("{param}.content"), content)?,
-        None => {
-            return Err(ApiError::invalid_param(
-                format!("{param}.content"),
-                format!("{param}.content: Field required."),
-                "missing_required_parameter",
-            ));
-        }
-    };
+    let content = required(&mut map, &param, "content")?;
+    let blocks = blocks_of(&format!("{param}.content"), content)?;
     if let Some(field) = map.keys().next() {
         let at = format!("{param}.{field}");
         return Err(ApiError::invalid_param(
@@ -323,7 +406,35 @@ fn message(index: usize, value: Value) -> Result<ChatMessage, ApiError> {
             "unknown_parameter",
         ));
     }
-    Ok(ChatMessage { role, content })
+    let mut turns = Vec::new();
+    let mut texts = Vec::new();
+    let mut calls = Vec::new();
+    for (i, block) in blocks.into_iter().enumerate() {
+        let wrong_role = |kind: &str, owner: &str| {
+            ApiError::invalid_param(
+                format!("{param}.content[{i}]"),
+                format!("{param}.content[{i}]: '{kind}' blocks belong in {owner} turns."),
+                "invalid_value",
+            )
+        };
+        match block {
+            Block::Text(text) => texts.push(text),
+            Block::ToolUse(call) if role == "assistant" => calls.push(call),
+            Block::ToolUse(_) => return Err(wrong_role("tool_use", "assistant")),
+            Block::ToolResult { id, content } if role == "user" => {
+                let mut turn = ChatMessage::new("tool", content);
+                turn.tool_call_id = Some(id);
+                turns.push(turn);
+            }
+            Block::ToolResult { .. } => return Err(wrong_role("tool_result", "user")),
+        }
+    }
+    if !texts.is_empty() || !calls.is_empty() || turns.is_empty() {
+        let mut turn = ChatMessage::new(role, texts.join("\n"));
+        turn.tool_calls = calls;
+        turns.push(turn);
+    }
+    Ok(turns)
 }
 
 /// `messages` checked, consecutive turns of one role combined.
@@ -338,13 +449,19 @@ fn conversation(messages: Vec<Value>) -> Result<Vec<ChatMessage>, ApiError> {
     let count = messages.len();
     let mut turns: Vec<ChatMessage> = Vec::with_capacity(count);
     for (i, value) in messages.into_iter().enumerate() {
-        let message = message(i, value)?;
-        match turns.last_mut() {
-            Some(last) if last.role == message.role => {
-                last.content.push('\n');
-                last.content.push_str(&message.content);
+        for message in message(i, value)? {
+            match turns.last_mut() {
+                Some(last) if last.role == message.role && message.role != "tool" => {
+                    if !message.content.is_empty() {
+                        if !last.content.is_empty() {
+                            last.content.push('\n');
+                        }
+                        last.content.push_str(&message.content);
+                    }
+                    last.tool_calls.extend(message.tool_calls);
+                }
+                _ => turns.push(message),
             }
-            _ => turns.push(message),
         }
     }
     if turns.last().is_some_and(|m| m.role == "assistant") {
@@ -371,6 +488,118 @@ fn system(system: Option<Value>) -> Result<Option<String>, ApiError> {
         }
     };
     Ok((!text.is_empty()).then_some(text))
+}
+
+/// `tools` checked: custom tools only.
+fn tools(value: Value) -> Result<Vec<ToolSpec>, ApiError> {
+    let Value::Array(items) = value else {
+        return Err(invalid_type("tools", "an array of tools", &value));
+    };
+    let specs = items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let param = format!("tools[{i}]");
+            let Value::Object(mut map) = item else {
+                return Err(invalid_type(&param, "a tool object", &item));
+            };
+            match map.remove("type") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(kind)) if kind == "custom" => {}
+                Some(other) => {
+                    return Err(unsupported(
+                        &format!("{param}.type"),
+                        &format!(
+                            "Anthropic's server tools ({other}) do not run here; only custom \
+                             tools (a name and an input_schema) do"
+                        ),
+                    ));
+                }
+            }
+            let name = required_string(&mut map, &param, "name")?;
+            let description = match map.remove("description") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(d)) => Some(d),
+                Some(other) => {
+                    return Err(invalid_type(
+                        &format!("{param}.description"),
+                        "a string",
+                        &other,
+                    ));
+                }
+            };
+            let schema = required(&mut map, &param, "input_schema")?;
+            if !schema.is_object() {
+                return Err(invalid_type(
+                    &format!("{param}.input_schema"),
+                    "an object",
+                    &schema,
+                ));
+            }
+            for field in map.keys() {
+                if field != "cache_control" {
+                    let at = format!("{param}.{field}");
+                    return Err(ApiError::invalid_param(
+                        at.clone(),
+                        format!("{at}: Extra inputs are not permitted (unknown field '{at}')."),
+                        "unknown_parameter",
+                    ));
+                }
+            }
+            // Anthropic's messages begin with the field they blame.
+            tool_spec(&param, &name, description, Some(schema)).map_err(|e| {
+                let message = format!("{}: {}", e.param().unwrap_or(&param), e.message());
+                e.with_message(message)
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    check_tool_list("tools", &specs)?;
+    Ok(specs)
+}
+
+/// `tool_choice` checked: `{"type": "auto" | "any" | "tool" | "none", "name",
+/// "disable_parallel_tool_use"}`; with whether calls are limited to one.
+fn tool_choice(value: Value) -> Result<(Option<ToolChoice>, bool), ApiError> {
+    let Value::Object(mut map) = value else {
+        return Err(invalid_type("tool_choice", "an object", &value));
+    };
+    let single = match map.remove("disable_parallel_tool_use") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => b,
+        Some(other) => {
+            return Err(invalid_type(
+                "tool_choice.disable_parallel_tool_use",
+                "a boolean",
+                &other,
+            ));
+        }
+    };
+    let kind = required_string(&mut map, "tool_choice", "type")?;
+    let choice = match kind.as_str() {
+        "auto" => ToolChoice::Auto,
+        "any" => ToolChoice::Required,
+        "none" => ToolChoice::None,
+        "tool" => ToolChoice::Named(required_string(&mut map, "tool_choice", "name")?),
+        other => {
+            return Err(ApiError::invalid_param(
+                "tool_choice.type",
+                format!(
+                    "tool_choice.type: Invalid value '{other}'; it must be 'auto', 'any', \
+                     'tool' or 'none'."
+                ),
+                "invalid_value",
+            ));
+        }
+    };
+    if let Some(field) = map.keys().next() {
+        let at = format!("tool_choice.{field}");
+        return Err(ApiError::invalid_param(
+            at.clone(),
+            format!("{at}: Extra inputs are not permitted (unknown field '{at}')."),
+            "unknown_parameter",
+        ));
+    }
+    Ok((Some(choice), single))
 }
 
 impl MessagesBody {
@@ -429,27 +658,35 @@ impl MessagesBody {
         };
         let mut turns = Vec::new();
         if let Some(system) = system(self.system)? {
-            turns.push(ChatMessage {
-                role: "system".to_string(),
-                content: system,
-            });
+            turns.push(ChatMessage::new("system", system));
         }
         turns.extend(conversation(self.messages)?);
+        let specs = self.tools.map(tools).transpose()?.unwrap_or_default();
+        let (choice, single) = match self.tool_choice {
+            None | Some(Value::Null) => (None, false),
+            Some(value) => tool_choice(value)?,
+        };
+        let tools = Tools::new(specs, choice, "tool_choice")?;
+        let mut request = GenerateRequest {
+            prompt: Prompt::Chat(turns),
+            params: GenerateParams {
+                max_tokens,
+                temperature: temperature as f32,
+                top_p: top_p as f32,
+                top_k,
+                seed: default_seed(),
+                stop,
+                ..GenerateParams::default()
+            },
+            tools: Vec::new(),
+        };
+        tools.apply(&mut request, "output_format")?;
         Ok(MessagesJob {
             model: self.model,
-            request: GenerateRequest {
-                prompt: Prompt::Chat(turns),
-                params: GenerateParams {
-                    max_tokens,
-                    temperature: temperature as f32,
-                    top_p: top_p as f32,
-                    top_k,
-                    seed: default_seed(),
-                    stop,
-                    ..GenerateParams::default()
-                },
-            },
+            request,
             stream: self.stream.unwrap_or(false),
+            tools,
+            max_calls: if single { 1 } else { usize::MAX },
         })
     }
 }
@@ -532,6 +769,37 @@ mod tests {
     }
 
     #[test]
+    fn tools_calls_and_results_are_carried() {
+        let job = job(r#"{"model":"m","max_tokens":9,
+               "tools":[{"name":"add","description":"Adds.","input_schema":{"type":"object"},
+                         "cache_control":{"type":"ephemeral"}}],
+               "tool_choice":{"type":"any","disable_parallel_tool_use":true},
+               "messages":[{"role":"user","content":"1+2?"},
+                 {"role":"assistant","content":[{"type":"text","text":"Adding."},
+                   {"type":"tool_use","id":"toolu_1","name":"add","input":{"a":1}}]},
+                 {"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_1",
+                   "content":[{"type":"text","text":"3"}]},{"type":"text","text":"And?"}]}]}"#)
+        .expect("valid");
+        assert_eq!(job.tools.choice, ToolChoice::Required);
+        assert_eq!(job.max_calls, 1);
+        assert!(matches!(
+            job.request.params.constraint,
+            Some(canopy_proto::Constraint::ToolCall(ref t)) if t[0].name == "add"
+        ));
+        let Prompt::Chat(turns) = &job.request.prompt else {
+            panic!("a chat prompt")
+        };
+        let roles: Vec<_> = turns.iter().map(|t| t.role.as_str()).collect();
+        assert_eq!(roles, ["user", "assistant", "tool", "user"]);
+        assert_eq!(turns[1].content, "Adding.");
+        assert_eq!(turns[1].tool_calls[0].id, "toolu_1");
+        assert_eq!(turns[1].tool_calls[0].arguments, r#"{"a":1}"#);
+        assert_eq!(turns[2].tool_call_id.as_deref(), Some("toolu_1"));
+        assert_eq!(turns[2].content, "3");
+        assert_eq!(turns[3].content, "And?");
+    }
+
+    #[test]
     fn refused_and_bad_fields_are_named() {
         let user = r#""messages":[{"role":"user","content":"x"}]"#;
         let cases = [
@@ -547,7 +815,11 @@ mod tests {
             (format!(r#"{{"model":"m","max_tokens":1,"stop_sequences":[1],{user}}}"#), "stop_sequences"),
             (format!(r#"{{"model":"m","max_tokens":1,"metadata":"x",{user}}}"#), "metadata"),
             (format!(r#"{{"model":"m","max_tokens":1,"service_tier":"priority",{user}}}"#), "service_tier"),
-            (format!(r#"{{"model":"m","max_tokens":1,"tools":[{{"name":"t","input_schema":{{}}}}],{user}}}"#), "tools"),
+            (format!(r#"{{"model":"m","max_tokens":1,"tools":[{{"type":"bash_20250124","name":"bash"}}],{user}}}"#), "tools[0].type"),
+            (format!(r#"{{"model":"m","max_tokens":1,"tools":[{{"name":"t"}}],{user}}}"#), "tools[0].input_schema"),
+            (format!(r#"{{"model":"m","max_tokens":1,"tools":[{{"name":"a b","input_schema":{{}}}}],{user}}}"#), "tools[0].name"),
+            (format!(r#"{{"model":"m","max_tokens":1,"tools":[{{"name":"t","input_schema":{{}}}}],"tool_choice":{{"type":"tool","name":"u"}},{user}}}"#), "tool_choice"),
+            (format!(r#"{{"model":"m","max_tokens":1,"tools":[{{"name":"t","input_schema":{{}}}}],"tool_choice":{{"type":"some"}},{user}}}"#), "tool_choice.type"),
             (format!(r#"{{"model":"m","max_tokens":1,"tool_choice":{{"type":"any"}},{user}}}"#), "tool_choice"),
             (format!(r#"{{"model":"m","max_tokens":1,"thinking":{{"type":"enabled","budget_tokens":1024}},{user}}}"#), "thinking"),
             (format!(r#"{{"model":"m","max_tokens":1,"mcp_servers":[{{"url":"x"}}],{user}}}"#), "mcp_servers"),
@@ -564,9 +836,10 @@ mod tests {
             (r#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":3}]}"#.to_string(), "messages[0].content"),
             (r#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":"x","name":"n"}]}"#.to_string(), "messages[0].name"),
             (r#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"image","source":{}}]}]}"#.to_string(), "messages[0].content[1]"),
-            (r#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":"r"}]}]}"#.to_string(), "messages[0].content[0]"),
+            (r#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":[{"type":"tool_use","id":"t","name":"n","input":{}}]}]}"#.to_string(), "messages[0].content[0]"),
+            (r#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":[{"type":"tool_result","content":"r"}]}]}"#.to_string(), "messages[0].content[0].tool_use_id"),
             (r#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":[{"type":"document","source":{}}]}]}"#.to_string(), "messages[0].content[0]"),
-            (r#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":"x"},{"role":"assistant","content":[{"type":"tool_use","id":"t","name":"n","input":{}}]}]}"#.to_string(), "messages[1].content[0]"),
+            (r#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":"x"},{"role":"assistant","content":[{"type":"tool_use","id":"t","name":"n","input":[]}]},{"role":"user","content":"y"}]}"#.to_string(), "messages[1].content[0].input"),
             (r#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":[{"type":"sparkle"}]}]}"#.to_string(), "messages[0].content[0].type"),
             (r#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":[{"text":"a"}]}]}"#.to_string(), "messages[0].content[0].type"),
             (r#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":[{"type":"text"}]}]}"#.to_string(), "messages[0].content[0].text"),

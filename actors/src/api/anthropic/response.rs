@@ -10,9 +10,11 @@
 
 use axum::http::StatusCode;
 use canopy_proto::{FinishReason, Usage};
-use rand::Rng;
-use rand::distr::Alphanumeric;
 use serde::Serialize;
+
+use canopy_engine::tools::ParsedCall;
+
+use crate::api::response::random_id;
 
 /// Anthropic's `stop_reason` for the engine's finish reason.
 pub(crate) fn stop_reason(reason: FinishReason) -> &'static str {
@@ -48,12 +50,7 @@ pub(crate) fn error_type(status: StatusCode) -> &'static str {
 
 /// A fresh message id: `msg_` and 24 random alphanumerics.
 pub(crate) fn message_id() -> String {
-    let suffix: String = rand::rng()
-        .sample_iter(&Alphanumeric)
-        .take(24)
-        .map(char::from)
-        .collect();
-    format!("msg_{suffix}")
+    random_id("msg_")
 }
 
 /// The error body.
@@ -100,17 +97,37 @@ impl From<Usage> for UsageBody {
     }
 }
 
-/// One content block of an answer: always text.
+/// One content block of an answer: text, or a call of a tool.
 #[derive(Debug, Serialize)]
-struct TextBlock<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    text: &'a str,
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum ContentBlock<'a> {
+    /// Text.
+    Text {
+        /// The text.
+        text: &'a str,
+    },
+    /// A call of a tool.
+    ToolUse {
+        /// The call's id (`toolu_...`), which the tool's `tool_result` names.
+        id: String,
+        /// The tool called.
+        name: &'a str,
+        /// Its arguments (in a stream's `content_block_start`, `{}`: they follow as
+        /// `input_json_delta`).
+        input: &'a serde_json::Value,
+    },
 }
 
-impl<'a> TextBlock<'a> {
-    fn new(text: &'a str) -> Self {
-        Self { kind: "text", text }
+/// The empty arguments of a `tool_use` block's start.
+static NO_INPUT: std::sync::LazyLock<serde_json::Value> =
+    std::sync::LazyLock::new(|| serde_json::json!({}));
+
+/// Anthropic's `stop_reason` of an answer that made calls (`tool_use`) or not.
+fn stop_reason_of(reason: FinishReason, called: bool) -> &'static str {
+    if called {
+        "tool_use"
+    } else {
+        stop_reason(reason)
     }
 }
 
@@ -123,29 +140,35 @@ pub(crate) struct Message<'a> {
     kind: &'static str,
     role: &'static str,
     model: &'a str,
-    content: Vec<TextBlock<'a>>,
+    content: Vec<ContentBlock<'a>>,
     stop_reason: Option<&'static str>,
     stop_sequence: Option<&'a str>,
     usage: UsageBody,
 }
 
 impl<'a> Message<'a> {
-    /// A finished answer: one text block holding `text`; `stops` are the request's stop
+    /// A finished answer: a text block holding `text` (left out when it is empty and there
+    /// are calls), then a `tool_use` block per call; `stops` are the request's stop
     /// sequences.
     pub(crate) fn finished(
         id: &'a str,
         model: &'a str,
-        text: &'a str,
+        (text, calls): (&'a str, &'a [ParsedCall]),
         (reason, stops): (FinishReason, &'a [String]),
         usage: Usage,
     ) -> Self {
+        let mut content = Vec::with_capacity(calls.len() + 1);
+        if !text.is_empty() || calls.is_empty() {
+            content.push(ContentBlock::Text { text });
+        }
+        content.extend(calls.iter().map(ContentBlock::tool_use));
         Self {
             id,
             kind: "message",
             role: "assistant",
             model,
-            content: vec![TextBlock::new(text)],
-            stop_reason: Some(stop_reason(reason)),
+            content,
+            stop_reason: Some(stop_reason_of(reason, !calls.is_empty())),
             stop_sequence: matched_stop(reason, stops),
             usage: usage.into(),
         }
@@ -177,25 +200,25 @@ pub(crate) enum StreamEvent<'a> {
         /// The message so far.
         message: Message<'a>,
     },
-    /// The text block begins (empty).
+    /// A block begins (empty): the text block (index 0), or a call's.
     ContentBlockStart {
-        /// The block's index (always 0).
+        /// The block's index.
         index: u32,
         /// The block so far.
-        content_block: TextBlockStart,
+        content_block: ContentBlock<'a>,
     },
     /// Anthropic's keep-alive.
     Ping,
-    /// A piece of the block's text.
+    /// A piece of a block: text of the text block, or a call's arguments.
     ContentBlockDelta {
-        /// The block's index (always 0).
+        /// The block's index.
         index: u32,
         /// The piece.
-        delta: TextDelta<'a>,
+        delta: BlockDelta<'a>,
     },
-    /// The block is complete.
+    /// A block is complete.
     ContentBlockStop {
-        /// The block's index (always 0).
+        /// The block's index.
         index: u32,
     },
     /// Why the message ended, and its token counts.
@@ -209,20 +232,31 @@ pub(crate) enum StreamEvent<'a> {
     MessageStop,
 }
 
-/// The empty text block of `content_block_start`.
+/// The `delta` of `content_block_delta`.
 #[derive(Debug, Serialize)]
-pub(crate) struct TextBlockStart {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    text: &'static str,
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum BlockDelta<'a> {
+    /// A piece of text.
+    TextDelta {
+        /// The piece.
+        text: &'a str,
+    },
+    /// A call's arguments (here all of them, in one piece).
+    InputJsonDelta {
+        /// The arguments as JSON text.
+        partial_json: String,
+    },
 }
 
-/// A `text_delta`.
-#[derive(Debug, Serialize)]
-pub(crate) struct TextDelta<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    text: &'a str,
+impl<'a> ContentBlock<'a> {
+    /// The `tool_use` block of `call`, with a fresh id.
+    fn tool_use(call: &'a ParsedCall) -> Self {
+        ContentBlock::ToolUse {
+            id: random_id("toolu_"),
+            name: &call.name,
+            input: &call.arguments,
+        }
+    }
 }
 
 /// The `delta` of `message_delta`.
@@ -246,14 +280,11 @@ impl<'a> StreamEvent<'a> {
         }
     }
 
-    /// `content_block_start` of the one text block.
+    /// `content_block_start` of the text block (index 0).
     pub(crate) fn block_start() -> Self {
         StreamEvent::ContentBlockStart {
             index: 0,
-            content_block: TextBlockStart {
-                kind: "text",
-                text: "",
-            },
+            content_block: ContentBlock::Text { text: "" },
         }
     }
 
@@ -261,18 +292,43 @@ impl<'a> StreamEvent<'a> {
     pub(crate) fn text(text: &'a str) -> Self {
         StreamEvent::ContentBlockDelta {
             index: 0,
-            delta: TextDelta {
-                kind: "text_delta",
-                text,
-            },
+            delta: BlockDelta::TextDelta { text },
         }
     }
 
-    /// The `message_delta` of a finished task whose stop sequences were `stops`.
-    pub(crate) fn finished(reason: FinishReason, stops: &[String], usage: Usage) -> Self {
+    /// The three events of `call` as block `index`: its start (with `input: {}`), its
+    /// arguments as one `input_json_delta`, its stop.
+    pub(crate) fn call(index: u32, call: &'a ParsedCall) -> [Self; 3] {
+        [
+            StreamEvent::ContentBlockStart {
+                index,
+                content_block: ContentBlock::ToolUse {
+                    id: random_id("toolu_"),
+                    name: &call.name,
+                    input: &NO_INPUT,
+                },
+            },
+            StreamEvent::ContentBlockDelta {
+                index,
+                delta: BlockDelta::InputJsonDelta {
+                    partial_json: call.arguments.to_string(),
+                },
+            },
+            StreamEvent::ContentBlockStop { index },
+        ]
+    }
+
+    /// The `message_delta` of a finished task whose stop sequences were `stops` (stop
+    /// reason `tool_use` when it `called`).
+    pub(crate) fn finished(
+        reason: FinishReason,
+        called: bool,
+        stops: &[String],
+        usage: Usage,
+    ) -> Self {
         StreamEvent::MessageDelta {
             delta: StopDelta {
-                stop_reason: stop_reason(reason),
+                stop_reason: stop_reason_of(reason, called),
                 stop_sequence: matched_stop(reason, stops).map(str::to_string),
             },
             usage: usage.into(),
@@ -292,7 +348,13 @@ mod tests {
             prompt_tokens: 5,
             completion_tokens: 2,
         };
-        let message = Message::finished("msg_x", "m", "Hi", (FinishReason::Length, &[]), usage);
+        let message = Message::finished(
+            "msg_x",
+            "m",
+            ("Hi", &[]),
+            (FinishReason::Length, &[]),
+            usage,
+        );
         assert_eq!(
             serde_json::to_value(&message).expect("json"),
             json!({
@@ -313,7 +375,7 @@ mod tests {
         let stopped = Message::finished(
             "msg_x",
             "m",
-            "Hi",
+            ("Hi", &[]),
             (FinishReason::StopSequence(1), &stops),
             usage,
         );
@@ -331,10 +393,11 @@ mod tests {
             StreamEvent::Ping,
             StreamEvent::text("a\nb"),
             StreamEvent::ContentBlockStop { index: 0 },
-            StreamEvent::finished(FinishReason::Stop, &[], Usage::default()),
+            StreamEvent::finished(FinishReason::Stop, false, &[], Usage::default()),
             StreamEvent::MessageStop,
             StreamEvent::finished(
                 FinishReason::StopSequence(0),
+                false,
                 &["x".into()],
                 Usage::default(),
             ),

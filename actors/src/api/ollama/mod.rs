@@ -50,6 +50,8 @@ use super::extract::OpenAiJson;
 use super::output::{self, Output};
 use super::state::AppState;
 use super::task::ChatTask;
+use super::tools;
+use canopy_engine::tools::ParsedCall;
 use request::{ChatBody, GenerateBody, OllamaJob, ShowBody};
 use response::{
     ChatObject, ErrorBody, Final, GenerateObject, Running, RunningModel, Show, Tags, TagsModel,
@@ -137,15 +139,26 @@ enum Shape {
 impl Shape {
     /// One object as a JSON line.
     fn line(self, model: &str, text: &str, end: Option<Final>) -> Bytes {
+        self.line_with_calls(model, (text, &[]), end)
+    }
+
+    /// One object as a JSON line, with calls of tools (a chat's only: `/api/generate` takes
+    /// no tools).
+    fn line_with_calls(
+        self,
+        model: &str,
+        (text, calls): (&str, &[ParsedCall]),
+        end: Option<Final>,
+    ) -> Bytes {
         match self {
-            Shape::Chat => json_line(&ChatObject::new(model, text, end)),
+            Shape::Chat => json_line(&ChatObject::new(model, (text, calls), end)),
             Shape::Generate => json_line(&GenerateObject::new(model, text, end)),
         }
     }
 
     /// One object as a JSON response.
-    fn object(self, model: &str, text: &str, end: Final) -> Response {
-        let body = self.line(model, text, Some(end));
+    fn object(self, model: &str, answer: (&str, &[ParsedCall]), end: Final) -> Response {
+        let body = self.line_with_calls(model, answer, Some(end));
         ([(header::CONTENT_TYPE, "application/json")], body).into_response()
     }
 }
@@ -213,7 +226,7 @@ async fn answer(
                 Ok(shape.line(&shown, "", Some(end)))
             }))
         } else {
-            shape.object(&shown, "", end)
+            shape.object(&shown, ("", &[]), end)
         });
     };
     let mut task = ChatTask::new(state.clone(), model.clone(), request, received);
@@ -221,15 +234,17 @@ async fn answer(
         Some("model_not_found") => unknown_model(&model),
         _ => OllamaError(err),
     })?;
+    let names = job.tools.names();
     if job.stream {
         let first = output::begin(&mut handle, state.config.keepalive).await?;
         let outputs = output::outputs(task, handle, first, state.closing.clone());
+        let outputs = tools::split_calls(outputs, names, usize::MAX);
         Ok(ndjson(lines(shown, shape, outputs)))
     } else {
-        let done =
-            output::collect(output::outputs(task, handle, None, state.closing.clone())).await?;
+        let outputs = output::outputs(task, handle, None, state.closing.clone());
+        let done = output::collect(tools::split_calls(outputs, names, usize::MAX)).await?;
         let end = Final::finished(done.reason, done.usage, done.timings);
-        Ok(shape.object(&shown, &done.text, end))
+        Ok(shape.object(&shown, (&done.text, &done.calls), end))
     }
 }
 
@@ -253,6 +268,9 @@ fn lines(
         for await output in outputs {
             match output {
                 Output::Text { text, .. } if text.is_empty() => {}
+                Output::Calls(calls) => {
+                    yield Ok(shape.line_with_calls(&model, ("", &calls), None));
+                }
                 Output::Text { text, .. } => yield Ok(shape.line(&model, &text, None)),
                 Output::Done { reason, usage, timings } => {
                     let end = Final::finished(reason, usage, timings);

@@ -14,8 +14,13 @@
 //! - `format`: `"json"` (any JSON object) or a JSON schema object, through the engine's
 //!   grammar-constrained decoding, so the output always parses (and validates); absent,
 //!   `null` or `""` is free text; anything else is a 400 naming `format`.
-//! - Refused with a 400 naming the field: non-empty `tools`, `images` (vision), `think:
-//!   true`, `logprobs: true`, `top_logprobs` above 0, and on `/api/generate` `suffix`,
+//! - `tools` (`[{"type": "function", "function": {name, description, parameters}}]`, as
+//!   OpenAI's): the model decides whether to call them (Ollama has no `tool_choice`); calls
+//!   come in `message.tool_calls` (`[{"function": {"index", "name", "arguments"}}]`, the
+//!   arguments an object), streamed as one object before the final one. An assistant
+//!   message's `tool_calls` (arguments an object or JSON text) and `tool` messages (with
+//!   `tool_name`) carry a round trip back.
+//! - Refused with a 400 naming the field: `images` (vision), `think: true`, `logprobs: true`, `top_logprobs` above 0, and on `/api/generate` `suffix`,
 //!   `template`, `context`, and the image-generation fields `width`, `height`, `steps`.
 //! - `keep_alive` is accepted and has no effect: a placed instance stays loaded until it is
 //!   deleted, whatever the client asks.
@@ -24,7 +29,7 @@
 //!   text instead (then `system` is a 400, since raw text has nowhere to put it). An absent
 //!   or empty `prompt` (and `/api/chat` with no messages) only checks that the model is
 //!   there: Ollama's way of loading a model, answered with `done_reason: "load"`.
-//! - message roles: `system`, `user`, `assistant`; `tool` messages need tools and are a 400.
+//! - message roles: `system`, `user`, `assistant`, `tool`.
 //! - a model named `NAME:latest` is served by the model `NAME` when no model has the longer
 //!   name (Ollama's tools add the tag).
 //! - unknown fields are a 400 naming them, at the top level and in messages.
@@ -32,7 +37,8 @@
 use std::collections::BTreeMap;
 
 use canopy_proto::{
-    ChatMessage, Constraint, GenerateParams, GenerateRequest as EngineRequest, Prompt,
+    ChatMessage, Constraint, GenerateParams, GenerateRequest as EngineRequest, Prompt, ToolCall,
+    ToolSpec,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -40,6 +46,7 @@ use serde_json::Value;
 use crate::api::config::ApiConfig;
 use crate::api::error::ApiError;
 use crate::api::request::{checked_stop, json_type, penalty, positive_u32};
+use crate::api::tools::{Tools, check_tool_list, tool_spec};
 
 /// Ollama's default `temperature`.
 pub(crate) const DEFAULT_TEMPERATURE: f64 = 0.8;
@@ -114,6 +121,8 @@ pub(crate) struct OllamaJob {
     pub(crate) request: Option<EngineRequest>,
     /// Whether to answer with an NDJSON stream.
     pub(crate) stream: bool,
+    /// The tools (already applied to `request`); none for `/api/generate`.
+    pub(crate) tools: Tools,
 }
 
 /// A 400 for a field Canopy does not support, naming it.
@@ -334,14 +343,13 @@ fn message(index: usize, value: Value) -> Result<ChatMessage, ApiError> {
         }
     };
     let role = match role.as_str() {
-        "system" | "user" | "assistant" => role,
-        "tool" => return Err(unsupported(&at("role"), "tool messages need tools")),
+        "system" | "user" | "assistant" | "tool" => role,
         other => {
             return Err(ApiError::invalid_param(
                 at("role"),
                 format!(
-                    "Invalid value for '{}': '{other}'. Supported roles are 'system', 'user' \
-                     and 'assistant'.",
+                    "Invalid value for '{}': '{other}'. Supported roles are 'system', 'user', \
+                     'assistant' and 'tool'.",
                     at("role")
                 ),
                 "invalid_value",
@@ -363,10 +371,34 @@ fn message(index: usize, value: Value) -> Result<ChatMessage, ApiError> {
             ));
         }
     };
+    let mut turn = ChatMessage::new(role, content);
     for (field, value) in map {
         let why = match field.as_str() {
+            "tool_calls" if turn.role == "assistant" => {
+                turn.tool_calls = message_calls(index, value)?;
+                continue;
+            }
+            "tool_name" if turn.role == "tool" => {
+                match value {
+                    Value::Null => {}
+                    Value::String(name) => turn.name = Some(name),
+                    other => {
+                        return Err(ApiError::invalid_param(
+                            at(&field),
+                            format!(
+                                "Invalid type for '{}': expected a string, got {}.",
+                                at(&field),
+                                json_type(&other)
+                            ),
+                            "invalid_type",
+                        ));
+                    }
+                }
+                continue;
+            }
             "images" => "the models Canopy serves take no images",
-            "tool_calls" | "tool_name" => "tool calls need tools",
+            "tool_calls" => "only assistant messages carry calls",
+            "tool_name" => "only tool messages name a tool",
             "thinking" => "the models Canopy serves do not think",
             _ => {
                 return Err(ApiError::invalid_param(
@@ -380,7 +412,117 @@ fn message(index: usize, value: Value) -> Result<ChatMessage, ApiError> {
             return Err(unsupported(&at(&field), why));
         }
     }
-    Ok(ChatMessage { role, content })
+    Ok(turn)
+}
+
+/// An assistant message's `tool_calls`: `[{"function": {"name", "arguments"}, "id"?}]`, the
+/// arguments an object (Ollama's) or JSON text (OpenAI's).
+fn message_calls(index: usize, value: Value) -> Result<Vec<ToolCall>, ApiError> {
+    let param = format!("messages[{index}].tool_calls");
+    let invalid = |at: String, what: &str| {
+        ApiError::invalid_param(
+            at.clone(),
+            format!("Invalid '{at}': expected {what}."),
+            "invalid_value",
+        )
+    };
+    let calls = match value {
+        Value::Null => return Ok(Vec::new()),
+        Value::Array(calls) => calls,
+        _ => return Err(invalid(param, "an array of calls")),
+    };
+    calls
+        .into_iter()
+        .enumerate()
+        .map(|(c, call)| {
+            let at = format!("{param}[{c}]");
+            let function = call
+                .get("function")
+                .ok_or_else(|| invalid(format!("{at}.function"), "an object with 'name'"))?;
+            let name = function
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| invalid(format!("{at}.function.name"), "a string"))?;
+            let arguments = match function.get("arguments") {
+                None | Some(Value::Null) => "{}".to_string(),
+                Some(Value::String(text)) => text.clone(),
+                Some(args @ Value::Object(_)) => args.to_string(),
+                Some(_) => {
+                    return Err(invalid(
+                        format!("{at}.function.arguments"),
+                        "an object (or JSON text)",
+                    ));
+                }
+            };
+            let id = call
+                .get("id")
+                .and_then(Value::as_str)
+                .map_or_else(|| format!("call_{index}_{c}"), str::to_string);
+            Ok(ToolCall {
+                id,
+                name: name.to_string(),
+                arguments,
+            })
+        })
+        .collect()
+}
+
+/// `/api/chat`'s `tools`, as OpenAI's: `[{"type": "function", "function": {...}}]`.
+fn chat_tools(value: Option<Value>) -> Result<Vec<ToolSpec>, ApiError> {
+    let items = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(items)) => items,
+        Some(other) => {
+            return Err(ApiError::invalid_param(
+                "tools",
+                format!(
+                    "Invalid type for 'tools': expected an array of tools, got {}.",
+                    json_type(&other)
+                ),
+                "invalid_type",
+            ));
+        }
+    };
+    let specs = items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let param = format!("tools[{i}]");
+            match item.get("type").and_then(Value::as_str) {
+                None | Some("function") => {}
+                Some(other) => {
+                    return Err(ApiError::invalid_param(
+                        format!("{param}.type"),
+                        format!(
+                            "Invalid value for '{param}.type': '{other}'. Only 'function' tools \
+                             are supported."
+                        ),
+                        "invalid_value",
+                    ));
+                }
+            }
+            let function = item.get("function").ok_or_else(|| {
+                ApiError::invalid_param(
+                    format!("{param}.function"),
+                    format!("Missing required parameter: '{param}.function'."),
+                    "missing_required_parameter",
+                )
+            })?;
+            let name = function.get("name").and_then(Value::as_str).unwrap_or("");
+            let description = function
+                .get("description")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            tool_spec(
+                &format!("{param}.function"),
+                name,
+                description,
+                function.get("parameters").cloned(),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    check_tool_list("tools", &specs)?;
+    Ok(specs)
 }
 
 impl ChatBody {
@@ -388,27 +530,26 @@ impl ChatBody {
     pub(crate) fn into_job(self, config: &ApiConfig) -> Result<OllamaJob, ApiError> {
         refuse_unknown(&self.unknown, "")?;
         let params = self.common.check(config)?;
-        if !is_empty(self.tools.as_ref()) {
-            return Err(unsupported(
-                "tools",
-                "tool calling needs constrained decoding, which Canopy's engines do not have \
-                 yet",
-            ));
-        }
+        let tools = Tools::new(chat_tools(self.tools)?, None, "tools")?;
         let messages = self
             .messages
             .into_iter()
             .enumerate()
             .map(|(i, m)| message(i, m))
             .collect::<Result<Vec<_>, _>>()?;
-        let request = (!messages.is_empty()).then_some(EngineRequest {
+        let mut request = (!messages.is_empty()).then_some(EngineRequest {
             prompt: Prompt::Chat(messages),
             params,
+            tools: Vec::new(),
         });
+        if let Some(request) = &mut request {
+            tools.apply(request, "format")?;
+        }
         Ok(OllamaJob {
             model: self.common.model,
             request,
             stream: self.common.stream.unwrap_or(true),
+            tools,
         })
     }
 }
@@ -469,23 +610,22 @@ impl GenerateBody {
             } else {
                 let mut messages = Vec::new();
                 if let Some(system) = system {
-                    messages.push(ChatMessage {
-                        role: "system".into(),
-                        content: system,
-                    });
+                    messages.push(ChatMessage::new("system", system));
                 }
-                messages.push(ChatMessage {
-                    role: "user".into(),
-                    content: prompt,
-                });
+                messages.push(ChatMessage::new("user", prompt));
                 Prompt::Chat(messages)
             };
-            EngineRequest { prompt, params }
+            EngineRequest {
+                prompt,
+                params,
+                tools: Vec::new(),
+            }
         });
         Ok(OllamaJob {
             model: self.common.model,
             request,
             stream: self.common.stream.unwrap_or(true),
+            tools: Tools::default(),
         })
     }
 }
@@ -532,10 +672,7 @@ mod tests {
         let request = job.request.expect("a generation");
         assert_eq!(
             request.prompt,
-            Prompt::Chat(vec![ChatMessage {
-                role: "user".into(),
-                content: "hi".into()
-            }])
+            Prompt::Chat(vec![ChatMessage::new("user", "hi")])
         );
         let p = request.params;
         assert_eq!((p.temperature, p.top_p, p.top_k), (0.8, 0.9, Some(40)));
@@ -643,14 +780,27 @@ mod tests {
             (r#"{"model":"m","messages":[],"options":[]}"#, "options"),
             (
                 r#"{"model":"m","messages":[],"tools":[{"type":"function"}]}"#,
-                "tools",
+                "tools[0].function",
+            ),
+            (r#"{"model":"m","messages":[],"tools":{"a":1}}"#, "tools"),
+            (
+                r#"{"model":"m","messages":[],"tools":[{"type":"function","function":{"name":"a b"}}]}"#,
+                "tools[0].function.name",
             ),
             (r#"{"model":"m","messages":[],"think":true}"#, "think"),
             (r#"{"model":"m","messages":[],"logprobs":true}"#, "logprobs"),
             (r#"{"model":"m","messages":[],"mystery":1}"#, "mystery"),
             (
-                r#"{"model":"m","messages":[{"role":"tool","content":"x"}]}"#,
+                r#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#,
                 "messages[0].role",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x","tool_calls":[{"function":{"name":"f"}}]}]}"#,
+                "messages[0].tool_calls",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"assistant","content":"","tool_calls":[{"function":{"name":"f","arguments":[1]}}]}]}"#,
+                "messages[0].tool_calls[0].function.arguments",
             ),
             (
                 r#"{"model":"m","messages":[{"role":"user","content":"x","images":["aGk="]}]}"#,

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use canopy_engine::tools::ParsedCall;
 use canopy_proto::{FinishReason, Usage};
 use serde::Serialize;
 
@@ -23,6 +24,22 @@ pub(crate) struct ErrorBody<'a> {
 pub(crate) struct Message<'a> {
     role: &'static str,
     content: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<CallObject<'a>>,
+}
+
+/// One call of a tool in Ollama's shape: `{"function": {"index", "name", "arguments"}}`,
+/// the arguments an object.
+#[derive(Debug, Serialize)]
+pub(crate) struct CallObject<'a> {
+    function: CalledFunction<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct CalledFunction<'a> {
+    index: usize,
+    name: &'a str,
+    arguments: &'a serde_json::Value,
 }
 
 /// The end of an answer: why, and the counts and durations (nanoseconds) Ollama reports.
@@ -89,14 +106,30 @@ pub(crate) struct ChatObject<'a> {
 }
 
 impl<'a> ChatObject<'a> {
-    /// `content` (a piece, or all of it when not streaming), ended by `end` if given.
-    pub(crate) fn new(model: &'a str, content: &'a str, end: Option<Final>) -> Self {
+    /// `content` (a piece, or all of it when not streaming) and `calls`, ended by `end` if
+    /// given.
+    pub(crate) fn new(
+        model: &'a str,
+        (content, calls): (&'a str, &'a [ParsedCall]),
+        end: Option<Final>,
+    ) -> Self {
         Self {
             model,
             created_at: rfc3339_now(),
             message: Message {
                 role: "assistant",
                 content,
+                tool_calls: calls
+                    .iter()
+                    .enumerate()
+                    .map(|(index, call)| CallObject {
+                        function: CalledFunction {
+                            index,
+                            name: &call.name,
+                            arguments: &call.arguments,
+                        },
+                    })
+                    .collect(),
             },
             done: end.is_some(),
             end,
@@ -387,7 +420,7 @@ mod tests {
                 eval: Duration::from_millis(1),
             },
         );
-        let json = serde_json::to_value(ChatObject::new("m", "", Some(end))).expect("json");
+        let json = serde_json::to_value(ChatObject::new("m", ("", &[]), Some(end))).expect("json");
         assert_eq!(json["done"], true);
         assert_eq!(json["done_reason"], "length");
         assert_eq!(json["message"]["role"], "assistant");
