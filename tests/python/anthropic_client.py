@@ -6,8 +6,10 @@ Checks that what the client library sees is what Anthropic's Messages API would 
 `messages.create` (the message object, its text block, stop reason and usage), a stream with
 `messages.stream` (text collected from the events equals the final message's, the final
 message's usage), a system prompt, `stop_sequences` (the stop sequence never appears in the
-text; `stop_reason` names it), `max_tokens` reached (`stop_reason == "max_tokens"`), and the errors the client raises:
-`NotFoundError` for an unknown model, `BadRequestError` for a refused field (`tools`,
+text; `stop_reason` names it), `max_tokens` reached (`stop_reason == "max_tokens"`), tool
+use (`tool_choice` any and a named tool, plain and streamed: a `tool_use` block whose input
+validates, then a round trip with the `tool_result`), and the errors the client raises:
+`NotFoundError` for an unknown model, `BadRequestError` for a refused field (a server tool,
 `thinking`) or a missing `max_tokens`, and `AuthenticationError` for a wrong key when the node
 has one. The key is sent with `api_key=` (the client sends it as `x-api-key`). Prints one line
 per check and exits non-zero if any check failed. Started by tests/api_compat.rs, which starts
@@ -161,21 +163,83 @@ def main() -> int:
         else:
             raise AssertionError("no error")
 
+    weather = {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "input_schema": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 40},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    }
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+    def check_input(value):
+        assert set(value) == {"city", "unit"}, value
+        assert isinstance(value["city"], str) and len(value["city"]) <= 40, value
+        assert value["unit"] in ("celsius", "fahrenheit"), value
+
+    @check("tool_choice any: a tool_use block whose input validates")
+    def _():
+        msg = client.messages.create(
+            model=model,
+            max_tokens=96,
+            messages=ask,
+            tools=[weather],
+            tool_choice={"type": "any"},
+        )
+        assert msg.stop_reason == "tool_use", msg
+        uses = [b for b in msg.content if b.type == "tool_use"]
+        assert len(uses) == 1, msg.content
+        assert uses[0].name == "get_weather" and uses[0].id.startswith("toolu_"), uses
+        check_input(uses[0].input)
+
+        answer = client.messages.create(
+            model=model,
+            max_tokens=24,
+            tools=[weather],
+            tool_choice={"type": "none"},
+            messages=ask
+            + [
+                {"role": "assistant", "content": [u.model_dump() for u in uses]},
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": uses[0].id,
+                            "content": "Sunny, 21 C",
+                        }
+                    ],
+                },
+            ],
+        )
+        assert answer.stop_reason in ("end_turn", "max_tokens"), answer
+        assert all(b.type == "text" for b in answer.content), answer.content
+
+    @check("a named tool, streamed: the final message holds the tool_use")
+    def _():
+        with client.messages.stream(
+            model=model,
+            max_tokens=96,
+            messages=ask,
+            tools=[weather],
+            tool_choice={"type": "tool", "name": "get_weather"},
+        ) as stream:
+            final = stream.get_final_message()
+        assert final.stop_reason == "tool_use", final
+        uses = [b for b in final.content if b.type == "tool_use"]
+        assert len(uses) == 1 and uses[0].name == "get_weather", final.content
+        check_input(uses[0].input)
+
     refused = [
         (
-            "tools",
-            {
-                "tools": [
-                    {
-                        "name": "get_weather",
-                        "description": "The weather in a city",
-                        "input_schema": {
-                            "type": "object",
-                            "properties": {"city": {"type": "string"}},
-                        },
-                    }
-                ]
-            },
+            "tools[0].type",
+            {"tools": [{"type": "web_search_20250305", "name": "web_search"}]},
         ),
         ("thinking", {"thinking": {"type": "enabled", "budget_tokens": 1024}}),
     ]

@@ -5,7 +5,8 @@ Usage: python ollama_client.py --host http://127.0.0.1:PORT --model MODEL
 Checks that what the client library sees is what Ollama's API would give it: the model list
 (`list`), a model's details (`show`), the running models (`ps`), chat and generate, plain and
 streamed (pieces joined, the final object's counts), a system prompt, a raw prompt, `format`
-with a JSON schema (the reply validates), and the
+with a JSON schema (the reply validates), `tools` (the answer is text or calls of the
+offered tools, and a round trip with a `tool` message is answered), and the
 `ResponseError`s the client raises for an unknown model (404) and for refused fields (400).
 Prints one line per check and exits non-zero if any check failed. Started by
 tests/api_compat.rs, which starts the node and installs the client in a venv.
@@ -140,6 +141,50 @@ def main() -> int:
         assert resp.done_reason == "stop", resp
         value = json.loads(resp.message.content)
         assert list(value) == ["answer"] and isinstance(value["answer"], int), value
+
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+
+    @check("chat with tools: text or calls of the offered tool, then a tool round trip")
+    def _():
+        ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+        resp = client.chat(
+            model=model,
+            messages=ask,
+            tools=[weather],
+            options={"temperature": 0, "num_predict": 64},
+        )
+        assert resp.done is True, resp
+        for call in resp.message.tool_calls or []:
+            assert call.function.name == "get_weather", call
+            assert isinstance(call.function.arguments, dict), call
+        assert resp.message.content or resp.message.tool_calls, resp
+        answer = client.chat(
+            model=model,
+            messages=ask
+            + [
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [
+                        {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+                    ],
+                },
+                {"role": "tool", "content": "Sunny, 21 C"},
+            ],
+            options={"temperature": 0, "num_predict": 16},
+        )
+        assert answer.done is True and answer.message.content, answer
 
     @check("unknown model raises ResponseError 404")
     def _():

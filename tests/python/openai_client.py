@@ -5,7 +5,9 @@ Usage: python openai_client.py --base-url http://127.0.0.1:PORT/v1 --model MODEL
 Checks that what the client library sees is what OpenAI's API would give it: the model list,
 a plain chat completion, a streamed one (deltas joined, finish reason, usage chunk),
 log-probabilities (plain and streamed), `n` choices, the penalties and `logit_bias`, structured
-output (`response_format` with a JSON schema, and a JSON object streamed), and the
+output (`response_format` with a JSON schema, and a JSON object streamed), tool calls
+(`tool_choice` required and a named function, plain and streamed, and a round trip with the
+tool's answer as a `tool` message), and the
 typed errors the client raises for an unknown model (NotFoundError) and for bad parameters
 (BadRequestError). Prints one line per check and exits non-zero if any check failed.
 Started by tests/node_model.rs, which starts the node and installs the client in a venv.
@@ -233,6 +235,113 @@ def main() -> int:
         else:
             assert finish == "length" and text.startswith("{"), (finish, text)
 
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 40},
+                    "unit": {"enum": ["celsius", "fahrenheit"]},
+                },
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    add = {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "Adds two integers.",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                "required": ["a", "b"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    ask_weather = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+    def check_weather_args(text):
+        args = json.loads(text)
+        assert set(args) == {"city", "unit"}, args
+        assert isinstance(args["city"], str) and len(args["city"]) <= 40, args
+        assert args["unit"] in ("celsius", "fahrenheit"), args
+        return args
+
+    @check("tool_choice required: one call whose arguments validate")
+    def _():
+        resp = client.chat.completions.create(
+            **{**params, "max_tokens": 96, "messages": ask_weather},
+            tools=[weather, add],
+            tool_choice="required",
+        )
+        choice = resp.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        calls = choice.message.tool_calls
+        assert calls and len(calls) == 1, choice.message
+        call = calls[0]
+        assert call.type == "function" and call.id.startswith("call_"), call
+        if call.function.name == "get_weather":
+            check_weather_args(call.function.arguments)
+        else:
+            assert call.function.name == "add", call
+            args = json.loads(call.function.arguments)
+            assert isinstance(args["a"], int) and isinstance(args["b"], int), args
+
+    @check("a named tool_choice, streamed: the call comes in tool_calls deltas")
+    def _():
+        name, arguments, finish = None, "", None
+        for chunk in client.chat.completions.create(
+            **{**params, "max_tokens": 96, "messages": ask_weather},
+            tools=[weather, add],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            stream=True,
+        ):
+            for choice in chunk.choices:
+                assert not choice.delta.content, choice.delta
+                for call in choice.delta.tool_calls or []:
+                    assert call.index == 0, call
+                    name = call.function.name or name
+                    arguments += call.function.arguments or ""
+                finish = choice.finish_reason or finish
+        assert finish == "tool_calls", finish
+        assert name == "get_weather", name
+        check_weather_args(arguments)
+
+    @check("a tool's answer as a tool message: the model answers in text")
+    def _():
+        first = client.chat.completions.create(
+            **{**params, "max_tokens": 96, "messages": ask_weather},
+            tools=[weather],
+            tool_choice="required",
+        )
+        call = first.choices[0].message.tool_calls[0]
+        resp = client.chat.completions.create(
+            **{
+                **params,
+                "max_tokens": 24,
+                "messages": ask_weather
+                + [
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [call.model_dump()],
+                    },
+                    {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"},
+                ],
+            },
+            tools=[weather],
+            tool_choice="none",
+        )
+        choice = resp.choices[0]
+        assert choice.message.tool_calls is None, choice.message
+        assert choice.message.content, choice.message
+
     @check("unknown model raises NotFoundError")
     def _():
         try:
@@ -265,6 +374,16 @@ def main() -> int:
         ("response_format xml", {"response_format": {"type": "xml"}}, "response_format.type"),
         ("no messages", {"messages": []}, "messages"),
         ("unknown role", {"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+        (
+            "tool_choice naming an unknown function",
+            {"tools": [weather], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+            "tool_choice",
+        ),
+        (
+            "a tool named with a space",
+            {"tools": [{"type": "function", "function": {"name": "get weather"}}]},
+            "tools[0].function.name",
+        ),
     ]
     for name, override, param in bad:
 

@@ -14,7 +14,8 @@
 //! - `messages`: at least one; roles `user` and `assistant` (a `system` role is a 400 that
 //!   points at the top-level `system`). Content is a string or an array of content blocks:
 //!   `text` blocks are joined by newlines; an assistant's `tool_use` blocks (`id`, `name`,
-//!   `input` object) are its calls, and a user's `tool_result` blocks (`tool_use_id`,
+//!   `input` object; a `caller` of type `direct` and a null `toolset_name`, which the
+//!   clients echo, are accepted) are its calls, and a user's `tool_result` blocks (`tool_use_id`,
 //!   `content` a string or text blocks, `is_error`) are tool turns before the user's text;
 //!   `image`, `document`, `thinking`, `redacted_thinking`, `search_result` and the server
 //!   tools' blocks are a 400 naming the block (the models take only text). A block's
@@ -342,6 +343,12 @@ fn content_block(param: &str, block: Value) -> Result<Block, ApiError> {
             "citations" if is_empty(&value) => {}
             "citations" => {
                 return Err(unsupported(&at, "Canopy does not cite sources"));
+            }
+            // What the clients echo of a `tool_use` block they were given: a direct call.
+            "caller" | "toolset_name" if kind == "tool_use" && value.is_null() => {}
+            "caller" if kind == "tool_use" && type_of(&value) == Some("direct") => {}
+            "caller" | "toolset_name" if kind == "tool_use" => {
+                return Err(unsupported(&at, "Canopy runs no server tools or toolsets"));
             }
             _ => {
                 return Err(ApiError::invalid_param(
