@@ -2,13 +2,15 @@
 //! completions (`/v1/completions`) driven by the official `openai` Python client, Ollama's API
 //! (`/api/...`) driven by the official `ollama` Python client, Anthropic's Messages API
 //! (`/v1/messages`) driven by the official `anthropic` Python client on a node with an API
-//! key (sent as `x-api-key`), and what the node reports
+//! key (sent as `x-api-key`), chat, streaming, logprobs, `n`, a JSON schema, a required tool
+//! call and legacy completions driven by the official `openai` Node client (npm), and what
+//! the node reports
 //! about its model file over Ollama's `/api/tags` (read from the GGUF file itself, and the
 //! file's sha256, which must be the store catalogue's).
 //!
 //! The clients are installed into virtual environments under `target/` on first use
-//! (`common::python_venv`); a test is skipped, saying so, only when there is no `python3` or
-//! pip cannot reach the package index. The tests take turns with `node_model`'s on the real
+//! (`common::python_venv`, `common::node_package`); a test is skipped, saying so, only when
+//! there is no `python3` (`node`) or pip (npm) cannot reach the package index (registry). The tests take turns with `node_model`'s on the real
 //! model (`common::real_model_turn`) and keep generations short (at most 16 tokens).
 
 use std::time::{Duration, Instant};
@@ -22,6 +24,29 @@ const OLLAMA_REQUIREMENT: &str = "ollama==0.6.3";
 
 /// The `anthropic` client the test installs.
 const ANTHROPIC_REQUIREMENT: &str = "anthropic==2.10.0";
+
+/// The `openai` Node client the test installs.
+const OPENAI_NODE_PACKAGE: &str = "openai@7.60.0";
+
+#[test]
+fn the_official_openai_node_client_works_against_the_node() {
+    let Some(prefix) = common::node_package("node-openai", OPENAI_NODE_PACKAGE) else {
+        return;
+    };
+    let _turn = real_model_turn();
+    let started = Instant::now();
+    let node = NodeProcess::start(&["up"], &[], true);
+    let base_url = format!("{}/v1", node.base);
+    common::run_node_checks(
+        &prefix,
+        "openai_client.cjs",
+        &["--base-url", &base_url, "--model", MODEL],
+        Duration::from_secs(300),
+        &node,
+    );
+    node.interrupt_and_check();
+    eprintln!("total {:?}", started.elapsed());
+}
 
 /// The API key of the node the `anthropic` client talks to.
 const ANTHROPIC_KEY: &str = "anthropic-e2e-key-0123456789abcdef";

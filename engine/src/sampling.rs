@@ -537,6 +537,57 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Constrained greedy decoding picks the unconstrained argmax wherever the mask
+        /// allows it, and otherwise the best allowed token; a seeded draw under a mask picks
+        /// an allowed token, the same one every time.
+        #[test]
+        fn a_mask_changes_a_pick_only_where_it_forbids_it(
+            values in proptest::collection::vec(-20.0f32..20.0, 2..40),
+            allowed_bits in proptest::collection::vec(proptest::bool::ANY, 40),
+            seed in 0u64..1000,
+        ) {
+            let n = values.len();
+            let mut allowed: Vec<bool> = allowed_bits[..n].to_vec();
+            if !allowed.iter().any(|&a| a) {
+                allowed[n - 1] = true;
+            }
+            let allows = |id: u32| allowed[id as usize];
+            let l = logits(&values);
+            let free = Sampler::new(&greedy()).unwrap().sample(&l).unwrap();
+            let masked = Sampler::new(&greedy())
+                .unwrap()
+                .sample_masked(&l, Some(&allows))
+                .unwrap()
+                .token;
+            if allowed[free as usize] {
+                proptest::prop_assert_eq!(masked, free);
+            } else {
+                let best = (0..n as u32)
+                    .filter(|&i| allowed[i as usize])
+                    .max_by(|&a, &b| values[a as usize].total_cmp(&values[b as usize]))
+                    .unwrap();
+                proptest::prop_assert_eq!(values[masked as usize], values[best as usize]);
+                proptest::prop_assert!(allowed[masked as usize]);
+            }
+            let seeded = GenerateParams {
+                temperature: 0.9,
+                seed,
+                ..greedy()
+            };
+            let draw = || {
+                Sampler::new(&seeded)
+                    .unwrap()
+                    .sample_masked(&l, Some(&allows))
+                    .unwrap()
+                    .token
+            };
+            let first = draw();
+            proptest::prop_assert!(allowed[first as usize]);
+            proptest::prop_assert_eq!(first, draw());
+        }
+    }
+
     #[test]
     fn rejects_out_of_range_shaping() {
         for p in [

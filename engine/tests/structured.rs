@@ -74,6 +74,25 @@ fn json_schema_output_always_parses_and_validates() {
 }
 
 #[test]
+fn constrained_output_is_the_same_every_run() {
+    for (temperature, seed) in [(0.0, 0), (0.9, 11)] {
+        let request = chat(
+            "Describe a person.",
+            GenerateParams {
+                max_tokens: 48,
+                temperature,
+                seed,
+                constraint: Some(Constraint::JsonSchema(PERSON.into())),
+                ..GenerateParams::default()
+            },
+        );
+        let (_, first) = generate(&request).expect("generates");
+        let (_, again) = generate(&request).expect("generates");
+        assert_eq!(first.ids(), again.ids(), "temperature {temperature}");
+    }
+}
+
+#[test]
 fn json_object_output_is_an_object() {
     let request = chat(
         "List three colours.",

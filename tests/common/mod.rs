@@ -493,6 +493,79 @@ pub fn python_venv(name: &str, requirement: &str) -> Option<PathBuf> {
     Some(python)
 }
 
+/// A Node.js package `spec` (`name@version`, pinned) installed with npm under
+/// `target/<dir>` (its `node_modules`), made on first use; `None`, with the reason printed,
+/// when there is no `node`/`npm` or npm cannot reach the registry. An install that completed
+/// is reused as long as the spec is the same.
+pub fn node_package(dir: &str, spec: &str) -> Option<PathBuf> {
+    let _installs = VENVS.lock().unwrap_or_else(|e| e.into_inner());
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("the target directory")
+        .to_path_buf();
+    let prefix = target.join(dir);
+    let marker = prefix.join(".canopy-installed");
+    if std::fs::read_to_string(&marker).is_ok_and(|r| r == spec) {
+        return Some(prefix);
+    }
+    for tool in ["node", "npm"] {
+        if let Err(err) = Command::new(tool).arg("--version").output() {
+            eprintln!("SKIPPED: no {tool} ({err}), so {spec} cannot be run");
+            return None;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&prefix);
+    std::fs::create_dir_all(&prefix).expect("the package directory");
+    let t = Instant::now();
+    let out = Command::new("npm")
+        .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
+        .arg(&prefix)
+        .arg(spec)
+        .output()
+        .expect("npm runs");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        let offline = [
+            "ENOTFOUND",
+            "EAI_AGAIN",
+            "ECONNREFUSED",
+            "ETIMEDOUT",
+            "ENETUNREACH",
+        ]
+        .iter()
+        .any(|s| log.contains(s));
+        assert!(offline, "npm install {spec} failed:\n{log}");
+        eprintln!("SKIPPED: npm cannot reach the registry to install {spec}:\n{log}");
+        return None;
+    }
+    eprintln!("installed {spec} in {:?}", t.elapsed());
+    std::fs::write(&marker, spec).expect("marker");
+    Some(prefix)
+}
+
+/// Runs the script `tests/node/<script>` with `node` and `args`, its packages from
+/// `prefix` (see [`node_package`]); as [`run_python_checks`].
+pub fn run_node_checks(
+    prefix: &Path,
+    script: &str,
+    args: &[&str],
+    limit: Duration,
+    node: &NodeProcess,
+) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/node")
+        .join(script);
+    let mut command = Command::new("node");
+    command
+        .env("NODE_PATH", prefix.join("node_modules"))
+        .arg(&path);
+    run_checks(command, script, args, limit, node);
+}
+
 /// Runs the script `tests/python/<script>` with `python` and `args`, killing it after
 /// `limit`; panics with its output and the node's log unless it exits 0 and prints
 /// `every check passed`.
@@ -506,8 +579,20 @@ pub fn run_python_checks(
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/python")
         .join(script);
-    let mut child = Command::new(python)
-        .arg(&path)
+    let mut command = Command::new(python);
+    command.arg(&path);
+    run_checks(command, script, args, limit, node);
+}
+
+/// Runs `command` (a checks script) with `args` as [`run_python_checks`] describes.
+fn run_checks(
+    mut command: Command,
+    script: &str,
+    args: &[&str],
+    limit: Duration,
+    node: &NodeProcess,
+) {
+    let mut child = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
