@@ -5,7 +5,7 @@ Usage: python ollama_client.py --host http://127.0.0.1:PORT --model MODEL
 Checks that what the client library sees is what Ollama's API would give it: the model list
 (`list`), a model's details (`show`), the running models (`ps`), chat and generate, plain and
 streamed (pieces joined, the final object's counts), a system prompt, a raw prompt, `format`
-with a JSON schema (the reply validates), `tools` (the answer is text or calls of the
+with a JSON schema (the reply validates), `logprobs` with `top_logprobs`, `tools` (the answer is text or calls of the
 offered tools, and a round trip with a `tool` message is answered), and the
 `ResponseError`s the client raises for an unknown model (404) and for refused fields (400).
 Prints one line per check and exits non-zero if any check failed. Started by
@@ -141,6 +141,21 @@ def main() -> int:
         assert resp.done_reason == "stop", resp
         value = json.loads(resp.message.content)
         assert list(value) == ["answer"] and isinstance(value["answer"], int), value
+
+    @check("chat with logprobs=True, top_logprobs=2")
+    def _():
+        resp = client.chat(
+            model=model,
+            messages=messages,
+            logprobs=True,
+            top_logprobs=2,
+            options={"temperature": 0, "num_predict": 8},
+        )
+        assert resp.logprobs, resp
+        for entry in resp.logprobs:
+            assert entry.logprob <= 0, entry
+            assert entry.top_logprobs is not None and len(entry.top_logprobs) <= 2, entry
+        assert "".join(e.token for e in resp.logprobs) == resp.message.content, resp
 
     weather = {
         "type": "function",

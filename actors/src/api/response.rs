@@ -126,8 +126,10 @@ pub(crate) struct ChatLogprobs {
     refusal: Option<()>,
 }
 
+/// One generated token's log-probability and its position's most likely tokens, in OpenAI's
+/// shape (which Ollama's `logprobs` entries share).
 #[derive(Debug, Clone, Serialize)]
-struct ChatTokenLogprob {
+pub(crate) struct ChatTokenLogprob {
     token: String,
     logprob: f32,
     bytes: Vec<u8>,
@@ -145,25 +147,32 @@ impl ChatLogprobs {
     /// The object of `entries`.
     pub(crate) fn new(entries: &[TokenLogprob]) -> Self {
         Self {
-            content: entries
-                .iter()
-                .map(|e| ChatTokenLogprob {
-                    token: token_text(&e.bytes),
-                    logprob: finite(e.logprob),
-                    bytes: e.bytes.clone(),
-                    top_logprobs: e
-                        .top
-                        .iter()
-                        .map(|t| ChatTopLogprob {
-                            token: token_text(&t.bytes),
-                            logprob: finite(t.logprob),
-                            bytes: t.bytes.clone(),
-                        })
-                        .collect(),
-                })
-                .collect(),
+            content: ChatTokenLogprob::list(entries),
             refusal: None,
         }
+    }
+}
+
+impl ChatTokenLogprob {
+    /// One entry per token of `entries`.
+    pub(crate) fn list(entries: &[TokenLogprob]) -> Vec<Self> {
+        entries
+            .iter()
+            .map(|e| ChatTokenLogprob {
+                token: token_text(&e.bytes),
+                logprob: finite(e.logprob),
+                bytes: e.bytes.clone(),
+                top_logprobs: e
+                    .top
+                    .iter()
+                    .map(|t| ChatTopLogprob {
+                        token: token_text(&t.bytes),
+                        logprob: finite(t.logprob),
+                        bytes: t.bytes.clone(),
+                    })
+                    .collect(),
+            })
+            .collect()
     }
 }
 

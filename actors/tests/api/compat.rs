@@ -587,3 +587,30 @@ async fn the_api_key_guards_ollamas_routes_in_ollamas_shape() {
     openai_error(&reply);
     api.stop().await;
 }
+
+#[tokio::test]
+async fn ollama_logprobs_ride_on_each_object_when_asked_for() {
+    let api = start().await;
+    let body = |stream: bool, logprobs: bool| {
+        json!({"model": "scripted", "stream": stream, "logprobs": logprobs, "top_logprobs": 0,
+               "messages": [{"role": "user", "content": "hi"}]})
+    };
+    let reply = post(api.addr, "/api/chat", body(true, true)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let lines = ndjson(&reply.body);
+    let (pieces, end) = lines.split_at(lines.len() - 1);
+    assert!(
+        pieces.iter().all(|l| l["logprobs"].is_array()),
+        "{}",
+        reply.body
+    );
+    assert!(end[0].get("logprobs").is_none(), "{}", reply.body);
+    let (_, _, request) = api.fake.submits().pop().expect("submitted");
+    assert_eq!(request.params.logprobs, Some(0));
+
+    let reply = post(api.addr, "/api/chat", body(false, true)).await;
+    assert!(reply.json()["logprobs"].is_array(), "{}", reply.body);
+    let reply = post(api.addr, "/api/chat", body(false, false)).await;
+    assert!(reply.json().get("logprobs").is_none(), "{}", reply.body);
+    api.stop().await;
+}

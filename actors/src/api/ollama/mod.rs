@@ -51,11 +51,10 @@ use super::output::{self, Output};
 use super::state::AppState;
 use super::task::ChatTask;
 use super::tools;
-use canopy_engine::tools::ParsedCall;
 use request::{ChatBody, GenerateBody, OllamaJob, ShowBody};
 use response::{
-    ChatObject, ErrorBody, Final, GenerateObject, Running, RunningModel, Show, Tags, TagsModel,
-    Version,
+    ChatObject, ErrorBody, Final, GenerateObject, Piece, Running, RunningModel, Show, Tags,
+    TagsModel, Version,
 };
 
 /// The content type of Ollama's streams.
@@ -139,26 +138,28 @@ enum Shape {
 impl Shape {
     /// One object as a JSON line.
     fn line(self, model: &str, text: &str, end: Option<Final>) -> Bytes {
-        self.line_with_calls(model, (text, &[]), end)
+        self.line_of(
+            model,
+            Piece {
+                text,
+                ..Piece::default()
+            },
+            end,
+        )
     }
 
-    /// One object as a JSON line, with calls of tools (a chat's only: `/api/generate` takes
-    /// no tools).
-    fn line_with_calls(
-        self,
-        model: &str,
-        (text, calls): (&str, &[ParsedCall]),
-        end: Option<Final>,
-    ) -> Bytes {
+    /// One object of `piece` as a JSON line (calls of tools are a chat's only:
+    /// `/api/generate` takes no tools).
+    fn line_of(self, model: &str, piece: Piece<'_>, end: Option<Final>) -> Bytes {
         match self {
-            Shape::Chat => json_line(&ChatObject::new(model, (text, calls), end)),
-            Shape::Generate => json_line(&GenerateObject::new(model, text, end)),
+            Shape::Chat => json_line(&ChatObject::new(model, piece, end)),
+            Shape::Generate => json_line(&GenerateObject::new(model, piece, end)),
         }
     }
 
     /// One object as a JSON response.
-    fn object(self, model: &str, answer: (&str, &[ParsedCall]), end: Final) -> Response {
-        let body = self.line_with_calls(model, answer, Some(end));
+    fn object(self, model: &str, answer: Piece<'_>, end: Final) -> Response {
+        let body = self.line_of(model, answer, Some(end));
         ([(header::CONTENT_TYPE, "application/json")], body).into_response()
     }
 }
@@ -226,7 +227,7 @@ async fn answer(
                 Ok(shape.line(&shown, "", Some(end)))
             }))
         } else {
-            shape.object(&shown, ("", &[]), end)
+            shape.object(&shown, Piece::default(), end)
         });
     };
     let mut task = ChatTask::new(state.clone(), model.clone(), request, received);
@@ -235,16 +236,22 @@ async fn answer(
         _ => OllamaError(err),
     })?;
     let names = job.tools.names();
+    let logprobs = job.logprobs;
     if job.stream {
         let first = output::begin(&mut handle, state.config.keepalive).await?;
         let outputs = output::outputs(task, handle, first, state.closing.clone());
         let outputs = tools::split_calls(outputs, names, usize::MAX);
-        Ok(ndjson(lines(shown, shape, outputs)))
+        Ok(ndjson(lines(shown, shape, logprobs, outputs)))
     } else {
         let outputs = output::outputs(task, handle, None, state.closing.clone());
         let done = output::collect(tools::split_calls(outputs, names, usize::MAX)).await?;
         let end = Final::finished(done.reason, done.usage, done.timings);
-        Ok(shape.object(&shown, (&done.text, &done.calls), end))
+        let answer = Piece {
+            text: &done.text,
+            calls: &done.calls,
+            logprobs: logprobs.then_some(&done.logprobs[..]),
+        };
+        Ok(shape.object(&shown, answer, end))
     }
 }
 
@@ -262,16 +269,25 @@ fn ndjson(lines: impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static)
 fn lines(
     model: String,
     shape: Shape,
+    logprobs: bool,
     outputs: impl Stream<Item = Output> + Send + 'static,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
     async_stream::stream! {
         for await output in outputs {
             match output {
-                Output::Text { text, .. } if text.is_empty() => {}
+                Output::Text { text, logprobs: entries } if text.is_empty() && entries.is_empty() => {}
                 Output::Calls(calls) => {
-                    yield Ok(shape.line_with_calls(&model, ("", &calls), None));
+                    let piece = Piece { calls: &calls, ..Piece::default() };
+                    yield Ok(shape.line_of(&model, piece, None));
                 }
-                Output::Text { text, .. } => yield Ok(shape.line(&model, &text, None)),
+                Output::Text { text, logprobs: entries } => {
+                    let piece = Piece {
+                        text: &text,
+                        logprobs: logprobs.then_some(&entries[..]),
+                        ..Piece::default()
+                    };
+                    yield Ok(shape.line_of(&model, piece, None));
+                }
                 Output::Done { reason, usage, timings } => {
                     let end = Final::finished(reason, usage, timings);
                     yield Ok(shape.line(&model, "", Some(end)));

@@ -20,8 +20,13 @@
 //!   arguments an object), streamed as one object before the final one. An assistant
 //!   message's `tool_calls` (arguments an object or JSON text) and `tool` messages (with
 //!   `tool_name`) carry a round trip back.
-//! - Refused with a 400 naming the field: `images` (vision), `think: true`, `logprobs: true`, `top_logprobs` above 0, and on `/api/generate` `suffix`,
-//!   `template`, `context`, and the image-generation fields `width`, `height`, `steps`.
+//! - `logprobs: true` reports each generated token's log-probability as a top-level
+//!   `logprobs` list of each object (`token`, `logprob`, `bytes`, `top_logprobs`), with
+//!   `top_logprobs` (0 to 20, only with `logprobs`) alternatives per position: from the
+//!   distribution the sampler drew from, as on the OpenAI routes.
+//! - Refused with a 400 naming the field: `images` (vision), `think: true`, and on
+//!   `/api/generate` `suffix`, `template`, `context`, and the image-generation fields
+//!   `width`, `height`, `steps`.
 //! - `keep_alive` is accepted and has no effect: a placed instance stays loaded until it is
 //!   deleted, whatever the client asks.
 //! - `/api/generate`: the prompt (with `system` before it) is rendered with the model's chat
@@ -45,7 +50,7 @@ use serde_json::Value;
 
 use crate::api::config::ApiConfig;
 use crate::api::error::ApiError;
-use crate::api::request::{checked_stop, json_type, penalty, positive_u32};
+use crate::api::request::{MAX_TOP_LOGPROBS, checked_stop, json_type, penalty, positive_u32};
 use crate::api::tools::{Tools, check_tool_list, tool_spec};
 
 /// Ollama's default `temperature`.
@@ -123,6 +128,8 @@ pub(crate) struct OllamaJob {
     pub(crate) stream: bool,
     /// The tools (already applied to `request`); none for `/api/generate`.
     pub(crate) tools: Tools,
+    /// Whether the objects carry their tokens' log-probabilities.
+    pub(crate) logprobs: bool,
 }
 
 /// A 400 for a field Canopy does not support, naming it.
@@ -188,21 +195,32 @@ impl Common {
                 "the models Canopy serves do not think",
             ));
         }
-        if self.logprobs == Some(true) {
-            return Err(unsupported(
-                "logprobs",
-                "log-probabilities are reported on the OpenAI routes, not yet in Ollama's shape",
-            ));
-        }
-        if self.top_logprobs.is_some_and(|n| n != 0) {
-            return Err(unsupported(
-                "top_logprobs",
-                "log-probabilities are reported on the OpenAI routes, not yet in Ollama's shape",
-            ));
-        }
+        let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
+            (false, None | Some(0)) => None,
+            (false, Some(_)) => {
+                return Err(ApiError::invalid_param(
+                    "top_logprobs",
+                    "'top_logprobs' needs 'logprobs' set to true.",
+                    "invalid_value",
+                ));
+            }
+            (true, None) => Some(0),
+            (true, Some(k)) if (0..=MAX_TOP_LOGPROBS).contains(&k) => Some(k as u8),
+            (true, Some(k)) => {
+                return Err(ApiError::invalid_param(
+                    "top_logprobs",
+                    format!(
+                        "Invalid value for 'top_logprobs': {k}. It must be between 0 and \
+                         {MAX_TOP_LOGPROBS}."
+                    ),
+                    "invalid_value",
+                ));
+            }
+        };
         let params = options(self.options.clone(), config)?;
         Ok(GenerateParams {
             constraint,
+            logprobs,
             ..params
         })
     }
@@ -547,6 +565,9 @@ impl ChatBody {
         }
         Ok(OllamaJob {
             model: self.common.model,
+            logprobs: request
+                .as_ref()
+                .is_some_and(|r| r.params.logprobs.is_some()),
             request,
             stream: self.common.stream.unwrap_or(true),
             tools,
@@ -623,6 +644,9 @@ impl GenerateBody {
         });
         Ok(OllamaJob {
             model: self.common.model,
+            logprobs: request
+                .as_ref()
+                .is_some_and(|r| r.params.logprobs.is_some()),
             request,
             stream: self.common.stream.unwrap_or(true),
             tools: Tools::default(),
@@ -788,7 +812,14 @@ mod tests {
                 "tools[0].function.name",
             ),
             (r#"{"model":"m","messages":[],"think":true}"#, "think"),
-            (r#"{"model":"m","messages":[],"logprobs":true}"#, "logprobs"),
+            (
+                r#"{"model":"m","messages":[],"logprobs":true,"top_logprobs":21}"#,
+                "top_logprobs",
+            ),
+            (
+                r#"{"model":"m","messages":[],"top_logprobs":2}"#,
+                "top_logprobs",
+            ),
             (r#"{"model":"m","messages":[],"mystery":1}"#, "mystery"),
             (
                 r#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#,

@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use canopy_engine::tools::ParsedCall;
-use canopy_proto::{FinishReason, Usage};
+use canopy_proto::{FinishReason, TokenLogprob, Usage};
 use serde::Serialize;
 
 use crate::api::backend::{ModelDetails, ModelFile};
+use crate::api::response::ChatTokenLogprob;
 use crate::api::task::Timings;
 
 /// Ollama's error body.
@@ -94,32 +95,43 @@ impl Final {
     }
 }
 
+/// A piece of an answer: its text, the calls it holds (chat only), and its tokens'
+/// log-probabilities when they were asked for.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Piece<'a> {
+    /// The text.
+    pub(crate) text: &'a str,
+    /// Calls of tools.
+    pub(crate) calls: &'a [ParsedCall],
+    /// `Some` (possibly empty) when the request asked for log-probabilities.
+    pub(crate) logprobs: Option<&'a [TokenLogprob]>,
+}
+
 /// One `/api/chat` object: a piece of the answer (`done: false`) or its end.
 #[derive(Debug, Serialize)]
 pub(crate) struct ChatObject<'a> {
     model: &'a str,
     created_at: String,
     message: Message<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logprobs: Option<Vec<ChatTokenLogprob>>,
     done: bool,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     end: Option<Final>,
 }
 
 impl<'a> ChatObject<'a> {
-    /// `content` (a piece, or all of it when not streaming) and `calls`, ended by `end` if
-    /// given.
-    pub(crate) fn new(
-        model: &'a str,
-        (content, calls): (&'a str, &'a [ParsedCall]),
-        end: Option<Final>,
-    ) -> Self {
+    /// A piece of the answer (or all of it when not streaming), ended by `end` if given.
+    pub(crate) fn new(model: &'a str, piece: Piece<'a>, end: Option<Final>) -> Self {
         Self {
             model,
             created_at: rfc3339_now(),
+            logprobs: piece.logprobs.map(ChatTokenLogprob::list),
             message: Message {
                 role: "assistant",
-                content,
-                tool_calls: calls
+                content: piece.text,
+                tool_calls: piece
+                    .calls
                     .iter()
                     .enumerate()
                     .map(|(index, call)| CallObject {
@@ -143,18 +155,21 @@ pub(crate) struct GenerateObject<'a> {
     model: &'a str,
     created_at: String,
     response: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logprobs: Option<Vec<ChatTokenLogprob>>,
     done: bool,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     end: Option<Final>,
 }
 
 impl<'a> GenerateObject<'a> {
-    /// `response` (a piece, or all of it when not streaming), ended by `end` if given.
-    pub(crate) fn new(model: &'a str, response: &'a str, end: Option<Final>) -> Self {
+    /// A piece of the answer (or all of it when not streaming), ended by `end` if given.
+    pub(crate) fn new(model: &'a str, piece: Piece<'a>, end: Option<Final>) -> Self {
         Self {
             model,
             created_at: rfc3339_now(),
-            response,
+            response: piece.text,
+            logprobs: piece.logprobs.map(ChatTokenLogprob::list),
             done: end.is_some(),
             end,
         }
@@ -420,14 +435,23 @@ mod tests {
                 eval: Duration::from_millis(1),
             },
         );
-        let json = serde_json::to_value(ChatObject::new("m", ("", &[]), Some(end))).expect("json");
+        let json =
+            serde_json::to_value(ChatObject::new("m", Piece::default(), Some(end))).expect("json");
         assert_eq!(json["done"], true);
         assert_eq!(json["done_reason"], "length");
         assert_eq!(json["message"]["role"], "assistant");
         assert_eq!(json["total_duration"], 3_000_000);
         assert_eq!(json["prompt_eval_count"], 5);
         assert_eq!(json["eval_count"], 2);
-        let piece = serde_json::to_value(GenerateObject::new("m", "Hi", None)).expect("json");
+        let piece = serde_json::to_value(GenerateObject::new(
+            "m",
+            Piece {
+                text: "Hi",
+                ..Piece::default()
+            },
+            None,
+        ))
+        .expect("json");
         assert_eq!(piece["response"], "Hi");
         assert_eq!(piece["done"], false);
         assert!(piece.get("done_reason").is_none(), "{piece}");
