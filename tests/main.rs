@@ -22,5 +22,6 @@ mod hostile_discovery;
 mod netns_fabric;
 mod node_chaos;
 mod node_model;
+mod openapi;
 mod runner_protocol;
 mod runner_supervision;

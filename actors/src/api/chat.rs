@@ -30,6 +30,21 @@ use super::stream;
 use super::tools;
 
 /// The handler.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "openai",
+    request_body = super::request::ChatCompletionRequest,
+    responses(
+        (status = 200, description = "The completion, or with `stream: true` its SSE chunks \
+         (`chat.completion.chunk` objects, then `[DONE]`)",
+         content(
+             (super::response::ChatCompletion = "application/json"),
+             (String = "text/event-stream"),
+         )),
+        crate::api::openapi::OpenAiErrors,
+    )
+)]
 pub(crate) async fn chat_completions(
     State(state): State<AppState>,
     OpenAiJson(body): OpenAiJson<ChatCompletionRequest>,

@@ -36,7 +36,7 @@ use serde_json::Value;
 
 use super::config::ApiConfig;
 use super::error::ApiError;
-use super::request::{Sampling, choice_params, choices, json_type, unsupported};
+use super::request::{Sampling, StreamOptions, choice_params, choices, json_type, unsupported};
 
 /// Most alternatives per position in `logprobs` (OpenAI's limit for this endpoint).
 const MAX_LOGPROBS: i64 = 5;
@@ -45,7 +45,7 @@ const MAX_LOGPROBS: i64 = 5;
 pub(crate) const DEFAULT_COMPLETION_TOKENS: i64 = 16;
 
 /// The JSON body of a legacy completion request.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub(crate) struct CompletionRequest {
     model: String,
     prompt: Value,
@@ -71,13 +71,9 @@ pub(crate) struct CompletionRequest {
     )]
     user: Option<Value>,
     /// Every other field: refused by name.
+    #[schema(ignore)]
     #[serde(flatten)]
     unknown: BTreeMap<String, Value>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct StreamOptions {
-    include_usage: Option<bool>,
 }
 
 /// A validated completion request.

@@ -41,6 +41,20 @@ use super::state::AppState;
 use super::stream::{done_event, error_event, json_event, sse};
 
 /// The handler.
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "openai",
+    request_body = super::completion_request::CompletionRequest,
+    responses(
+        (status = 200, description = "The completion, or with `stream: true` its SSE chunks",
+         content(
+             (super::response::TextCompletion = "application/json"),
+             (String = "text/event-stream"),
+         )),
+        crate::api::openapi::OpenAiErrors,
+    )
+)]
 pub(crate) async fn completions(
     State(state): State<AppState>,
     OpenAiJson(body): OpenAiJson<CompletionRequest>,

@@ -111,11 +111,32 @@ pub(crate) fn login_page(failed: bool) -> Response {
 }
 
 /// `GET /`: the dashboard.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "dashboard",
+    responses(
+        (status = 200, description = "The dashboard (or its login page)", content_type = "text/html", body = String),
+        crate::api::openapi::OpenAiErrors,
+    )
+)]
 pub(crate) async fn index() -> Response {
     html(INDEX)
 }
 
 /// `GET /dashboard/assets/{name}`.
+#[utoipa::path(
+    get,
+    path = "/dashboard/assets/{name}",
+    tag = "dashboard",
+    params(("name" = String, Path, description = "The asset's file name")),
+    responses(
+        (status = 200, description = "The asset", body = String),
+        (status = 404, description = "No such asset", content_type = "text/plain", body = String),
+        (status = 401, description = "A missing or wrong API key", body = super::error::ErrorBody<'static>),
+        (status = 403, description = "A Host header the node does not answer", body = super::error::ErrorBody<'static>),
+    )
+)]
 pub(crate) async fn asset(Path(name): Path<String>) -> Response {
     match ASSETS.iter().find(|(n, _, _)| *n == name) {
         Some((_, kind, body)) => (
@@ -132,6 +153,19 @@ pub(crate) async fn asset(Path(name): Path<String>) -> Response {
 
 /// `POST /dashboard/login` (a form with `key`): sets the session cookie and goes to `/`, or
 /// shows the form again after a wrong key.
+#[utoipa::path(
+    post,
+    path = "/dashboard/login",
+    tag = "dashboard",
+    request_body(content = String, content_type = "application/x-www-form-urlencoded",
+                 description = "`key=...`"),
+    responses(
+        (status = 303, description = "To `/`, with the session cookie"),
+        (status = 200, description = "The login form again, after a wrong key",
+         content_type = "text/html", body = String),
+        crate::api::openapi::OpenAiErrors,
+    )
+)]
 pub(crate) async fn login(State(state): State<AppState>, body: String) -> Response {
     let Some(key) = &state.config.api_key else {
         return redirect("/", None);
@@ -201,6 +235,12 @@ fn metric_sum(text: &str, name: &str) -> f64 {
 
 /// `GET /v1/dashboard`: what the dashboard polls: this node's state, every node's actor tree
 /// (this node's alone outside a cluster), and the counters its charts are drawn from.
+#[utoipa::path(
+    get,
+    path = "/v1/dashboard",
+    tag = "dashboard",
+    responses((status = 200, description = "What the dashboard shows", body = Object), crate::api::openapi::OpenAiErrors)
+)]
 pub(crate) async fn dashboard(State(state): State<AppState>) -> Json<Value> {
     let view = state.backend.state().await;
     let actors = match state.backend.cluster_actors() {

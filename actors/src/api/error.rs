@@ -53,12 +53,14 @@ pub(crate) struct ApiError {
 }
 
 /// The JSON body of an error: `{"error": {...}}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = OpenAiError)]
 pub(crate) struct ErrorBody<'a> {
     error: ErrorObject<'a>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = OpenAiErrorObject)]
 struct ErrorObject<'a> {
     message: &'a str,
     #[serde(rename = "type")]

@@ -115,6 +115,24 @@ impl EventQuery {
 }
 
 /// `GET /v1/events`.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "operations",
+    params(
+        ("since" = Option<u64>, Query, description = "Only events after this local id"),
+        ("follow" = Option<bool>, Query, description = "`false`: one JSON object instead of a stream"),
+        ("node" = Option<String>, Query, description = "Only this node's (an id or its first characters)"),
+        ("kind" = Option<String>, Query, description = "Only these kinds (comma-separated)"),
+        ("limit" = Option<u64>, Query, description = "With `follow=false`: at most this many"),
+    ),
+    responses(
+        (status = 200, description = "The events: an SSE stream, or with `follow=false` \
+         `{\"events\", \"missed\", \"next\"}`",
+         content((Object = "application/json"), (String = "text/event-stream"))),
+        crate::api::openapi::OpenAiErrors,
+    )
+)]
 pub(crate) async fn events(
     State(state): State<AppState>,
     Query(params): Query<HashMap<String, String>>,

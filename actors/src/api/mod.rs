@@ -62,6 +62,7 @@ mod metrics;
 mod models;
 mod observe;
 mod ollama;
+mod openapi;
 mod ops;
 mod output;
 mod request;

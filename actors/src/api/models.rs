@@ -9,11 +9,24 @@ use super::response::{ModelList, ModelObject};
 use super::state::AppState;
 
 /// `GET /v1/models`.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "openai",
+    responses((status = 200, body = ModelList), crate::api::openapi::OpenAiErrors)
+)]
 pub(crate) async fn list(State(state): State<AppState>) -> Json<ModelList> {
     Json(ModelList::new(state.backend.models()))
 }
 
 /// `GET /v1/models/{model}` (model ids may contain `/`).
+#[utoipa::path(
+    get,
+    path = "/v1/models/{model}",
+    tag = "openai",
+    params(("model" = String, Path, description = "The model's id (it may contain `/`)")),
+    responses((status = 200, body = ModelObject), crate::api::openapi::OpenAiErrors)
+)]
 pub(crate) async fn get(
     State(state): State<AppState>,
     model: Result<Path<String>, PathRejection>,

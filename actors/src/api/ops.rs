@@ -17,11 +17,28 @@ use super::views::{ClusterActors, StateView};
 use crate::placement::{MAX_WAIT_SECS, PlaceRequest, Placed};
 
 /// `GET /health`: 200 while the process serves HTTP at all.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    responses((status = 200, description = "`{\"status\": \"ok\"}`", body = Object), crate::api::openapi::OpenAiErrors)
+)]
 pub(crate) async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
 /// `GET /ready`: 200 when an instance of some model is Ready, else 503.
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "operations",
+    responses(
+        (status = 200, description = "`{\"status\": \"ready\"}`", body = Object),
+        (status = 503, description = "`{\"status\": \"not ready\"}`", body = Object),
+        (status = 401, description = "A missing or wrong API key", body = super::error::ErrorBody<'static>),
+        (status = 403, description = "A Host header the node does not answer", body = super::error::ErrorBody<'static>),
+    )
+)]
 pub(crate) async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     if state.backend.ready() {
         (StatusCode::OK, Json(json!({ "status": "ready" })))
@@ -34,6 +51,15 @@ pub(crate) async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Va
 }
 
 /// `GET /metrics`: every metric, Prometheus text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Every metric", content_type = "text/plain", body = String),
+        crate::api::openapi::OpenAiErrors,
+    )
+)]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let text = state
         .metrics
@@ -43,17 +69,39 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Result<Response, A
 }
 
 /// `GET /state`: the node's instances and runners, as the backend describes them.
+#[utoipa::path(
+    get,
+    path = "/state",
+    tag = "operations",
+    responses((status = 200, description = "The node's instances and runners", body = Object), crate::api::openapi::OpenAiErrors)
+)]
 pub(crate) async fn state(State(state): State<AppState>) -> Json<StateView> {
     Json(state.backend.state().await)
 }
 
 /// `GET /v1/actors`: the live actor tree, as the backend describes it (`null` before the
 /// node's supervisor is up).
+#[utoipa::path(
+    get,
+    path = "/v1/actors",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The live actor tree (`null` before the node's supervisor \
+         is up)", body = Option<Object>),
+        crate::api::openapi::OpenAiErrors,
+    )
+)]
 pub(crate) async fn actors(State(state): State<AppState>) -> Json<Option<ActorReport>> {
     Json(state.backend.actors().await)
 }
 
 /// `GET /v1/cluster/actors`: every node's actor tree (404 on a standalone node).
+#[utoipa::path(
+    get,
+    path = "/v1/cluster/actors",
+    tag = "operations",
+    responses((status = 200, description = "Every node's actor tree", body = Object), crate::api::openapi::OpenAiErrors)
+)]
 pub(crate) async fn cluster_actors(
     State(state): State<AppState>,
 ) -> Result<Json<ClusterActors>, ApiError> {
@@ -67,7 +115,7 @@ pub(crate) async fn cluster_actors(
 }
 
 /// The body of `POST /instances`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PlaceBody {
     /// A catalogue name or a path every chosen node can read.
@@ -76,6 +124,7 @@ pub(crate) struct PlaceBody {
     #[serde(default = "one")]
     instances: usize,
     /// The node to place them on (default: the leader chooses).
+    #[schema(value_type = Option<String>)]
     node: Option<NodeId>,
     /// How long to wait for them to be Ready, in seconds (default 300; 1 to 3600).
     #[serde(default = "default_wait")]
@@ -114,6 +163,20 @@ pub(crate) struct PlacedBody {
 
 /// `POST /instances`: place instances of a model through the cluster's leader; answered
 /// when they are Ready (201) or with why they could not be placed.
+#[utoipa::path(
+    post,
+    path = "/instances",
+    tag = "operations",
+    request_body = PlaceBody,
+    responses(
+        (status = 201, description = "`{\"instances\": [...]}`: the new, Ready instances", body = Object),
+        (status = 422, description = "A node could not start or load the model",
+         body = super::error::ErrorBody<'static>),
+        (status = 504, description = "Not Ready in time", body = super::error::ErrorBody<'static>),
+        (status = 507, description = "No node has the memory", body = super::error::ErrorBody<'static>),
+        crate::api::openapi::OpenAiErrors,
+    )
+)]
 pub(crate) async fn place(
     State(state): State<AppState>,
     super::extract::OpenAiJson(body): super::extract::OpenAiJson<PlaceBody>,
@@ -125,6 +188,13 @@ pub(crate) async fn place(
 }
 
 /// `DELETE /instances/{id}`: remove an instance from the cluster.
+#[utoipa::path(
+    delete,
+    path = "/instances/{id}",
+    tag = "operations",
+    params(("id" = String, Path, description = "The instance's id")),
+    responses((status = 200, description = "`{\"deleted\": ID}`", body = Object), crate::api::openapi::OpenAiErrors)
+)]
 pub(crate) async fn delete_instance(
     State(state): State<AppState>,
     Path(id): Path<String>,

@@ -73,7 +73,7 @@ pub(crate) const MAX_LOGIT_BIAS: usize = 300;
 pub(crate) const MAX_TOP_LOGPROBS: i64 = 20;
 
 /// The JSON body of a chat completion request.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub(crate) struct ChatCompletionRequest {
     model: String,
     messages: Vec<RequestMessage>,
@@ -97,11 +97,12 @@ pub(crate) struct ChatCompletionRequest {
     tool_choice: Option<Value>,
     parallel_tool_calls: Option<bool>,
     /// Every other field: accepted, refused or unknown by name (see the module's notes).
+    #[schema(ignore)]
     #[serde(flatten)]
     other: BTreeMap<String, Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 struct RequestMessage {
     role: String,
     /// A string, an array of content parts, or null: checked in `into_chat`.
@@ -116,14 +117,14 @@ struct RequestMessage {
 }
 
 /// One of `tools`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 struct RequestTool {
     #[serde(rename = "type")]
     kind: String,
     function: Option<RequestFunction>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 struct RequestFunction {
     name: String,
     description: Option<String>,
@@ -134,7 +135,7 @@ struct RequestFunction {
 }
 
 /// One of an assistant turn's `tool_calls`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 struct RequestToolCall {
     id: String,
     #[serde(rename = "type")]
@@ -142,15 +143,17 @@ struct RequestToolCall {
     function: RequestCalled,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 struct RequestCalled {
     name: String,
     arguments: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-struct StreamOptions {
-    include_usage: Option<bool>,
+/// `stream_options` (chat and legacy completions).
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+pub(crate) struct StreamOptions {
+    /// End the stream with a usage chunk.
+    pub(crate) include_usage: Option<bool>,
 }
 
 /// A validated chat completion request.

@@ -78,7 +78,7 @@ pub(crate) fn random_id(prefix: &str) -> String {
 }
 
 /// Token counts as OpenAI reports them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub(crate) struct UsageBody {
     prompt_tokens: u32,
     completion_tokens: u32,
@@ -120,7 +120,7 @@ fn finite(logprob: f32) -> f32 {
 }
 
 /// Chat's `logprobs` object: one entry per generated token.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub(crate) struct ChatLogprobs {
     content: Vec<ChatTokenLogprob>,
     refusal: Option<()>,
@@ -128,7 +128,7 @@ pub(crate) struct ChatLogprobs {
 
 /// One generated token's log-probability and its position's most likely tokens, in OpenAI's
 /// shape (which Ollama's `logprobs` entries share).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub(crate) struct ChatTokenLogprob {
     token: String,
     logprob: f32,
@@ -136,7 +136,7 @@ pub(crate) struct ChatTokenLogprob {
     top_logprobs: Vec<ChatTopLogprob>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 struct ChatTopLogprob {
     token: String,
     logprob: f32,
@@ -221,7 +221,7 @@ impl TextOffsets {
 }
 
 /// The legacy completions' `logprobs` object.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub(crate) struct TextLogprobs {
     tokens: Vec<String>,
     token_logprobs: Vec<f32>,
@@ -249,7 +249,7 @@ impl TextLogprobs {
 }
 
 /// A non-streamed answer (`object: "chat.completion"`).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct ChatCompletion {
     id: String,
     object: &'static str,
@@ -259,7 +259,7 @@ pub(crate) struct ChatCompletion {
     usage: UsageBody,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct Choice {
     index: u32,
     message: AssistantMessage,
@@ -280,7 +280,7 @@ pub(crate) struct ChatChoice {
     pub(crate) logprobs: Option<Vec<TokenLogprob>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct AssistantMessage {
     role: &'static str,
     /// `null` when the answer is calls only, as OpenAI sends it.
@@ -290,7 +290,7 @@ struct AssistantMessage {
 }
 
 /// One call of a tool, in OpenAI's shape (`index` only in stream deltas).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct ToolCallBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     index: Option<u32>,
@@ -300,7 +300,7 @@ pub(crate) struct ToolCallBody {
     function: FunctionBody,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct FunctionBody {
     name: String,
     arguments: String,
@@ -362,7 +362,7 @@ impl ChatCompletion {
 }
 
 /// One event of a stream (`object: "chat.completion.chunk"`).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct ChatCompletionChunk<'a> {
     id: &'a str,
     object: &'static str,
@@ -374,7 +374,7 @@ pub(crate) struct ChatCompletionChunk<'a> {
     usage: Option<Option<UsageBody>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct ChunkChoice<'a> {
     index: u32,
     delta: Delta<'a>,
@@ -382,7 +382,7 @@ struct ChunkChoice<'a> {
     finish_reason: Option<&'static str>,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
 struct Delta<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     role: Option<&'static str>,
@@ -530,7 +530,7 @@ pub(crate) struct TextChoice {
 }
 
 /// A non-streamed legacy completion (`object: "text_completion"`).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct TextCompletion {
     id: String,
     object: &'static str,
@@ -540,7 +540,7 @@ pub(crate) struct TextCompletion {
     usage: UsageBody,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct TextChoiceBody {
     text: String,
     index: u32,
@@ -572,7 +572,7 @@ impl TextCompletion {
 }
 
 /// One event of a legacy completion stream (`object: "text_completion"`, as OpenAI sends).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct TextCompletionChunk<'a> {
     id: &'a str,
     object: &'static str,
@@ -623,14 +623,14 @@ impl<'a> TextCompletionChunk<'a> {
 }
 
 /// `GET /v1/models` (`object: "list"`).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct ModelList {
     object: &'static str,
     data: Vec<ModelObject>,
 }
 
 /// One model (`object: "model"`), with Canopy's `ready` extension.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct ModelObject {
     id: String,
     object: &'static str,

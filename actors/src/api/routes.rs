@@ -24,6 +24,7 @@ use super::metrics::Metrics;
 use super::models;
 use super::observe;
 use super::ollama;
+use super::openapi;
 use super::ops;
 use super::state::AppState;
 
@@ -62,6 +63,7 @@ pub fn router(
         .route("/state", get(ops::state))
         .route("/v1/cluster/actors", get(ops::cluster_actors))
         .route("/v1/events", get(events::events))
+        .route("/openapi.json", get(openapi::openapi_json))
         .route("/", get(dashboard::index))
         .route("/v1/dashboard", get(dashboard::dashboard))
         .route("/dashboard/login", post(dashboard::login))

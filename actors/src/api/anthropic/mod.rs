@@ -46,6 +46,9 @@
 mod request;
 mod response;
 
+/// Anthropic's error body, for the API's document.
+pub(crate) type AnthropicErrorBody = response::ErrorBody<'static>;
+
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
@@ -111,6 +114,20 @@ impl<T: DeserializeOwned> FromRequest<AppState> for AnthropicJson<T> {
 }
 
 /// `POST /v1/messages`.
+#[utoipa::path(
+    post,
+    path = "/v1/messages",
+    tag = "anthropic",
+    request_body = request::MessagesBody,
+    responses(
+        (status = 200, description = "The message, or with `stream: true` its named SSE events",
+         content(
+             (response::Message = "application/json"),
+             (String = "text/event-stream"),
+         )),
+        crate::api::openapi::AnthropicErrors,
+    )
+)]
 pub(crate) async fn messages(
     State(state): State<AppState>,
     AnthropicJson(body): AnthropicJson<MessagesBody>,

@@ -52,7 +52,7 @@ use crate::api::tools::{ToolChoice, Tools, check_tool_list, tool_spec};
 const MAX_STOP_SEQUENCES: usize = 16;
 
 /// The body of `POST /v1/messages`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub(crate) struct MessagesBody {
     model: String,
     messages: Vec<Value>,
@@ -67,6 +67,7 @@ pub(crate) struct MessagesBody {
     service_tier: Option<Value>,
     tools: Option<Value>,
     tool_choice: Option<Value>,
+    #[schema(ignore)]
     #[serde(flatten)]
     other: BTreeMap<String, Value>,
 }

@@ -54,14 +54,16 @@ pub(crate) fn message_id() -> String {
 }
 
 /// The error body.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = AnthropicError)]
 pub(crate) struct ErrorBody<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     error: ErrorObject<'a>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = AnthropicErrorObject)]
 struct ErrorObject<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
@@ -82,7 +84,8 @@ impl<'a> ErrorBody<'a> {
 }
 
 /// Token counts as Anthropic reports them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[schema(as = AnthropicUsage)]
 pub(crate) struct UsageBody {
     input_tokens: u32,
     output_tokens: u32,
@@ -98,7 +101,7 @@ impl From<Usage> for UsageBody {
 }
 
 /// One content block of an answer: text, or a call of a tool.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub(crate) enum ContentBlock<'a> {
     /// Text.
@@ -133,7 +136,8 @@ fn stop_reason_of(reason: FinishReason, called: bool) -> &'static str {
 
 /// The `message` object: a whole answer, or (empty, with no stop reason yet) the start of a
 /// stream.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = AnthropicMessage)]
 pub(crate) struct Message<'a> {
     id: &'a str,
     #[serde(rename = "type")]
@@ -192,7 +196,7 @@ impl<'a> Message<'a> {
 }
 
 /// The events of a stream, each the `data:` of the SSE event named by its `type`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub(crate) enum StreamEvent<'a> {
     /// The message begins (empty).
@@ -233,7 +237,7 @@ pub(crate) enum StreamEvent<'a> {
 }
 
 /// The `delta` of `content_block_delta`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub(crate) enum BlockDelta<'a> {
     /// A piece of text.
@@ -260,7 +264,7 @@ impl<'a> ContentBlock<'a> {
 }
 
 /// The `delta` of `message_delta`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct StopDelta {
     stop_reason: &'static str,
     stop_sequence: Option<String>,

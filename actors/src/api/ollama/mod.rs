@@ -33,6 +33,9 @@
 mod request;
 mod response;
 
+/// Ollama's error body, for the API's document.
+pub(crate) type OllamaErrorBody = response::ErrorBody<'static>;
+
 use std::convert::Infallible;
 use std::time::Instant;
 
@@ -107,6 +110,20 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OllamaJson<T> {
 }
 
 /// `POST /api/chat`.
+#[utoipa::path(
+    post,
+    path = "/api/chat",
+    tag = "ollama",
+    request_body = request::ChatBody,
+    responses(
+        (status = 200, description = "The answer (`stream: false`), or its objects one a line",
+         content(
+             (response::ChatObject = "application/json"),
+             (String = "application/x-ndjson"),
+         )),
+        crate::api::openapi::OllamaErrors,
+    )
+)]
 pub(crate) async fn chat(
     State(state): State<AppState>,
     OllamaJson(body): OllamaJson<ChatBody>,
@@ -117,6 +134,20 @@ pub(crate) async fn chat(
 }
 
 /// `POST /api/generate`.
+#[utoipa::path(
+    post,
+    path = "/api/generate",
+    tag = "ollama",
+    request_body = request::GenerateBody,
+    responses(
+        (status = 200, description = "The answer (`stream: false`), or its objects one a line",
+         content(
+             (response::GenerateObject = "application/json"),
+             (String = "application/x-ndjson"),
+         )),
+        crate::api::openapi::OllamaErrors,
+    )
+)]
 pub(crate) async fn generate(
     State(state): State<AppState>,
     OllamaJson(body): OllamaJson<GenerateBody>,
@@ -304,6 +335,12 @@ fn lines(
 }
 
 /// `GET /api/tags`.
+#[utoipa::path(
+    get,
+    path = "/api/tags",
+    tag = "ollama",
+    responses((status = 200, body = response::Tags), crate::api::openapi::OllamaErrors)
+)]
 pub(crate) async fn tags(State(state): State<AppState>) -> Response {
     let details = all_details(&state).await;
     axum::Json(Tags {
@@ -313,6 +350,12 @@ pub(crate) async fn tags(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /api/ps`.
+#[utoipa::path(
+    get,
+    path = "/api/ps",
+    tag = "ollama",
+    responses((status = 200, body = response::Running), crate::api::openapi::OllamaErrors)
+)]
 pub(crate) async fn ps(State(state): State<AppState>) -> Response {
     let details = all_details(&state).await;
     axum::Json(Running {
@@ -336,6 +379,13 @@ async fn all_details(state: &AppState) -> Vec<super::backend::ModelDetails> {
 }
 
 /// `POST /api/show`.
+#[utoipa::path(
+    post,
+    path = "/api/show",
+    tag = "ollama",
+    request_body = request::ShowBody,
+    responses((status = 200, body = response::Show), crate::api::openapi::OllamaErrors)
+)]
 pub(crate) async fn show(
     State(state): State<AppState>,
     OllamaJson(body): OllamaJson<ShowBody>,
@@ -348,6 +398,12 @@ pub(crate) async fn show(
 }
 
 /// `GET /api/version`.
+#[utoipa::path(
+    get,
+    path = "/api/version",
+    tag = "ollama",
+    responses((status = 200, body = response::Version), crate::api::openapi::OllamaErrors)
+)]
 pub(crate) async fn version() -> Response {
     axum::Json(Version {
         version: env!("CARGO_PKG_VERSION"),

@@ -63,7 +63,7 @@ pub(crate) const DEFAULT_TOP_K: u32 = 40;
 const MAX_STOP: usize = 16;
 
 /// The fields `/api/chat` and `/api/generate` share.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 struct Common {
     model: String,
     stream: Option<bool>,
@@ -77,19 +77,20 @@ struct Common {
 }
 
 /// The body of `POST /api/chat`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub(crate) struct ChatBody {
     #[serde(flatten)]
     common: Common,
     #[serde(default)]
     messages: Vec<Value>,
     tools: Option<Value>,
+    #[schema(ignore)]
     #[serde(flatten)]
     unknown: BTreeMap<String, Value>,
 }
 
 /// The body of `POST /api/generate`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub(crate) struct GenerateBody {
     #[serde(flatten)]
     common: Common,
@@ -103,16 +104,18 @@ pub(crate) struct GenerateBody {
     width: Option<Value>,
     height: Option<Value>,
     steps: Option<Value>,
+    #[schema(ignore)]
     #[serde(flatten)]
     unknown: BTreeMap<String, Value>,
 }
 
 /// The body of `POST /api/show`: `model` (or the older `name`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub(crate) struct ShowBody {
     model: Option<String>,
     name: Option<String>,
     verbose: Option<bool>,
+    #[schema(ignore)]
     #[serde(flatten)]
     unknown: BTreeMap<String, Value>,
 }

@@ -14,14 +14,16 @@ use crate::api::response::ChatTokenLogprob;
 use crate::api::task::Timings;
 
 /// Ollama's error body.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = OllamaError)]
 pub(crate) struct ErrorBody<'a> {
     /// What went wrong.
     pub(crate) error: &'a str,
 }
 
 /// The assistant's message in a chat answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = OllamaMessage)]
 pub(crate) struct Message<'a> {
     role: &'static str,
     content: &'a str,
@@ -31,12 +33,12 @@ pub(crate) struct Message<'a> {
 
 /// One call of a tool in Ollama's shape: `{"function": {"index", "name", "arguments"}}`,
 /// the arguments an object.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct CallObject<'a> {
     function: CalledFunction<'a>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct CalledFunction<'a> {
     index: usize,
     name: &'a str,
@@ -44,7 +46,7 @@ struct CalledFunction<'a> {
 }
 
 /// The end of an answer: why, and the counts and durations (nanoseconds) Ollama reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub(crate) struct Final {
     done_reason: &'static str,
     total_duration: u64,
@@ -108,7 +110,7 @@ pub(crate) struct Piece<'a> {
 }
 
 /// One `/api/chat` object: a piece of the answer (`done: false`) or its end.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct ChatObject<'a> {
     model: &'a str,
     created_at: String,
@@ -150,7 +152,7 @@ impl<'a> ChatObject<'a> {
 }
 
 /// One `/api/generate` object: a piece of the answer (`done: false`) or its end.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct GenerateObject<'a> {
     model: &'a str,
     created_at: String,
@@ -177,7 +179,7 @@ impl<'a> GenerateObject<'a> {
 }
 
 /// `details` of a model.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub(crate) struct Details {
     parent_model: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -206,7 +208,7 @@ impl Details {
 }
 
 /// One model of `/api/tags`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct TagsModel {
     name: String,
     model: String,
@@ -233,14 +235,14 @@ impl From<&ModelDetails> for TagsModel {
 }
 
 /// `GET /api/tags`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct Tags {
     /// The models.
     pub(crate) models: Vec<TagsModel>,
 }
 
 /// One model of `/api/ps`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct RunningModel {
     name: String,
     model: String,
@@ -268,14 +270,14 @@ impl From<&ModelDetails> for RunningModel {
 }
 
 /// `GET /api/ps`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct Running {
     /// The models with a Ready instance.
     pub(crate) models: Vec<RunningModel>,
 }
 
 /// `POST /api/show`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct Show {
     modelfile: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -319,7 +321,7 @@ impl From<&ModelDetails> for Show {
 }
 
 /// `GET /api/version`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct Version {
     /// Canopy's version.
     pub(crate) version: &'static str,
