@@ -37,6 +37,11 @@ bench-engine:
     fi
     LLAMA_BENCH="$LLAMA_BENCH" cargo bench -p canopy-engine --bench engine
 
+# What grammar-constrained decoding costs: building the grammar compiler, compiling a schema or
+# a forced tool call, and the mask per token (engine/benches/grammar.rs).
+bench-grammar:
+    cargo bench -p canopy-engine --bench grammar
+
 # Serving benchmark (continuous batching): 1, 4, 8, 16 concurrent streaming chat clients
 # against `canopy up --parallel 16` and llama.cpp's llama-server -np 16 on the same file and
 # threads (CANOPY_BENCH_THREADS, default 2): aggregate tokens/s, TTFT and latency p50/p95, peak
