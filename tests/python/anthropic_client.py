@@ -8,7 +8,8 @@ Checks that what the client library sees is what Anthropic's Messages API would 
 message's usage), a system prompt, `stop_sequences` (the stop sequence never appears in the
 text; `stop_reason` names it), `max_tokens` reached (`stop_reason == "max_tokens"`), tool
 use (`tool_choice` any and a named tool, plain and streamed: a `tool_use` block whose input
-validates, then a round trip with the `tool_result`), and the errors the client raises:
+validates, then a round trip with the `tool_result`), `messages.count_tokens` (equal to a
+message's `input_tokens`), and the errors the client raises:
 `NotFoundError` for an unknown model, `BadRequestError` for a refused field (a server tool,
 `thinking`) or a missing `max_tokens`, and `AuthenticationError` for a wrong key when the node
 has one. The key is sent with `api_key=` (the client sends it as `x-api-key`). Prints one line
@@ -85,6 +86,25 @@ def main() -> int:
             assert text == plain["msg"].content[0].text, (text, plain["msg"].content)
             assert final.usage.output_tokens == plain["msg"].usage.output_tokens, final.usage
             assert final.usage.input_tokens == plain["msg"].usage.input_tokens, final.usage
+
+    @check("messages.count_tokens equals a message's input_tokens")
+    def _():
+        counted = client.messages.count_tokens(model=model, messages=messages)
+        assert counted.input_tokens == plain["msg"].usage.input_tokens, (
+            counted,
+            plain["msg"].usage,
+        )
+        # The model's template adds a system prompt of its own when there is none, so
+        # compare two of ours.
+        short = client.messages.count_tokens(
+            model=model, messages=messages, system="Be a pirate."
+        )
+        long = client.messages.count_tokens(
+            model=model,
+            messages=messages,
+            system="Be a pirate who sails the seven seas and speaks only in rhymes.",
+        )
+        assert long.input_tokens > short.input_tokens, (short, long)
 
     @check("a system prompt reaches the model")
     def _():

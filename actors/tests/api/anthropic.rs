@@ -353,7 +353,7 @@ async fn errors_are_anthropic_shaped_with_the_usual_statuses() {
     let reply = call(
         api.addr,
         "POST",
-        "/v1/messages/count_tokens",
+        "/v1/messages/batches",
         Some("{}".into()),
     )
     .await;
@@ -473,5 +473,44 @@ async fn the_api_key_is_taken_from_x_api_key_and_refusals_are_anthropic_shaped()
     let reply = call(api.addr, "GET", "/v1/models", None).await;
     assert_eq!(reply.status, 401);
     openai_error(&reply);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn count_tokens_asks_for_a_zero_budget_and_answers_the_prompt_tokens() {
+    let api = start().await;
+    let count = |body: Value| {
+        send_with(
+            api.addr,
+            "POST",
+            "/v1/messages/count_tokens",
+            Some(body.to_string()),
+            &[],
+        )
+    };
+    let reply = count(json!({"model": "scripted", "system": "Be brief.",
+               "tools": [{"name": "add", "input_schema": {"type": "object"}}],
+               "messages": [{"role": "user", "content": "hi"}]}))
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json(), json!({"input_tokens": 7}));
+    let (_, _, request) = api.fake.submits().pop().expect("submitted");
+    assert_eq!(request.params.max_tokens, 0);
+    assert_eq!(request.tools.len(), 1);
+
+    for (body, field) in [
+        (json!({"model": "scripted", "messages": []}), "messages"),
+        (
+            json!({"model": "scripted", "max_tokens": 5,
+                   "messages": [{"role": "user", "content": "hi"}]}),
+            "max_tokens",
+        ),
+    ] {
+        let reply = count(body).await;
+        assert_eq!(reply.status, 400, "{}", reply.body);
+        let (kind, message) = anthropic_error(&reply);
+        assert_eq!(kind, "invalid_request_error");
+        assert!(message.contains(field), "{message}");
+    }
     api.stop().await;
 }

@@ -41,6 +41,12 @@
 //! accepted and ignored. Bodies must be sent as `Content-Type: application/json` (415
 //! otherwise), which Anthropic's clients do.
 //!
+//! `POST /v1/messages/count_tokens` answers `{"input_tokens": N}` for a request's `model`,
+//! `messages`, `system`, `tools` and `tool_choice`: the prompt is rendered and tokenized by a
+//! runner of the model, as a message request's would be (a task with a token budget of 0,
+//! which ends before the model runs), so the count is the `input_tokens` that request would
+//! report.
+//!
 //! What the fields mean and which are refused: see `request`.
 
 mod request;
@@ -65,7 +71,7 @@ use super::output::{self, Output};
 use super::state::AppState;
 use super::task::ChatTask;
 use super::tools;
-use request::{MessagesBody, MessagesJob};
+use request::{CountTokensBody, MessagesBody, MessagesJob};
 use response::{ErrorBody, Message, StreamEvent, message_id};
 
 /// An error answered in Anthropic's shape.
@@ -174,6 +180,38 @@ async fn answer(
         );
         Ok(axum::Json(message).into_response())
     }
+}
+
+/// `POST /v1/messages/count_tokens`.
+#[utoipa::path(
+    post,
+    path = "/v1/messages/count_tokens",
+    tag = "anthropic",
+    request_body = request::CountTokensBody,
+    responses(
+        (status = 200, description = "`{\"input_tokens\": N}`: the prompt's tokens as the \
+         model's template and tokenizer make them", body = Object),
+        crate::api::openapi::AnthropicErrors,
+    )
+)]
+pub(crate) async fn count_tokens(
+    State(state): State<AppState>,
+    AnthropicJson(body): AnthropicJson<CountTokensBody>,
+) -> Result<Response, AnthropicError> {
+    let received = Instant::now();
+    let job = body.into_job()?;
+    let model = job.model;
+    let mut task = ChatTask::new(state.clone(), model.clone(), job.request, received);
+    let handle = task.start().await.map_err(|err| match err.code() {
+        Some("model_not_found") => unknown_model(&model),
+        _ => AnthropicError(err),
+    })?;
+    let closing = state.closing.clone();
+    let done = tokio::select! {
+        done = output::collect(output::outputs(task, handle, None, state.closing.clone())) => done?,
+        () = closing.cancelled() => return Err(AnthropicError(ApiError::shutting_down())),
+    };
+    Ok(axum::Json(serde_json::json!({ "input_tokens": done.usage.prompt_tokens })).into_response())
 }
 
 /// An SSE response of `events`, with Anthropic's `ping` event as the keep-alive.

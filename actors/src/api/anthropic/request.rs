@@ -72,6 +72,46 @@ pub(crate) struct MessagesBody {
     other: BTreeMap<String, Value>,
 }
 
+/// The body of `POST /v1/messages/count_tokens`: what a message request's prompt is made of.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+pub(crate) struct CountTokensBody {
+    model: String,
+    messages: Vec<Value>,
+    system: Option<Value>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    #[schema(ignore)]
+    #[serde(flatten)]
+    other: BTreeMap<String, Value>,
+}
+
+impl CountTokensBody {
+    /// Checks the body as a message request's and builds the request that counts its
+    /// prompt: a token budget of 0, which the engine answers after rendering and tokenizing
+    /// the prompt, without running the model.
+    pub(crate) fn into_job(self) -> Result<MessagesJob, ApiError> {
+        let mut job = MessagesBody {
+            model: self.model,
+            messages: self.messages,
+            max_tokens: 1,
+            system: self.system,
+            temperature: None,
+            top_p: None,
+            top_k: None,
+            stop_sequences: None,
+            stream: None,
+            metadata: None,
+            service_tier: None,
+            tools: self.tools,
+            tool_choice: self.tool_choice,
+            other: self.other,
+        }
+        .into_job(|| 0)?;
+        job.request.params.max_tokens = 0;
+        Ok(job)
+    }
+}
+
 /// A validated Messages request.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct MessagesJob {
