@@ -455,42 +455,47 @@ pub fn python_venv(name: &str, requirement: &str) -> Option<PathBuf> {
             return None;
         }
     }
+    let mut pip = Command::new(&python);
+    pip.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        requirement,
+    ]);
+    let offline = [
+        "NewConnectionError",
+        "Network is unreachable",
+        "Temporary failure in name resolution",
+        "Failed to establish a new connection",
+        "ConnectTimeout",
+        "ProxyError",
+        "No matching distribution found",
+    ];
+    install(pip, requirement, &offline, &marker).then_some(python)
+}
+
+/// Runs the `install` command of `spec`: true once it succeeded (and `marker` records the
+/// spec); false, with the reason printed, when it failed for one of the `offline` reasons
+/// (the registry cannot be reached); a panic with its output on any other failure.
+fn install(mut install: Command, spec: &str, offline: &[&str], marker: &Path) -> bool {
     let t = Instant::now();
-    let out = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            requirement,
-        ])
-        .output()
-        .expect("pip runs");
+    let out = install.output().expect("the installer runs");
     let log = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     if !out.status.success() {
-        let offline = [
-            "NewConnectionError",
-            "Network is unreachable",
-            "Temporary failure in name resolution",
-            "Failed to establish a new connection",
-            "ConnectTimeout",
-            "ProxyError",
-            "No matching distribution found",
-        ]
-        .iter()
-        .any(|s| log.contains(s));
-        assert!(offline, "pip install {requirement} failed:\n{log}");
-        eprintln!("SKIPPED: pip cannot reach the package index to install {requirement}:\n{log}");
-        return None;
+        let offline = offline.iter().any(|s| log.contains(s));
+        assert!(offline, "installing {spec} failed:\n{log}");
+        eprintln!("SKIPPED: the registry cannot be reached to install {spec}:\n{log}");
+        return false;
     }
-    eprintln!("installed {requirement} in {:?}", t.elapsed());
-    std::fs::write(&marker, requirement).expect("marker");
-    Some(python)
+    eprintln!("installed {spec} in {:?}", t.elapsed());
+    std::fs::write(marker, spec).expect("marker");
+    true
 }
 
 /// A Node.js package `spec` (`name@version`, pinned) installed with npm under
@@ -516,35 +521,18 @@ pub fn node_package(dir: &str, spec: &str) -> Option<PathBuf> {
     }
     let _ = std::fs::remove_dir_all(&prefix);
     std::fs::create_dir_all(&prefix).expect("the package directory");
-    let t = Instant::now();
-    let out = Command::new("npm")
-        .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
+    let mut npm = Command::new("npm");
+    npm.args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
         .arg(&prefix)
-        .arg(spec)
-        .output()
-        .expect("npm runs");
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if !out.status.success() {
-        let offline = [
-            "ENOTFOUND",
-            "EAI_AGAIN",
-            "ECONNREFUSED",
-            "ETIMEDOUT",
-            "ENETUNREACH",
-        ]
-        .iter()
-        .any(|s| log.contains(s));
-        assert!(offline, "npm install {spec} failed:\n{log}");
-        eprintln!("SKIPPED: npm cannot reach the registry to install {spec}:\n{log}");
-        return None;
-    }
-    eprintln!("installed {spec} in {:?}", t.elapsed());
-    std::fs::write(&marker, spec).expect("marker");
-    Some(prefix)
+        .arg(spec);
+    let offline = [
+        "ENOTFOUND",
+        "EAI_AGAIN",
+        "ECONNREFUSED",
+        "ETIMEDOUT",
+        "ENETUNREACH",
+    ];
+    install(npm, spec, &offline, &marker).then_some(prefix)
 }
 
 /// Runs the script `tests/node/<script>` with `node` and `args`, its packages from

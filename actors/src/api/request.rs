@@ -259,6 +259,30 @@ fn check_other(field: &str, value: &Value) -> Result<(), ApiError> {
     }
 }
 
+/// `logprobs` and `top_logprobs` (chat's and Ollama's) checked: how many alternatives per
+/// position to report (`Some(0)`: only each token's own), or `None`. `top_logprobs` (0 to
+/// [`MAX_TOP_LOGPROBS`]) needs `logprobs: true`, unless it is 0.
+pub(crate) fn logprobs(logprobs: Option<bool>, top: Option<i64>) -> Result<Option<u8>, ApiError> {
+    match (logprobs.unwrap_or(false), top) {
+        (false, None | Some(0)) => Ok(None),
+        (false, Some(_)) => Err(ApiError::invalid_param(
+            "top_logprobs",
+            "'top_logprobs' needs 'logprobs' set to true.",
+            "invalid_value",
+        )),
+        (true, None) => Ok(Some(0)),
+        (true, Some(k)) if (0..=MAX_TOP_LOGPROBS).contains(&k) => Ok(Some(k as u8)),
+        (true, Some(k)) => Err(ApiError::invalid_param(
+            "top_logprobs",
+            format!(
+                "Invalid value for 'top_logprobs': {k}. It must be between 0 and \
+                 {MAX_TOP_LOGPROBS}."
+            ),
+            "invalid_value",
+        )),
+    }
+}
+
 /// `n` checked: 1 to [`MAX_CHOICES`], 1 when absent.
 pub(crate) fn choices(value: Option<i64>) -> Result<u32, ApiError> {
     match value {
@@ -299,28 +323,7 @@ impl ChatCompletionRequest {
             .map(|(i, m)| m.into_chat(i))
             .collect::<Result<Vec<_>, _>>()?;
         let choices = choices(self.n)?;
-        let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
-            (false, None) => None,
-            (false, Some(_)) => {
-                return Err(ApiError::invalid_param(
-                    "top_logprobs",
-                    "'top_logprobs' needs 'logprobs' set to true.",
-                    "invalid_value",
-                ));
-            }
-            (true, None) => Some(0),
-            (true, Some(k)) if (0..=MAX_TOP_LOGPROBS).contains(&k) => Some(k as u8),
-            (true, Some(k)) => {
-                return Err(ApiError::invalid_param(
-                    "top_logprobs",
-                    format!(
-                        "Invalid value for 'top_logprobs': {k}. It must be between 0 and \
-                         {MAX_TOP_LOGPROBS}."
-                    ),
-                    "invalid_value",
-                ));
-            }
-        };
+        let logprobs = logprobs(self.logprobs, self.top_logprobs)?;
         let constraint = response_format(self.response_format)?;
         let tools = self.tools.map(chat_tools).transpose()?.unwrap_or_default();
         let choice = self.tool_choice.map(tool_choice).transpose()?.flatten();

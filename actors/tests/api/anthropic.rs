@@ -350,13 +350,7 @@ async fn errors_are_anthropic_shaped_with_the_usual_statuses() {
     let reply = call(api.addr, "GET", "/v1/messages", None).await;
     assert_eq!(reply.status, 405);
     anthropic_error(&reply);
-    let reply = call(
-        api.addr,
-        "POST",
-        "/v1/messages/batches",
-        Some("{}".into()),
-    )
-    .await;
+    let reply = call(api.addr, "POST", "/v1/messages/batches", Some("{}".into())).await;
     assert_eq!(reply.status, 404);
     assert_eq!(anthropic_error(&reply).0, "not_found_error");
     // Other routes keep OpenAI's shape.

@@ -156,11 +156,7 @@ async fn answer(
     let model = job.model;
     tracing::debug!(%id, model = %model, stream = job.stream, "anthropic message");
     let stops = job.request.params.stop.clone();
-    let mut task = ChatTask::new(state.clone(), model.clone(), job.request, received);
-    let mut handle = task.start().await.map_err(|err| match err.code() {
-        Some("model_not_found") => unknown_model(&model),
-        _ => AnthropicError(err),
-    })?;
+    let (task, mut handle) = start(&state, &model, job.request, received).await?;
     let keepalive = state.config.keepalive;
     let names = job.tools.names();
     if job.stream {
@@ -182,6 +178,22 @@ async fn answer(
     }
 }
 
+/// Submits `request` for `model`: its task and the task's handle, or the refusal in
+/// Anthropic's shape.
+async fn start(
+    state: &AppState,
+    model: &str,
+    request: canopy_proto::GenerateRequest,
+    received: Instant,
+) -> Result<(ChatTask, crate::runner::TaskHandle), AnthropicError> {
+    let mut task = ChatTask::new(state.clone(), model.to_string(), request, received);
+    let handle = task.start().await.map_err(|err| match err.code() {
+        Some("model_not_found") => unknown_model(model),
+        _ => AnthropicError(err),
+    })?;
+    Ok((task, handle))
+}
+
 /// `POST /v1/messages/count_tokens`.
 #[utoipa::path(
     post,
@@ -200,12 +212,7 @@ pub(crate) async fn count_tokens(
 ) -> Result<Response, AnthropicError> {
     let received = Instant::now();
     let job = body.into_job()?;
-    let model = job.model;
-    let mut task = ChatTask::new(state.clone(), model.clone(), job.request, received);
-    let handle = task.start().await.map_err(|err| match err.code() {
-        Some("model_not_found") => unknown_model(&model),
-        _ => AnthropicError(err),
-    })?;
+    let (task, handle) = start(&state, &job.model, job.request, received).await?;
     let closing = state.closing.clone();
     let done = tokio::select! {
         done = output::collect(output::outputs(task, handle, None, state.closing.clone())) => done?,

@@ -50,7 +50,7 @@ use serde_json::Value;
 
 use crate::api::config::ApiConfig;
 use crate::api::error::ApiError;
-use crate::api::request::{MAX_TOP_LOGPROBS, checked_stop, json_type, penalty, positive_u32};
+use crate::api::request::{checked_stop, json_type, logprobs, penalty, positive_u32};
 use crate::api::tools::{Tools, check_tool_list, tool_spec};
 
 /// Ollama's default `temperature`.
@@ -198,28 +198,7 @@ impl Common {
                 "the models Canopy serves do not think",
             ));
         }
-        let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
-            (false, None | Some(0)) => None,
-            (false, Some(_)) => {
-                return Err(ApiError::invalid_param(
-                    "top_logprobs",
-                    "'top_logprobs' needs 'logprobs' set to true.",
-                    "invalid_value",
-                ));
-            }
-            (true, None) => Some(0),
-            (true, Some(k)) if (0..=MAX_TOP_LOGPROBS).contains(&k) => Some(k as u8),
-            (true, Some(k)) => {
-                return Err(ApiError::invalid_param(
-                    "top_logprobs",
-                    format!(
-                        "Invalid value for 'top_logprobs': {k}. It must be between 0 and \
-                         {MAX_TOP_LOGPROBS}."
-                    ),
-                    "invalid_value",
-                ));
-            }
-        };
+        let logprobs = logprobs(self.logprobs, self.top_logprobs)?;
         let params = options(self.options.clone(), config)?;
         Ok(GenerateParams {
             constraint,
