@@ -531,6 +531,19 @@ fn python_number(value: &Value) -> String {
     }
 }
 
+/// `value` as the template's `tojson` writes it (Python's `json.dumps` layout, keys in
+/// order).
+pub(crate) fn python_json_text(value: &serde_json::Value) -> String {
+    let style = JsonStyle {
+        indent: None,
+        sort_keys: false,
+    };
+    let mut out = String::new();
+    // A JSON value has no kind `write_python_json` refuses.
+    let _ = write_python_json(&mut out, &json_value(value), style, 0);
+    out
+}
+
 /// A serializable value (JSON) as the template sees it.
 fn json_value(value: impl serde::Serialize) -> Value {
     Value::from(minijinja::value::Serde(value))

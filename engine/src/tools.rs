@@ -51,37 +51,10 @@ pub fn tool_value(tool: &ToolSpec) -> Value {
 }
 
 /// `value` as JSON text laid out as Python's `json.dumps` lays it out (`", "` and `": "`),
-/// the layout of the tools' description and of a forced call's arguments.
+/// the layout of the tools' description and of a forced call's arguments: the chat
+/// template's own `tojson`.
 pub fn json_text(value: &Value) -> String {
-    use serde::Serialize;
-    use serde_json::ser::Formatter;
-    use std::io::{self, Write};
-
-    struct Spaced;
-    impl Formatter for Spaced {
-        fn begin_array_value<W: ?Sized + Write>(
-            &mut self,
-            w: &mut W,
-            first: bool,
-        ) -> io::Result<()> {
-            if first { Ok(()) } else { w.write_all(b", ") }
-        }
-        fn begin_object_key<W: ?Sized + Write>(
-            &mut self,
-            w: &mut W,
-            first: bool,
-        ) -> io::Result<()> {
-            if first { Ok(()) } else { w.write_all(b", ") }
-        }
-        fn begin_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
-            w.write_all(b": ")
-        }
-    }
-    let mut out = Vec::new();
-    let mut serializer = serde_json::Serializer::with_formatter(&mut out, Spaced);
-    // Writing a JSON value into memory cannot fail.
-    let _ = value.serialize(&mut serializer);
-    String::from_utf8(out).unwrap_or_default()
+    crate::chat::python_json_text(value)
 }
 
 /// `text` parsed as JSON, or as a JSON string if it is not JSON.

@@ -70,7 +70,10 @@ pub(crate) struct ApiDoc;
     )
 )]
 pub(crate) async fn openapi_json() -> Response {
-    Json(ApiDoc::openapi()).into_response()
+    /// The document, built on the first request (it never changes while the node runs).
+    static DOC: std::sync::LazyLock<utoipa::openapi::OpenApi> =
+        std::sync::LazyLock::new(ApiDoc::openapi);
+    Json(&*DOC).into_response()
 }
 
 /// Writes an enum of the error answers every route shares, in one API's error shape.

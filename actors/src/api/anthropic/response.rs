@@ -315,7 +315,7 @@ impl<'a> StreamEvent<'a> {
             StreamEvent::ContentBlockDelta {
                 index,
                 delta: BlockDelta::InputJsonDelta {
-                    partial_json: call.arguments.to_string(),
+                    partial_json: crate::api::tools::arguments_text(call),
                 },
             },
             StreamEvent::ContentBlockStop { index },

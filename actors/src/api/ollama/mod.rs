@@ -261,13 +261,13 @@ async fn answer(
             shape.object(&shown, Piece::default(), end)
         });
     };
+    let logprobs = request.params.logprobs.is_some();
     let mut task = ChatTask::new(state.clone(), model.clone(), request, received);
     let mut handle = task.start().await.map_err(|err| match err.code() {
         Some("model_not_found") => unknown_model(&model),
         _ => OllamaError(err),
     })?;
     let names = job.tools.names();
-    let logprobs = job.logprobs;
     if job.stream {
         let first = output::begin(&mut handle, state.config.keepalive).await?;
         let outputs = output::outputs(task, handle, first, state.closing.clone());

@@ -131,8 +131,6 @@ pub(crate) struct OllamaJob {
     pub(crate) stream: bool,
     /// The tools (already applied to `request`); none for `/api/generate`.
     pub(crate) tools: Tools,
-    /// Whether the objects carry their tokens' log-probabilities.
-    pub(crate) logprobs: bool,
 }
 
 /// A 400 for a field Canopy does not support, naming it.
@@ -547,9 +545,6 @@ impl ChatBody {
         }
         Ok(OllamaJob {
             model: self.common.model,
-            logprobs: request
-                .as_ref()
-                .is_some_and(|r| r.params.logprobs.is_some()),
             request,
             stream: self.common.stream.unwrap_or(true),
             tools,
@@ -626,9 +621,6 @@ impl GenerateBody {
         });
         Ok(OllamaJob {
             model: self.common.model,
-            logprobs: request
-                .as_ref()
-                .is_some_and(|r| r.params.logprobs.is_some()),
             request,
             stream: self.common.stream.unwrap_or(true),
             tools: Tools::default(),
